@@ -1,0 +1,86 @@
+"""Model surgery: find the linear layers to quantize, check them, swap them for ``UPQLinear``.
+
+Knows nothing of transformers' loading machinery: it works on any ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from . import formats
+from .nn import UPQLinear
+
+DEFAULT_SKIPS = ("lm_head",)
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+
+
+def output_module_names(model: nn.Module) -> list[str]:
+    """Names of the output embedding and of linears tied to an embedding: never quantized."""
+    names = set(DEFAULT_SKIPS)
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if module is out or (isinstance(module, nn.Linear) and id(module.weight) in embedding_weights):
+            names.add(name)
+    return sorted(names)
+
+
+def linear_layers(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers to quantize, by name, in model order."""
+    skip = set(output_module_names(model)) | set(modules_to_not_convert or ())
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not isinstance(module, UPQLinear) and not _skipped(name, skip)}
+
+
+def check_layers(layers: dict[str, nn.Module], group_size: int | None) -> None:
+    """Validate every layer before touching any, so that nothing is half-converted."""
+    if not layers:
+        raise ValueError("UPQ found no linear layer to quantize in this model (check modules_to_not_convert)")
+    for name, module in layers.items():
+        formats.check_group_size(module.in_features, group_size, layer=name)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def empty_upq_model(model: nn.Module, bits: int, group_size: int | None, scale_dtype: torch.dtype,
+                    modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None) -> list[str]:
+    """Swap linears for empty ``UPQLinear`` shells (for loading a packed checkpoint). Returns the names."""
+    layers = linear_layers(model, modules_to_not_convert)
+    check_layers(layers, group_size)
+    for name, linear in layers.items():
+        device = linear.weight.device
+        bias_dtype = None if linear.bias is None else linear.bias.dtype
+        shell = UPQLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
+                          group_size=group_size, scale_dtype=scale_dtype, dtype=bias_dtype, device=device,
+                          backend=backend)
+        replace_module(model, name, shell)
+    return list(layers)
+
+
+def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, scale_init: str = "mse",
+                         scale_dtype: torch.dtype = torch.float16,
+                         modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
+                         progress: bool = False) -> list[str]:
+    """Round-to-nearest: replace each selected ``nn.Linear`` by its ``UPQLinear``, in place."""
+    from tqdm.auto import tqdm
+
+    layers = linear_layers(model, modules_to_not_convert)
+    check_layers(layers, group_size)
+    for name, linear in tqdm(layers.items(), desc=f"RTN INT{bits}", disable=not progress, unit="layer"):
+        replace_module(model, name, UPQLinear.from_linear(linear, bits, group_size, scale_init, scale_dtype, backend))
+    return list(layers)
+
+
+def upq_layers(model: nn.Module) -> dict[str, UPQLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear)}

@@ -1,0 +1,107 @@
+"""The transformers glue: ``UPQHfQuantizer`` and its registration under ``quant_method="upq"``.
+
+Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, and
+runs the configured recipe after a dense checkpoint loads. The work lives in :mod:`upq_hf.convert`
+and :mod:`upq_hf.recipes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from . import convert, recipes
+from .config import UPQConfig
+from .packing import FORMAT_VERSION
+
+QUANT_METHOD = "upq"
+
+
+class UPQHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def __init__(self, quantization_config: UPQConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.quantization_config = quantization_config
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("UPQ does not support offloading layers to disk: remove 'disk' from device_map")
+        if self.quantization_config.backend == "triton":
+            from .backends import triton_available
+
+            if not triton_available():
+                raise ImportError("UPQConfig(backend='triton') needs Triton (pip install triton)")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # dense weights load as they are; the recipe runs after loading
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if self.pre_quantized:
+            convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
+                                    config.modules_to_not_convert, config.backend)
+        else:  # fail before spending time on loading weights
+            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            recipes.apply_recipe(model, self.quantization_config, progress=True)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {"upq_format_version": str(FORMAT_VERSION)}
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in convert.upq_layers(model).items():
+            weight = module.dequantize(dtype or torch.float32)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            convert.replace_module(model, name, linear)
+        return model
+
+
+def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
+    """Mark a model quantized in place (outside ``from_pretrained``) so that ``save_pretrained`` works."""
+    model.hf_quantizer = UPQHfQuantizer(config, pre_quantized=False)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = config
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "to_dict"):
+            module.config._is_quantized = True
+    return model
+
+
+def register() -> None:
+    """Register ``quant_method="upq"`` with transformers (idempotent)."""
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not UPQConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(UPQConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not UPQHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(UPQHfQuantizer)
