@@ -13,6 +13,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from . import convert, recipes
+from .checkpoint import expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
 
@@ -47,6 +48,9 @@ class UPQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
                                     config.modules_to_not_convert, config.backend)
+            files = kwargs.get("checkpoint_files")
+            if files:
+                validate_checkpoint(files, expected_upq_tensors(model))
         else:  # fail before spending time on loading weights
             convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
         return model
