@@ -39,8 +39,10 @@ def test_to_dtype_keeps_codes_and_scales():
     layer = UPQLinear.from_linear(nn.Linear(32, 8), 4, 16)
     before = layer.weight.clone(), layer.weight_scale.clone()
     layer = layer.to(torch.bfloat16)
-    # .to(dtype) converts floating buffers: the fp16 scales become bf16, codes stay int32
+    # .to(dtype) would round fp16 scales through bf16: they keep their storage dtype instead
     assert layer.weight.dtype == torch.int32 and torch.equal(layer.weight, before[0])
+    assert layer.weight_scale.dtype == torch.float16 and torch.equal(layer.weight_scale, before[1])
+    assert layer.bias.dtype == torch.bfloat16
 
 
 def test_no_dequantized_weight_survives_the_call():

@@ -66,3 +66,68 @@ def validate_checkpoint(files: Iterable[str], expected: dict[str, tuple[tuple[in
         raise CorruptCheckpointError(
             f"corrupt or incompatible UPQ checkpoint ({len(problems)} packed tensors do not match the "
             f"quantization_config in config.json): {shown}")
+
+
+def checkpoint_info(path: str) -> dict:
+    """What a saved UPQ checkpoint holds, read from config.json and the safetensors headers only."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} is not a saved model folder (no config.json)")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "upq":
+        raise ValueError(f"{path} is not a UPQ checkpoint (quantization_config: {qconfig.get('quant_method')!r})")
+    bits = qconfig["bits"]
+    per_word = 32 // bits
+    element_bytes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1}
+    layers: dict[str, dict] = {}
+    other_bytes = 0
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(path, name), framework="pt") as handle:
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                shape, dtype = tensor_slice.get_shape(), tensor_slice.get_dtype()
+                nbytes = element_bytes.get(dtype, 4)
+                for dim in shape:
+                    nbytes *= dim
+                layer, _, leaf = key.rpartition(".")
+                if leaf == "weight" and dtype == "I32":
+                    entry = layers.setdefault(layer, {})
+                    entry["out_features"] = shape[1]
+                    entry["packed_words"] = shape[0]
+                    entry["code_bytes"] = nbytes
+                elif leaf in ("weight_scale", "weight_zero"):
+                    entry = layers.setdefault(layer, {})
+                    entry["groups"] = shape[0]
+                    entry[f"{leaf}_bytes"] = nbytes
+                else:
+                    other_bytes += nbytes
+    quantized_bytes = sum(e.get("code_bytes", 0) + e.get("weight_scale_bytes", 0) + e.get("weight_zero_bytes", 0)
+                          for e in layers.values())
+    # in_features is not stored in the header; the config's group size and the groups count give it back
+    n_weights = 0
+    for entry in layers.values():
+        group_size = qconfig.get("group_size")
+        in_features = entry["groups"] * group_size if group_size and entry["groups"] > 1 else entry["packed_words"] * per_word
+        entry["in_features"] = in_features
+        n_weights += in_features * entry["out_features"]
+    disk_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                     if os.path.isfile(os.path.join(path, f)))
+    return {
+        "path": path,
+        "quantization_config": qconfig,
+        "layers": layers,
+        "quantized_weights": n_weights,
+        "quantized_bytes": quantized_bytes,
+        "other_tensor_bytes": other_bytes,
+        "bits_per_weight": 8 * quantized_bytes / max(n_weights, 1),
+        "disk_bytes": disk_bytes,
+    }

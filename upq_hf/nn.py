@@ -79,6 +79,16 @@ class UPQLinear(nn.Module):
         dtype = dtype or self.weight_scale.dtype
         return formats.dequantize(self.quantized_weight(), dtype)
 
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` / ``.half()`` must not round the stored scales: they keep their dtype
+        # and only follow the device of the codes.
+        scale, zero = self.weight_scale, self.weight_zero
+        super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.weight.device)
+        if zero is not None:
+            self.weight_zero = zero.to(self.weight.device)
+        return self
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .backends import linear_forward

@@ -1,0 +1,131 @@
+"""The ``upq`` command line: ``upq quantize``, ``upq info``.
+
+Every error a user can cause (bad bits, unknown dataset, missing GPU, corrupt checkpoint, existing
+output) ends with one line on stderr and exit status 2, and never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _group_size(text: str):
+    if text.lower() in ("row", "none", "per-row", "channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'row', got {text!r}") from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
+                           "is False): use --device cpu")
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from . import UPQConfig, quantize_model
+    from .models import load_model, load_tokenizer, resolve_model
+    from .publish import prepare_target, save_atomic
+
+    config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
+                       backend=args.backend)
+    _check_device(args.device)
+    prepare_target(args.out, args.overwrite)  # fail before any expensive work
+    start = time.time()
+    source = resolve_model(args.model)
+    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source})", file=sys.stderr)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype="float32")
+    model.to(args.device)
+    quantize_model(model, config, tokenizer=tokenizer, progress=True)
+    save_dtype = getattr(torch, args.dtype)
+    for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
+        param.data = param.data.to(save_dtype)
+    model.config.dtype = args.dtype
+    target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"saved {target} in {time.time() - start:.0f} s", file=sys.stderr)
+    return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import checkpoint_info
+
+    info = checkpoint_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    q = info["quantization_config"]
+    groups = "per-row" if q.get("group_size") is None else f"group_size {q['group_size']}"
+    print(f"{info['path']}: UPQ INT{q['bits']} ({'SEQ' if q['bits'] == 2 else 'asymmetric'}), {groups}, "
+          f"recipe {q.get('recipe')}, format v{q.get('format_version')}")
+    print(f"  quantized layers      {len(info['layers'])}")
+    print(f"  quantized weights     {info['quantized_weights']:,}")
+    print(f"  bits per weight       {info['bits_per_weight']:.3f}  (codes + scales{' + zeros' if q['bits'] == 4 else ''})")
+    print(f"  packed tensors        {_human_bytes(info['quantized_bytes'])}")
+    print(f"  other tensors         {_human_bytes(info['other_tensor_bytes'])}  (embeddings, norms, unquantized layers)")
+    print(f"  on disk               {_human_bytes(info['disk_bytes'])}")
+    if args.layers:
+        for name, entry in info["layers"].items():
+            print(f"  {name:48s} {entry['out_features']:>6} x {entry['in_features']:<6} groups {entry['groups']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upq", description="Unified Progressive Quantization for transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint")
+    q.add_argument("model", nargs="?", default=None,
+                   help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
+    q.add_argument("--bits", type=int, choices=[2, 4], required=True)
+    q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
+    q.add_argument("--recipe", default="rtn", help="rtn (default)")
+    q.add_argument("--scale-init", default="mse", choices=["max", "mse"])
+    q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the tensors left unquantized in the saved checkpoint")
+    q.add_argument("--device", default="cpu", help="where to run the quantization (cpu, cuda, cuda:1)")
+    q.add_argument("--backend", default=None, choices=["torch", "triton"])
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("info", help="describe a saved UPQ checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--layers", action="store_true", help="list every quantized layer")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("upq: interrupted; no checkpoint was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, OSError) as error:
+        print(f"upq: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
