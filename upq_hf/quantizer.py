@@ -71,6 +71,10 @@ class UPQHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return True
 
+    @property
+    def is_compileable(self) -> bool:
+        return True  # the Triton path is a torch.library custom op with a fake implementation
+
     def get_state_dict_and_metadata(self, model):
         return None, {"upq_format_version": str(FORMAT_VERSION)}
 
