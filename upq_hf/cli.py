@@ -51,7 +51,14 @@ def cmd_quantize(args) -> int:
     start = time.time()
     source = resolve_model(args.model)
     print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source})", file=sys.stderr)
-    tokenizer = load_tokenizer(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as error:  # a bare weights folder: round-to-nearest needs no tokenizer
+        if config.recipe != "rtn":
+            raise ValueError(f"recipe {config.recipe!r} needs the model's tokenizer: {error}") from error
+        print(f"upq: warning: no tokenizer loaded from {source}; the checkpoint is saved without one",
+              file=sys.stderr)
+        tokenizer = None
     model = load_model(source, dtype="float32")
     model.to(args.device)
     quantize_model(model, config, tokenizer=tokenizer, progress=True)
