@@ -1,0 +1,184 @@
+"""Generalized JSD (hand-computed values, symmetry, limits, TRL) and UPQDistillTrainer."""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from upq_hf.distill import UPQDistillTrainer, freeze_all_but_quantized, chunked_cross_entropy, chunked_jsd, generalized_jsd
+from upq_hf.qat import QATLinear, qat_layers, to_qat
+
+from conftest import tiny_llama
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_jsd_matches_hand_computed_value():
+    p_t, p_s = [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]
+    t_logits = torch.tensor([[math.log(x) for x in p_t]])
+    s_logits = torch.tensor([[math.log(x) for x in p_s]])
+    for beta in (0.5, 0.2, 0.9):
+        m = [beta * a + (1 - beta) * b for a, b in zip(p_t, p_s)]
+        expected = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+        got = generalized_jsd(s_logits, t_logits, beta=beta).item()
+        assert got == pytest.approx(expected, rel=1e-6)
+    # beta 0.5 by hand: M = (0.4, 0.25, 0.35); KL(T||M) = 0.2218261, KL(S||M) = 0.2394650
+    assert generalized_jsd(s_logits, t_logits, 0.5).item() == pytest.approx(0.2306456, abs=1e-6)
+
+
+def test_temperature_flattens_both_distributions():
+    t_logits, s_logits = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    hot = generalized_jsd(s_logits, t_logits, 0.5, temperature=2.0)
+    assert hot.item() == pytest.approx(generalized_jsd(s_logits / 2, t_logits / 2, 0.5).item(), rel=1e-6)
+    assert hot < generalized_jsd(s_logits, t_logits, 0.5)
+
+
+def test_symmetric_at_half_and_bounded_by_ln2():
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 50) * 3, torch.randn(16, 50) * 3
+    torch.testing.assert_close(generalized_jsd(a, b, 0.5), generalized_jsd(b, a, 0.5))
+    assert bool((generalized_jsd(a, b, 0.5) <= math.log(2) + 1e-6).all())
+    assert generalized_jsd(a, a, 0.5).abs().max() < 1e-6
+
+
+def test_limits_are_forward_and_reverse_kl():
+    torch.manual_seed(1)
+    s, t = torch.randn(8, 20), torch.randn(8, 20)
+    s_logp, t_logp = s.log_softmax(-1), t.log_softmax(-1)
+    forward = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    reverse = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    eps = 1e-4
+    torch.testing.assert_close(generalized_jsd(s, t, eps) / eps, forward, rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(generalized_jsd(s, t, 1 - eps) / eps, reverse, rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(generalized_jsd(s, t, 0.0), forward)
+    torch.testing.assert_close(generalized_jsd(s, t, 1.0), reverse)
+
+
+def test_matches_trl_generalized_jsd_loss():
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 5, 30), torch.randn(2, 5, 30)
+    labels = torch.tensor([[1, 2, -100, 4, 5], [-100, 7, 8, 9, -100]])
+    mask = labels != -100
+    for beta, temperature in ((0.5, 1.0), (0.1, 2.0), (0.0, 1.0), (1.0, 0.5)):
+        ours = generalized_jsd(s, t, beta, temperature)[mask].mean()
+        theirs = gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=temperature)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_equals_full_loss_and_gradients():
+    torch.manual_seed(3)
+    hidden_s = torch.randn(37, 16, requires_grad=True)
+    hidden_t = torch.randn(37, 16)
+    head_s, head_t = torch.randn(100, 16), torch.randn(100, 16)
+    full = generalized_jsd(hidden_s @ head_s.t(), hidden_t @ head_t.t(), 0.3).sum()
+    (grad_full,) = torch.autograd.grad(full, hidden_s)
+    chunked = chunked_jsd(hidden_s, hidden_t, head_s, head_t, 0.3, chunk_size=8)
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden_s)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-5, atol=1e-6)
+    labels = torch.randint(0, 100, (37,))
+    ce = torch.nn.functional.cross_entropy(hidden_s @ head_s.t(), labels, reduction="sum")
+    torch.testing.assert_close(chunked_cross_entropy(hidden_s, head_s, labels, chunk_size=5), ce, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_beta_rejected():
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), beta=1.5)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, n=16, seqlen=24, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 128, (n, seqlen), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def student_and_teacher():
+    # a wider init than the default gives peaked distributions, so INT2 starts visibly off the teacher
+    teacher = tiny_llama(seed=0, initializer_range=0.1)
+    student = tiny_llama(seed=0, initializer_range=0.1)
+    to_qat(student, bits=2, group_size=32)
+    freeze_all_but_quantized(student)
+    return student, teacher
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=3e-3, max_steps=8,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                lr_scheduler_type="constant", disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_trainer_lowers_jsd_and_keeps_param_groups(tmp_path):
+    student, teacher = student_and_teacher()
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks(),
+                                beta=0.5, scale_learning_rate=1e-2)
+    batch = {k: torch.stack([Blocks()[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        before = trainer.compute_loss(student, batch).item()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(student, batch).item()
+    assert after < 0.85 * before
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["weights"]["lr"] == 3e-3 and groups["scales"]["lr"] == 1e-2
+    n_layers = len(qat_layers(student))
+    assert len(groups["scales"]["params"]) == n_layers and len(groups["weights"]["params"]) == n_layers
+    assert all(isinstance(p, torch.nn.Parameter) for p in groups["weights"]["params"])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and all("learning_rate" in e for e in trainer.state.log_history if "loss" in e)
+
+
+def test_ntp_objective_needs_no_teacher(tmp_path):
+    student, _ = student_and_teacher()
+    trainer = UPQDistillTrainer(model=student, objective="ntp", args=args(tmp_path, max_steps=3),
+                                train_dataset=Blocks())
+    trainer.train()
+    first = trainer.state.log_history[0]["loss"]
+    assert 0 < first < 2 * math.log(128)
+
+
+def test_padding_is_masked(tmp_path):
+    student, teacher = student_and_teacher()
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks())
+    ids = Blocks()[0]["input_ids"][None]
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        plain = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        with_pad = trainer.compute_loss(student, {"input_ids": padded, "attention_mask": mask})
+    torch.testing.assert_close(plain, with_pad, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_resume_gives_the_same_model(tmp_path):
+    student, teacher = student_and_teacher()
+    straight = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "a", max_steps=4),
+                                 train_dataset=Blocks())
+    straight.train()
+    reference = {k: v.clone() for k, v in student.state_dict().items()}
+
+    student, teacher = student_and_teacher()
+    first = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+                              args=args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2))
+    first.train()
+    student, teacher = student_and_teacher()  # a fresh process would start here
+    resumed = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+                                args=args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert isinstance(student.model.layers[0].mlp.up_proj, QATLinear)

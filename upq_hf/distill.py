@@ -1,0 +1,193 @@
+"""Distill-QAT: the generalized Jensen-Shannon divergence and ``UPQDistillTrainer``.
+
+``JSD_beta(P_T || P_S) = beta * KL(P_T || M) + (1 - beta) * KL(P_S || M)`` with
+``M = beta * P_T + (1 - beta) * P_S``, per token over the full vocabulary, at a temperature, only
+on tokens that count. ``beta = 0`` and ``beta = 1`` are taken as the limits (divided by ``beta`` or
+``1 - beta``): forward KL(T || S) and reverse KL(S || T). The same definition as TRL's GKD
+``generalized_jsd_loss``.
+
+Memory: the loss is computed from the final hidden states in chunks of tokens; each chunk's logits
+(student and teacher) exist only inside a checkpointed function, so peak memory grows with
+``chunk_size x vocabulary``, not with ``sequence length x vocabulary``.
+
+The trainer is a plain ``transformers.Trainer`` subclass: DDP/FSDP/DeepSpeed come from accelerate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+OBJECTIVES = ("jsd", "ntp")
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Per-token generalized JSD (nats) between ``(..., V)`` logits, computed in float32."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0.0:  # limit of JSD / beta: KL(T || S)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    if beta == 1.0:  # limit of JSD / (1 - beta): KL(S || T)
+        return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    m_logp = torch.logsumexp(torch.stack([t_logp + math.log(beta), s_logp + math.log(1 - beta)]), dim=0)
+    kl_t = (t_logp.exp() * (t_logp - m_logp)).sum(-1)
+    kl_s = (s_logp.exp() * (s_logp - m_logp)).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def _chunk_jsd_sum(s_hidden, t_hidden, s_weight, t_weight, beta, temperature):
+    s_logits = F.linear(s_hidden, s_weight)
+    with torch.no_grad():
+        t_logits = F.linear(t_hidden, t_weight)
+    return generalized_jsd(s_logits, t_logits, beta, temperature).sum()
+
+
+def _chunk_ce_sum(s_hidden, s_weight, labels):
+    return F.cross_entropy(F.linear(s_hidden, s_weight).float(), labels, reduction="sum")
+
+
+def chunked_jsd(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.Tensor,
+                teacher_head: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
+                chunk_size: int = 512) -> torch.Tensor:
+    """Sum of per-token JSD over ``(T, H)`` hidden states (already masked to the tokens that count),
+    through the output heads ``(V, H)``, ``chunk_size`` tokens at a time with recomputation."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        s_chunk = student_hidden[start:start + chunk_size]
+        t_chunk = teacher_hidden[start:start + chunk_size].to(s_chunk.device, s_chunk.dtype)
+        if s_chunk.requires_grad:
+            total = total + checkpoint(_chunk_jsd_sum, s_chunk, t_chunk, student_head, teacher_head.to(s_chunk.device),
+                                       beta, temperature, use_reentrant=False)
+        else:
+            total = total + _chunk_jsd_sum(s_chunk, t_chunk, student_head, teacher_head.to(s_chunk.device),
+                                           beta, temperature)
+    return total
+
+
+def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = 512) -> torch.Tensor:
+    """Sum of next-token cross-entropy over ``(T, H)`` hidden states and their ``(T,)`` labels."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        args = (student_hidden[start:start + chunk_size], student_head, labels[start:start + chunk_size])
+        total = total + (checkpoint(_chunk_ce_sum, *args, use_reentrant=False) if args[0].requires_grad
+                         else _chunk_ce_sum(*args))
+    return total
+
+
+def freeze_all_but_quantized(model: nn.Module) -> int:
+    """Train only the quantized layers' latent weights, scales and zero points (embeddings, norms and
+    the output head stay as the teacher has them). Returns the number of trainable parameters."""
+    from .qat import QATLinear
+
+    model.requires_grad_(False)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QATLinear):
+            for name in ("weight", "weight_scale", "weight_zero"):
+                param = getattr(module, name)
+                if param is not None:
+                    param.requires_grad_(True)
+                    count += param.numel()
+    return count
+
+
+def _final_hidden(model, input_ids, attention_mask):
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)
+    return out.hidden_states[-1]
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class UPQDistillTrainer(Trainer):
+    """Trains a student in QAT mode (``upq_hf.qat.QATLinear`` layers) against a frozen teacher.
+
+    Args (besides ``Trainer``'s):
+        teacher_model: the unquantized model; frozen, may sit on another device (``teacher_device``).
+        objective: ``"jsd"`` (generalized JSD to the teacher) or ``"ntp"`` (next-token cross-entropy,
+            the ParetoQ recipe; no teacher needed).
+        beta, temperature: of the generalized JSD.
+        scale_learning_rate: learning rate of the quantization scales (default 10x the weights').
+        chunk_size: tokens per chunk of the loss.
+    """
+
+    def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.5,
+                 temperature: float = 1.0, scale_learning_rate: float | None = None, chunk_size: int = 512,
+                 teacher_device: str | torch.device | None = None, **kwargs):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective == "jsd" and teacher_model is None:
+            raise ValueError("objective='jsd' needs a teacher_model")
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.beta = beta
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.scale_learning_rate = scale_learning_rate
+        self.teacher = teacher_model
+        if self.teacher is not None:
+            self.teacher.eval()
+            self.teacher.requires_grad_(False)
+            device = teacher_device if teacher_device is not None else self.args.device
+            self.teacher.to(device)
+
+    # -------------------------------------------------------------- optimiser: weights and scales apart
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = _unwrap(model if model is not None else self.model)
+        scales, weights = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (scales if name.endswith(("weight_scale", "weight_zero")) else weights).append(param)
+        lr = self.args.learning_rate
+        groups = [{"params": weights, "lr": lr, "weight_decay": self.args.weight_decay, "name": "weights"},
+                  {"params": scales, "lr": self.scale_learning_rate or 10 * lr, "weight_decay": 0.0,
+                   "name": "scales"}]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    # -------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        labels = inputs.get("labels", input_ids)
+        # position t predicts token t + 1; only tokens whose target is a real token count
+        target = labels[:, 1:]
+        count_mask = target != -100
+        if attention_mask is not None:
+            count_mask &= attention_mask[:, 1:].bool()
+        student_hidden = _final_hidden(model, input_ids, attention_mask)[:, :-1][count_mask]
+        head = _unwrap(model).get_output_embeddings().weight
+        if self.objective == "ntp":
+            loss_sum = chunked_cross_entropy(student_hidden, head, target[count_mask], self.chunk_size)
+        else:
+            teacher_device = next(self.teacher.parameters()).device
+            with torch.no_grad():
+                teacher_hidden = _final_hidden(self.teacher, input_ids.to(teacher_device),
+                                               None if attention_mask is None else attention_mask.to(teacher_device))
+            teacher_hidden = teacher_hidden[:, :-1][count_mask.to(teacher_device)]
+            loss_sum = chunked_jsd(student_hidden, teacher_hidden, head,
+                                   self.teacher.get_output_embeddings().weight, self.beta, self.temperature,
+                                   self.chunk_size)
+        n_tokens = count_mask.sum().clamp_min(1)
+        loss = loss_sum / n_tokens
+        return (loss, None) if return_outputs else loss

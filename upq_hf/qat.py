@@ -1,0 +1,244 @@
+"""``QATLinear``: the trainable (fake-quant) mode of a UPQ layer, and the swaps in and out of it.
+
+A ``QATLinear`` holds what training needs and a ``UPQLinear`` holds what inference needs:
+
+* ``weight``: the latent full-precision weight, a ``Parameter`` of shape ``(N, K)``;
+* ``weight_scale``: the learnable scale, a float32 ``Parameter`` of shape ``(N, G)`` (natural
+  orientation, one value per output row and input group; ``UPQLinear`` stores it transposed);
+* ``weight_zero``: INT4 only, the learnable zero point ``(N, G)``, rounded (straight through)
+  wherever it is used, so that the stored zero is an integer;
+* ``bias``: copied from the source layer.
+
+Forward: ``F.linear(x, fake_quant(weight), bias)`` with :func:`formats.fake_quant_seq` (INT2 SEQ) or
+:func:`formats.fake_quant_int4` (INT4). The scale enters the forward pass already rounded to its
+storage dtype (``scale_dtype``, straight-through), so :meth:`QATLinear.freeze` is exact: the frozen
+``UPQLinear`` holds the very codes and scales the forward pass used, and its output equals the QAT
+layer's output (bit for bit on the torch backend). Gradients: straight through the rounding to the
+weight inside the clipping range, LSQ-style to the scale (see :mod:`upq_hf.formats`).
+
+Which tensors train is the caller's choice (``requires_grad_``): block-wise PTQ trains scales only or
+weights and scales (:mod:`upq_hf.ptq`), distillation QAT trains everything.
+
+Constructors: :meth:`QATLinear.from_linear` (a dense ``nn.Linear``) and :meth:`QATLinear.from_upq`
+(a packed ``UPQLinear``: the latent weight is its dequantized weight, which is how the INT4 model
+becomes the start of INT2 training). :func:`to_qat` and :func:`freeze_model` swap every layer of a
+model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats
+from .convert import linear_layers, replace_module
+from .nn import UPQLinear
+
+
+class _StorageRoundSTE(torch.autograd.Function):
+    """Round a scale to the dtype it is stored in (clamped to that dtype's smallest normal) in the
+    forward pass; identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, scale, scale_dtype):
+        return formats._round_scale(scale, scale_dtype).to(scale.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def stored_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The value ``scale`` takes once stored in ``scale_dtype``, with a straight-through gradient."""
+    return _StorageRoundSTE.apply(scale, scale_dtype)
+
+
+class QATLinear(nn.Module):
+    """Fake-quantized linear layer with a latent weight and learnable scales (see module doc).
+
+    Args:
+        weight: ``(out_features, in_features)`` initial latent weight (copied, float32).
+        scale: ``(out_features, G)`` initial scale (copied, float32).
+        zero: ``(out_features, G)`` initial INT4 zero point, ``None`` for INT2.
+        bias: optional bias (copied).
+        bits: 2 (SEQ) or 4 (asymmetric).
+        group_size: input columns per scale, ``None`` for one scale per output row.
+        scale_dtype: dtype the scales (and zero points) are stored in after :meth:`freeze`.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, group_size: int | None,
+                 scale_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if bits not in (2, 4):
+            raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        if (zero is None) != (bits == 2):
+            raise ValueError("INT4 needs a zero point and INT2 (SEQ) takes none")
+        self.out_features, self.in_features = weight.shape
+        formats.check_group_size(self.in_features, group_size)
+        self.bits = bits
+        self.group_size = None if group_size in (None, self.in_features) else group_size
+        self.scale_dtype = scale_dtype
+        n_groups = formats.num_groups(self.in_features, self.group_size)
+        if tuple(scale.shape) != (self.out_features, n_groups):
+            raise ValueError(f"scale must have shape {(self.out_features, n_groups)}, got {tuple(scale.shape)}")
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.weight_scale = nn.Parameter(scale.detach().float().clone().to(weight.device))
+        if zero is not None:
+            self.weight_zero = nn.Parameter(zero.detach().float().clone().to(weight.device))
+        else:
+            self.register_parameter("weight_zero", None)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int | None,
+                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16) -> "QATLinear":
+        """Start from a dense weight with the round-to-nearest scales of :mod:`upq_hf.formats`."""
+        formats.check_group_size(weight.shape[1], group_size)
+        with torch.no_grad():
+            w = weight.detach().float()
+            if bits == 2:
+                scale, zero = formats.seq_init_scale(w, group_size, scale_init, scale_dtype), None
+            elif bits == 4:
+                scale, zero = formats.int4_init_params(w, group_size, scale_init, scale_dtype)
+            else:
+                raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        return cls(w, scale, zero, bias, bits, group_size, scale_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 2, group_size: int | None = None,
+                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16) -> "QATLinear":
+        """A dense ``nn.Linear`` as the latent weight; scales from ``scale_init`` (``"max"`` or ``"mse"``).
+        At initialisation the forward pass equals round-to-nearest (``UPQLinear.from_linear``)."""
+        return cls.from_weight(linear.weight, linear.bias, bits, group_size, scale_init, scale_dtype)
+
+    @classmethod
+    def from_upq(cls, upq: UPQLinear, bits: int = 2, group_size: int | None = None, scale_init: str = "mse",
+                 scale_dtype: torch.dtype | None = None) -> "QATLinear":
+        """A packed ``UPQLinear`` as the start: latent weight = its dequantized weight (float32), new
+        scales for ``bits``/``group_size`` initialised from that latent weight. With ``bits`` and
+        ``group_size`` equal to the layer's and its own scales kept instead, use
+        :meth:`from_upq_exact`. This is the INT4 -> INT2 step of UPQ."""
+        latent = upq.dequantize(torch.float32)
+        return cls.from_weight(latent, upq.bias, bits, group_size, scale_init,
+                               scale_dtype or upq.weight_scale.dtype)
+
+    @classmethod
+    def from_upq_exact(cls, upq: UPQLinear) -> "QATLinear":
+        """Resume training of a packed layer in its own format: latent weight, scales and zero points are
+        the stored ones, so the forward pass equals the ``UPQLinear``'s."""
+        qw = upq.quantized_weight()
+        latent = formats.dequantize(qw, torch.float32)
+        zero = None if qw.zero is None else qw.zero.float()
+        return cls(latent, qw.scale.float(), zero, upq.bias, upq.bits, upq.group_size, upq.weight_scale.dtype)
+
+    # ------------------------------------------------------------------ quantization
+    def _scale(self) -> torch.Tensor:
+        return stored_scale(self.weight_scale, self.scale_dtype)
+
+    def _zero(self) -> torch.Tensor:
+        # the zero point is stored in scale_dtype too; integers 0..15 are exact there
+        return formats.round_ste(self.weight_zero)
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        """The quantized weight the forward pass uses (float32, differentiable)."""
+        if self.bits == 2:
+            return formats.fake_quant_seq(self.weight, self._scale(), self.group_size)
+        return formats.fake_quant_int4(self.weight, self._scale(), self._zero(), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.fake_quant_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> formats.QuantizedWeight:
+        """Codes and stored scales, computed with the same operations as the forward pass."""
+        w = self.weight.detach().float()
+        scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype)
+        if self.bits == 2:
+            codes = formats.seq_codes(w, scale, self.group_size)
+            return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), None, 2, self.group_size)
+        zero = torch.round(self.weight_zero.detach().float())
+        wg = formats._grouped(w, self.group_size)
+        # round(w / s) + round(z), then clamp: the order of formats.fake_quant_int4 (ties included)
+        codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, formats.INT4_MAX)
+        codes = codes.reshape(w.shape).to(torch.uint8)
+        return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), zero.to(self.scale_dtype), 4,
+                                       self.group_size)
+
+    @torch.no_grad()
+    def freeze(self, scale_dtype: torch.dtype | None = None, backend: str | None = None) -> UPQLinear:
+        """The packed ``UPQLinear`` of the current state. ``scale_dtype`` defaults to the one the forward
+        pass rounds to (``self.scale_dtype``); only then is the frozen output exactly the QAT output."""
+        if scale_dtype is not None and scale_dtype != self.scale_dtype:
+            qat = QATLinear(self.weight, self.weight_scale, self.weight_zero, self.bias, self.bits, self.group_size,
+                            scale_dtype)
+            return qat.freeze(backend=backend)
+        bias = None if self.bias is None else self.bias.detach()
+        frozen = UPQLinear.from_quantized(self.quantized_weight(), bias, backend=backend)
+        if frozen.bias is not None:
+            frozen.bias.requires_grad_(False)
+        return frozen
+
+    def extra_repr(self) -> str:
+        fmt = "INT2 SEQ" if self.bits == 2 else "INT4 asym"
+        groups = "per-row" if self.group_size is None else f"group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={fmt}, {groups}, scale_dtype={str(self.scale_dtype).removeprefix('torch.')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model swaps
+# ----------------------------------------------------------------------------------------------
+
+def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = None, scale_init: str = "mse",
+           scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None) -> list[str]:
+    """Swap every ``UPQLinear`` of ``model`` for a ``QATLinear``, in place; returns the names swapped.
+
+    ``bits=None``: each layer keeps its format, codes and scales (:meth:`QATLinear.from_upq_exact`), so
+    training resumes where the packed model stands. ``bits`` (and ``group_size``) given: each layer
+    restarts in that format from its dequantized weight with ``scale_init`` scales
+    (:meth:`QATLinear.from_upq`; the INT4 -> INT2 step). A model without any ``UPQLinear`` needs ``bits``:
+    its linear layers (the output embedding excepted, see :func:`upq_hf.convert.linear_layers`) start
+    from their dense weights (:meth:`QATLinear.from_linear`).
+    """
+    from .convert import _skipped
+
+    skip = tuple(modules_to_not_convert or ())
+    upq = {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear) and not _skipped(name, skip)}
+    if upq:
+        for name, module in upq.items():
+            if bits is None:
+                new = QATLinear.from_upq_exact(module)
+            else:
+                new = QATLinear.from_upq(module, bits, group_size, scale_init, scale_dtype)
+            replace_module(model, name, new)
+        return list(upq)
+    if bits is None:
+        raise ValueError("to_qat found no UPQLinear in the model; pass bits (and group_size) to start from its "
+                         "dense linear layers")
+    dense = linear_layers(model, skip)
+    for name, linear in dense.items():
+        replace_module(model, name, QATLinear.from_linear(linear, bits, group_size, scale_init,
+                                                          scale_dtype or torch.float16))
+    return list(dense)
+
+
+def qat_layers(model: nn.Module) -> dict[str, QATLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QATLinear)}
+
+
+def freeze_model(model: nn.Module, scale_dtype: torch.dtype | None = None, backend: str | None = None) -> list[str]:
+    """Swap every ``QATLinear`` of ``model`` for its packed ``UPQLinear``, in place; returns the names."""
+    layers = qat_layers(model)
+    for name, module in layers.items():
+        replace_module(model, name, module.freeze(scale_dtype, backend=backend))
+    return list(layers)
