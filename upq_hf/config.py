@@ -12,7 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .packing import FORMAT_VERSION, SUPPORTED_BITS
 
-RECIPES = ("rtn",)
+RECIPES = ("rtn", "ptq", "upq", "ntp", "distill")
 SCALE_INITS = ("max", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 BACKENDS = (None, "torch", "triton")
@@ -24,18 +24,45 @@ class UPQConfig(QuantizationConfigMixin):
     Args:
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
         group_size: input columns sharing one scale; ``None`` for one scale per output row.
-        recipe: how the codes are found: ``"rtn"`` (round to nearest).
+        recipe: how the codes are found: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
+            ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"`` (INT2 next-token QAT, ParetoQ's
+            recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
         scale_init: initial scales: ``"max"`` (max |w|, ParetoQ) or ``"mse"`` (error-minimising search).
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
             and tied embeddings are always kept.
         backend: force the ``"torch"`` or ``"triton"`` forward path (default: Triton on CUDA).
+
+    Data and PTQ (recipes ``ptq`` and ``upq``):
+        dataset: calibration/training text: ``"self"`` (the model's own answers to built-in prompts,
+            offline), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
+        self_prompts: how many built-in prompts ``"self"`` answers (None: its default).
+        nsamples, seqlen: calibration sequences for PTQ.
+        ptq_algorithm, ptq_epochs: see :func:`upq_hf.ptq.blockwise_ptq`.
+        int4_group_size: group size of the intermediate INT4 model (``upq``).
+        int4_checkpoint: folder where ``upq`` keeps the INT4 model, and restarts from it if present.
+        int2_ptq: reconstruct the INT2 model block-wise from the INT4 one before distilling.
+        int2_scale_init: INT2 scale initialisation from the INT4 weights when ``int2_ptq`` is off.
+
+    Training (recipes ``upq``, ``ntp``, ``distill``):
+        train_steps, train_batch_size, train_seqlen: the budget (tokens = their product).
+        learning_rate, scale_learning_rate: of the latent weights and of the scales.
+        beta, temperature: of the generalized JSD.
+        work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
+        device: where quantization runs (default: where the model is).
+        seed: for data order and sampling.
     """
 
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn",
                  scale_init: str = "mse", scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
-                 format_version: int = FORMAT_VERSION, **kwargs: Any):
+                 format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
+                 nsamples: int = 64, seqlen: int = 256, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
+                 int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
+                 int2_scale_init: str = "mse", train_steps: int = 200, train_batch_size: int = 4,
+                 train_seqlen: int = 256, learning_rate: float = 2e-5, scale_learning_rate: float | None = 2e-4,
+                 beta: float = 0.5, temperature: float = 1.0, work_dir: str | None = None, resume: bool = False,
+                 device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
         self.bits = bits
@@ -46,6 +73,27 @@ class UPQConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
         self.format_version = format_version
+        self.dataset = dataset
+        self.self_prompts = self_prompts
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.ptq_algorithm = ptq_algorithm
+        self.ptq_epochs = ptq_epochs
+        self.int4_group_size = int4_group_size
+        self.int4_checkpoint = int4_checkpoint
+        self.int2_ptq = int2_ptq
+        self.int2_scale_init = int2_scale_init
+        self.train_steps = train_steps
+        self.train_batch_size = train_batch_size
+        self.train_seqlen = train_seqlen
+        self.learning_rate = learning_rate
+        self.scale_learning_rate = scale_learning_rate
+        self.beta = beta
+        self.temperature = temperature
+        self.work_dir = work_dir
+        self.resume = resume
+        self.device = device
+        self.seed = seed
         # keys written by a newer version are kept (and saved back) rather than dropped
         for key, value in kwargs.items():
             setattr(self, key, value)
@@ -69,6 +117,16 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"UPQConfig: backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        for name in ("nsamples", "seqlen", "ptq_epochs", "train_steps", "train_batch_size", "train_seqlen"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"UPQConfig: {name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
+        if float(self.temperature) <= 0:
+            raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
+        if self.int2_scale_init not in SCALE_INITS:
+            raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses UPQ storage format version {self.format_version!r}, but the installed "
@@ -81,5 +139,16 @@ class UPQConfig(QuantizationConfigMixin):
 
         return getattr(torch, self.scale_dtype)
 
+    def check_device(self) -> None:
+        """A GPU-only option on a machine without a GPU: say so before any work starts."""
+        import torch
+
+        if self.device is not None and str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"UPQConfig(device={self.device!r}) needs a CUDA GPU and none is visible "
+                               "(torch.cuda.is_available() is False): use device='cpu' or leave it unset")
+
     def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+        out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+        if not isinstance(out.get("dataset"), (str, type(None))):  # texts passed in memory: record a summary
+            out["dataset"] = f"<{len(out['dataset'])} texts given in memory>"
+        return out

@@ -31,6 +31,8 @@ class UPQHfQuantizer(HfQuantizer):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("UPQ does not support offloading layers to disk: remove 'disk' from device_map")
+        if not self.pre_quantized:
+            self.quantization_config.check_device()
         if self.quantization_config.backend == "triton":
             from .backends import triton_available
 
