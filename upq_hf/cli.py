@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -29,10 +31,10 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str | None) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device} needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
                            "is False): use --device cpu")
 
@@ -44,8 +46,19 @@ def cmd_quantize(args) -> int:
     from .models import load_model, load_tokenizer, resolve_model
     from .publish import prepare_target, save_atomic
 
-    config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
-                       backend=args.backend)
+    training = args.recipe in ("upq", "ntp", "distill")
+    work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
+    options = dict(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
+                   backend=args.backend, dataset=args.dataset, self_prompts=args.self_prompts,
+                   nsamples=args.nsamples, seqlen=args.seqlen, ptq_algorithm=args.ptq_algorithm,
+                   ptq_epochs=args.ptq_epochs, int4_group_size=args.int4_group_size,
+                   int4_checkpoint=(args.keep_int4 or f"{args.out.rstrip('/')}-int4") if args.recipe == "upq" else None,
+                   int2_ptq=not args.no_int2_ptq, train_steps=args.train_steps,
+                   train_batch_size=args.train_batch_size, train_seqlen=args.train_seqlen,
+                   learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
+                   temperature=args.temperature, work_dir=work_dir, resume=args.resume, device=args.device,
+                   seed=args.seed)
+    config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
     _check_device(args.device)
     prepare_target(args.out, args.overwrite)  # fail before any expensive work
     start = time.time()
@@ -60,13 +73,17 @@ def cmd_quantize(args) -> int:
               file=sys.stderr)
         tokenizer = None
     model = load_model(source, dtype="float32")
-    model.to(args.device)
+    model.to(args.device or "cpu")
     quantize_model(model, config, tokenizer=tokenizer, progress=True)
     save_dtype = getattr(torch, args.dtype)
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
     model.config.dtype = args.dtype
+    # the saved config records the recipe, not where this run kept its scratch files
+    config.work_dir = config.resume = config.device = None
     target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    if work_dir and os.path.isdir(work_dir) and not args.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
     print(f"saved {target} in {time.time() - start:.0f} s", file=sys.stderr)
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
 
@@ -103,11 +120,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, choices=[2, 4], required=True)
     q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
-    q.add_argument("--recipe", default="rtn", help="rtn (default)")
+    q.add_argument("--recipe", default="rtn", choices=["rtn", "ptq", "upq", "ntp", "distill"],
+                   help="rtn: round to nearest; ptq: block-wise PTQ; upq: PTQ to INT4 then INT2 Distill-QAT; "
+                        "ntp / distill: INT2 QAT baselines (next-token / JSD, no INT4 stage)")
+    data = q.add_argument_group("data (ptq, upq, ntp, distill)")
+    data.add_argument("--dataset", default=None,
+                      help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "
+                           "or a local .txt/.jsonl/.parquet file or folder")
+    data.add_argument("--self-prompts", type=int, default=None, help="built-in prompts answered for 'self'")
+    data.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences (default 64)")
+    data.add_argument("--seqlen", type=int, default=None, help="PTQ calibration length (default 256)")
+    ptq = q.add_argument_group("block-wise PTQ")
+    ptq.add_argument("--ptq-algorithm", default=None, choices=["blockap", "lwc"])
+    ptq.add_argument("--ptq-epochs", type=int, default=None)
+    ptq.add_argument("--int4-group-size", type=_group_size, default=64, help="group size of the INT4 stage (upq)")
+    ptq.add_argument("--keep-int4", default=None, help="where upq keeps the INT4 model (default OUT-int4); "
+                                                      "a later run restarts from it")
+    ptq.add_argument("--no-int2-ptq", action="store_true",
+                     help="upq: skip the block-wise INT2 reconstruction between the INT4 model and distillation")
+    train = q.add_argument_group("training (upq, ntp, distill)")
+    train.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 200)")
+    train.add_argument("--train-batch-size", type=int, default=None)
+    train.add_argument("--train-seqlen", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None, help="learning rate of the latent weights")
+    train.add_argument("--scale-lr", type=float, default=None, help="learning rate of the scales")
+    train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0.5)")
+    train.add_argument("--temperature", type=float, default=None)
+    train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
+    train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
+    train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")
+    q.add_argument("--seed", type=int, default=None)
     q.add_argument("--scale-init", default="mse", choices=["max", "mse"])
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
-    q.add_argument("--device", default="cpu", help="where to run the quantization (cpu, cuda, cuda:1)")
+    q.add_argument("--device", default=None, help="where to run the quantization (cpu, cuda, cuda:1; default cpu)")
     q.add_argument("--backend", default=None, choices=["torch", "triton"])
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
