@@ -174,9 +174,13 @@ def test_push_to_hub_uploads_upq_checkpoint(quantized, make_hub, tmp_path, uploa
     # fixed key order, so that file is compared by content)
     local = tmp_path / "local"
     model.save_pretrained(local)
-    assert sorted(p.name for p in local.iterdir()) == sorted(set(commit.files) - {"README.md"})
-    for path in set(commit.files) - {"README.md", "model.safetensors"}:
+    # save_pretrained writes the same files, the UPQ model card included
+    assert sorted(p.name for p in local.iterdir()) == sorted(commit.files)
+    for path in set(commit.files) - {"model.safetensors"}:
         assert commit.files[path] == (local / path).read_bytes(), path
+    card = commit.files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "  bits: 2\n" in card
+    assert '"upq"' in card and "import upq_hf" in card
     uploaded, saved = commit.files["model.safetensors"], (local / "model.safetensors").read_bytes()
     assert safetensors_metadata(uploaded) == safetensors_metadata(saved)
     uploaded, saved = safetensors.torch.load(uploaded), safetensors.torch.load(saved)
@@ -212,3 +216,48 @@ def test_fake_hub_rejects_unexpected_requests(make_hub):
     with pytest.raises(UnexpectedRequest, match="Authorization"):
         hub.handle(httpx2.Request("POST", f"{hub.endpoint}/api/repos/create", json={"name": "x"}))
     assert len(hub.unexpected) == 2
+
+
+def test_cli_push_uploads_folder_with_card(quantized, make_hub, tmp_path, capsys):
+    import json
+
+    from upq_hf import cli
+    from upq_hf.publish import REPORT_FILE
+
+    model, _, _ = quantized
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    (folder / REPORT_FILE).write_text(json.dumps({"base_model": "org/base", "metrics": {"fidelity_top1": 0.5}}))
+    (folder / "README.md").unlink()  # push writes the card when the folder has none
+    hub = make_hub("regular")
+    assert cli.main(["push", str(folder), "user/cli-upq"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    commit = hub.repos["user/cli-upq"].commits[0]
+    assert {"config.json", "model.safetensors", "README.md", REPORT_FILE} <= set(commit.files)
+    card = commit.files["README.md"].decode()
+    assert 'base_model: "org/base"' in card and "fidelity_top1: 0.5" in card and "| fidelity_top1 | 0.5 |" in card
+    assert hub.unexpected == []
+
+
+def test_model_card_metadata_is_yaml_with_the_recipe():
+    import yaml
+
+    from upq_hf import UPQConfig
+    from upq_hf.publish import model_card
+
+    config = UPQConfig(bits=2, group_size=64, recipe="upq", train_steps=100, train_batch_size=4, train_seqlen=256)
+    card = model_card(config.to_dict(), "HuggingFaceTB/SmolLM2-135M-Instruct", {"metrics": {"ifeval": 0.31}})
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "transformers"
+    assert meta["upq"]["bits"] == 2 and meta["upq"]["group_size"] == 64 and meta["upq"]["recipe"] == "upq"
+    assert meta["upq"]["train_tokens"] == 100 * 4 * 256 and meta["upq"]["dataset"] == "self"
+    assert meta["upq"]["metrics"]["ifeval"] == 0.31 and "int2" in meta["tags"]
+    assert "from_pretrained" in card
+
+
+def test_push_refuses_a_non_upq_folder(tmp_path, capsys):
+    from upq_hf import cli
+
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["push", str(tmp_path), "user/x"]) == 2
+    assert "not a UPQ checkpoint" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def cmd_quantize(args) -> int:
 
     from . import UPQConfig, quantize_model
     from .models import load_model, load_tokenizer, resolve_model
-    from .publish import prepare_target, save_atomic
+    from .publish import REPORT_FILE, prepare_target, save_atomic
 
     training = args.recipe in ("upq", "ntp", "distill")
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
@@ -79,13 +79,41 @@ def cmd_quantize(args) -> int:
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
     model.config.dtype = args.dtype
+    report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "quantize_seconds": round(time.time() - start, 1)}
+    if args.fidelity_prompts and tokenizer is not None:
+        report["metrics"] = _fidelity_metrics(model, source, tokenizer, args.fidelity_prompts)
+        print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     # the saved config records the recipe, not where this run kept its scratch files
     config.work_dir = config.resume = config.device = None
-    target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                         extra_files={REPORT_FILE: json.dumps(report, indent=2)})
     if work_dir and os.path.isdir(work_dir) and not args.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"saved {target} in {time.time() - start:.0f} s", file=sys.stderr)
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
+
+
+def _fidelity_metrics(model, source: str, tokenizer, n_prompts: int) -> dict:
+    from .eval import FidelityReference, fidelity
+    from .models import load_model
+    from .prompts import EVAL_PROMPTS
+
+    device = next(model.parameters()).device
+    teacher = load_model(source, dtype="float32").to(device)
+    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:n_prompts]), max_new_tokens=64,
+                                        progress=True)
+    scores = fidelity(model, teacher, reference)
+    return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+            "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"]}
+
+
+def cmd_push(args) -> int:
+    from .publish import push_folder
+
+    commit = push_folder(args.path, args.repo_id, token=args.token, private=args.private or None)
+    print(f"pushed {args.path} to {commit.commit_url}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -150,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
     train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")
     q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--fidelity-prompts", type=int, default=16,
+                   help="held-out prompts for the fidelity numbers in the model card (0: skip)")
     q.add_argument("--scale-init", default="mse", choices=["max", "mse"])
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
@@ -158,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("push", help="upload a saved UPQ checkpoint (with its model card) to the Hub")
+    p.add_argument("path")
+    p.add_argument("repo_id")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("info", help="describe a saved UPQ checkpoint")
     i.add_argument("path")

@@ -33,11 +33,11 @@ def save_atomic(model, out: str | os.PathLike, tokenizer=None, overwrite: bool =
     target = prepare_target(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        for name, text in (extra_files or {}).items():  # first: the model card reads upq_report.json
+            (tmp / name).write_text(text)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -49,3 +49,149 @@ def save_atomic(model, out: str | os.PathLike, tokenizer=None, overwrite: bool =
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ------------------------------------------------------------------------------------------------ model card
+
+REPORT_FILE = "upq_report.json"
+
+
+def _yaml_value(value) -> str:
+    import json
+
+    return json.dumps(value)  # JSON scalars and lists are valid YAML
+
+
+def model_card(config: dict, base_model: str | None = None, report: dict | None = None) -> str:
+    """README.md (YAML metadata + text) for a UPQ checkpoint: what it is, how it was made, how it scores,
+    how to load it. ``config`` is the ``quantization_config`` dict; ``report`` holds measured numbers."""
+    report = report or {}
+    bits = config.get("bits")
+    group = config.get("group_size")
+    recipe = config.get("recipe", "rtn")
+    groups = "one scale per output row" if group is None else f"one scale per {group} input columns"
+    fmt = "SEQ INT2 (levels (k - 1.5) * s, no zero level)" if bits == 2 else "asymmetric INT4 (scale and zero point)"
+    training = recipe in ("upq", "ntp", "distill")
+    tokens = config.get("train_steps", 0) * config.get("train_batch_size", 0) * config.get("train_seqlen", 0)
+    meta = ["---", "library_name: transformers", f"tags: {_yaml_value(['upq', f'int{bits}', 'quantized', 'upq_hf'])}"]
+    if base_model:
+        meta += [f"base_model: {_yaml_value(base_model)}", "base_model_relation: quantized"]
+    meta += ["upq:", f"  bits: {bits}", f"  group_size: {_yaml_value(group)}", f"  recipe: {_yaml_value(recipe)}",
+             f"  format_version: {config.get('format_version', 1)}"]
+    if recipe != "rtn":
+        meta.append(f"  dataset: {_yaml_value(str(config.get('dataset')))}")
+    if training:
+        meta += [f"  train_steps: {config.get('train_steps')}", f"  train_tokens: {tokens}",
+                 f"  beta: {config.get('beta')}"]
+    metrics = report.get("metrics") or {}
+    if metrics:
+        meta.append("  metrics:")
+        meta += [f"    {key}: {_yaml_value(value)}" for key, value in metrics.items()]
+    meta.append("---")
+    lines = [
+        f"# {base_model.split('/')[-1] if base_model else 'Model'} - UPQ INT{bits}",
+        "",
+        f"Weight-only {fmt}, {groups}, made with [upq_hf](https://github.com/upq-hf/upq_hf) "
+        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe."
+        + (f" Base model: `{base_model}`." if base_model else ""),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| bits | {bits} |",
+        f"| group size | {'per row' if group is None else group} |",
+        f"| recipe | {recipe} |",
+    ]
+    if recipe != "rtn":
+        lines.append(f"| data | {config.get('dataset')} |")
+    if training:
+        lines.append(f"| training budget | {config.get('train_steps')} steps, {tokens:,} tokens, beta {config.get('beta')} |")
+    if metrics:
+        lines += ["", "## Measured", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                  for key, value in metrics.items()]
+    lines += [
+        "", "## Use", "", "```python",
+        "import upq_hf  # registers quant_method='upq' with transformers (pip install upq_hf)",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "", 'model = AutoModelForCausalLM.from_pretrained("REPO_OR_PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("REPO_OR_PATH")', "```", "",
+        "Without `import upq_hf` transformers does not know the `upq` method and refuses the packed weights.",
+    ]
+    return "\n".join(meta) + "\n" + "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write README.md into a saved UPQ checkpoint folder from its config.json and ``upq_report.json``."""
+    import json
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "upq":
+        raise ValueError(f"{folder} is not a UPQ checkpoint")
+    report_path = folder / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    base_model = base_model or report.get("base_model") or config.get("_name_or_path") or None
+    path = folder / "README.md"
+    path.write_text(model_card(qconfig, base_model, report))
+    return path
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
+                commit_message: str = "Upload UPQ checkpoint"):
+    """Upload a saved UPQ checkpoint folder (with its model card, written if missing) to the Hub."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    from .checkpoint import checkpoint_info
+
+    checkpoint_info(str(folder))  # a clear error for anything but a UPQ checkpoint
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                  for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if not (folder / "README.md").is_file():
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        report_path = folder / REPORT_FILE
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        card = model_card(config["quantization_config"], report.get("base_model") or config.get("_name_or_path"),
+                          report)
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)  # a CommitInfo
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+
+def _save_with_card(self, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a UPQ model: the class's own, then the model card (and the push, if asked)."""
+    push = kwargs.pop("push_to_hub", False)
+    repo_id = kwargs.pop("repo_id", None)
+    token = kwargs.pop("token", None)
+    private = kwargs.pop("private", None)
+    commit_message = kwargs.pop("commit_message", None)
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_model_card(save_directory)
+        if push:
+            push_folder(save_directory, repo_id or Path(save_directory).name, token=token, private=private,
+                        commit_message=commit_message or "Upload UPQ checkpoint")
+    return result
+
+
+def _push_with_card(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, max_shard_size="50GB", **unused):
+    """``push_to_hub`` of a UPQ model: save (with the model card) into a temporary folder and upload it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        self.save_pretrained(tmp, max_shard_size=max_shard_size)
+        return push_folder(tmp, repo_id, token=token, private=private,
+                           commit_message=commit_message or "Upload UPQ checkpoint")
+
+
+def install_card_hooks(model) -> None:
+    """Make ``model.save_pretrained`` and ``model.push_to_hub`` write the UPQ model card (per instance)."""
+    import types
+
+    model.save_pretrained = types.MethodType(_save_with_card, model)
+    model.push_to_hub = types.MethodType(_push_with_card, model)

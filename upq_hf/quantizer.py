@@ -16,6 +16,7 @@ from . import convert, recipes
 from .checkpoint import expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
+from .publish import install_card_hooks
 
 QUANT_METHOD = "upq"
 
@@ -60,6 +61,7 @@ class UPQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             recipes.apply_recipe(model, self.quantization_config, progress=True)
+        install_card_hooks(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -99,6 +101,7 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.config.quantization_config = config
+    install_card_hooks(model)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config._is_quantized = True
