@@ -96,7 +96,7 @@ def load_int4_into(model: nn.Module, path: str) -> None:
         convert.replace_module(model, name, module.to(device))
 
 
-def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progress: bool):
+def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progress: bool, callbacks=None):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``."""
     from transformers import TrainingArguments
 
@@ -122,7 +122,7 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
     )
     trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                 objective=objective, beta=config.beta, temperature=config.temperature,
-                                scale_learning_rate=config.scale_learning_rate)
+                                scale_learning_rate=config.scale_learning_rate, callbacks=callbacks)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {config.train_steps} steps x "
          f"{config.train_batch_size} x {config.train_seqlen} tokens")
     resume = None
@@ -139,8 +139,10 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
     return trainer
 
 
-def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: bool = False) -> nn.Module:
-    """Quantize ``model`` in place following ``config.recipe``; returns the model."""
+def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: bool = False,
+                 callbacks=None) -> nn.Module:
+    """Quantize ``model`` in place following ``config.recipe``; returns the model. ``callbacks`` go to the
+    trainer of the training recipes (``transformers.TrainerCallback`` objects)."""
     from .qat import freeze_model, to_qat
 
     recipe = config.recipe
@@ -163,7 +165,7 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
                scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
         _train(model, teacher if recipe == "distill" else None, tokenizer, config,
-               "ntp" if recipe == "ntp" else "jsd", progress)
+               "ntp" if recipe == "ntp" else "jsd", progress, callbacks)
         freeze_model(model, config.torch_scale_dtype, backend=config.backend)
         return model
     if recipe != "upq":
@@ -193,6 +195,6 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.int2_scale_init,
                scale_dtype=config.torch_scale_dtype)
     # 3. Distill-QAT against the unquantized teacher, then pack
-    _train(model, teacher, tokenizer, config, "jsd", progress)
+    _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
