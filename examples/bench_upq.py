@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--scale-lr", type=float, default=None)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences")
+    parser.add_argument("--ptq-seqlen", type=int, default=None, help="PTQ calibration length")
     parser.add_argument("--out", default="out/bench-upq")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -73,7 +75,8 @@ def main() -> int:
     print(f"teacher: {len(reference.prompts)} prompts, IF {teacher_if['score']:.3f} ({time.time() - started:.0f} s)",
           file=sys.stderr)
     results = {"teacher": {"if": teacher_if["score"], "if_checks": teacher_if["checks"]}, "settings": vars(args)}
-    extra = {k: v for k, v in (("learning_rate", args.lr), ("scale_learning_rate", args.scale_lr)) if v is not None}
+    extra = {k: v for k, v in (("learning_rate", args.lr), ("scale_learning_rate", args.scale_lr),
+                               ("nsamples", args.nsamples), ("seqlen", args.ptq_seqlen)) if v is not None}
     int4_dir = os.path.join(args.out, "int4")
     for recipe in args.recipes.split(","):
         model = load_model(source, dtype="float32")

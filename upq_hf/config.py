@@ -60,7 +60,7 @@ class UPQConfig(QuantizationConfigMixin):
                  nsamples: int = 64, seqlen: int = 256, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
                  int2_scale_init: str = "mse", train_steps: int = 200, train_batch_size: int = 4,
-                 train_seqlen: int = 256, learning_rate: float = 2e-5, scale_learning_rate: float | None = 2e-4,
+                 train_seqlen: int = 256, learning_rate: float = 1e-4, scale_learning_rate: float | None = 1e-3,
                  beta: float = 0.5, temperature: float = 1.0, work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
