@@ -97,14 +97,14 @@ def load_int4_into(model: nn.Module, path: str) -> None:
 
 
 def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progress: bool, callbacks=None):
-    """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``."""
+    """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``. ``teacher`` is
+    the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``."""
     from transformers import TrainingArguments
 
     from .data import TokenBlockDataset
     from .distill import UPQDistillTrainer, freeze_all_but_quantized
 
-    source_model = teacher if teacher is not None else student
-    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=source_model,
+    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
                                             nsamples=config.train_steps * config.train_batch_size,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
     trainable = freeze_all_but_quantized(student)
@@ -120,7 +120,8 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
         use_cpu=device.type == "cpu", disable_tqdm=not progress, dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if objective == "jsd" else None, args=args,
+                                train_dataset=dataset,
                                 objective=objective, beta=config.beta, temperature=config.temperature,
                                 scale_learning_rate=config.scale_learning_rate, callbacks=callbacks)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {config.train_steps} steps x "
@@ -164,8 +165,7 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
     if recipe in ("ntp", "distill"):
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
                scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
-        _train(model, teacher if recipe == "distill" else None, tokenizer, config,
-               "ntp" if recipe == "ntp" else "jsd", progress, callbacks)
+        _train(model, teacher, tokenizer, config, "ntp" if recipe == "ntp" else "jsd", progress, callbacks)
         freeze_model(model, config.torch_scale_dtype, backend=config.backend)
         return model
     if recipe != "upq":
