@@ -63,8 +63,8 @@ DEFAULT_ALGORITHM = "blockap"
 #: default hyper-parameters per algorithm: learning rate of the latent weights (``lr``, Block-AP only)
 #: and of the quantization parameters (``scale_lr``: scales and zero points, or clipping logits).
 DEFAULTS = {
-    "blockap": {"lr": 0.02, "scale_lr": 3e-3},
-    "lwc": {"lr": 0.0, "scale_lr": 3e-2},
+    "blockap": {"lr": 0.01, "scale_lr": 3e-3},
+    "lwc": {"lr": 0.0, "scale_lr": 0.1},
 }
 DEFAULT_EPOCHS = 2
 DEFAULT_BATCH_SIZE = 4
