@@ -27,13 +27,15 @@ from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.publish import save_atomic
 
+# VmHWM (the peak resident set of this process's memory map) rather than ru_maxrss, which a child
+# created by fork + exec inherits from its parent on Linux.
 PEAK_RSS = r"""
-import resource, sys, torch, upq_hf
+import sys, torch, upq_hf
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32 if sys.argv[2] == "float32" else "auto")
 with torch.no_grad():
     model(torch.randint(0, 1000, (1, 64)))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
