@@ -139,6 +139,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """``upq eval``: lm-eval tasks (offline from local files if need be) and our fidelity report."""
+    from .evaluate import evaluate_model, summary_table
+
+    results = evaluate_model(
+        args.model, args.tasks, data_files=args.data_files, output=args.output, batch_size=args.batch_size,
+        limit=args.limit, num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
+        gen_kwargs=args.gen_kwargs, max_gen_toks=args.max_gen_toks, teacher=args.teacher,
+        device=args.device, dtype=args.dtype, log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters, fidelity_max_new_tokens=args.fidelity_tokens, seed=args.seed,
+        threads=args.threads)
+    print(summary_table(results))
+    print(f"upq: evaluated in {results['upq']['wall_seconds']:.0f} s"
+          + (f"; results written to {args.output}" if args.output else ""), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upq", description="Unified Progressive Quantization for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +218,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.set_defaults(func=cmd_info)
+
+    from .evaluate import parse_limit
+
+    e = sub.add_parser("eval", help="benchmark a model with lm-evaluation-harness (pip install upq_hf[eval]) "
+                                    "and/or its fidelity to the unquantized teacher")
+    e.add_argument("model", nargs="?", default=None,
+                   help="Hub id, local folder or UPQ checkpoint (default: the bundled SmolLM2-135M-Instruct)")
+    e.add_argument("--tasks", required=True,
+                   help="comma-separated: mmlu, ifeval, fidelity (ours: top-1/KL/JSD against the teacher) "
+                        "or any other lm-eval task name")
+    e.add_argument("--data-files", action="append", default=None, metavar="TASK=PATH",
+                   help="run TASK from a local .jsonl/.json/.parquet file or folder in the benchmark's own "
+                        "format instead of the Hub: --data-files mmlu=mmlu/ --data-files ifeval=ifeval.jsonl")
+    e.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=parse_limit, default=None,
+                   help="examples per task (lm-eval's --limit; each MMLU subject is a task), and the number "
+                        "of fidelity prompts; a fraction below 1 takes that share")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
+    e.add_argument("--apply-chat-template", action="store_true", help="format prompts with the chat template")
+    e.add_argument("--gen-kwargs", default=None,
+                   help="generation settings for generative tasks, lm-eval style: max_gen_toks=256,temperature=0")
+    e.add_argument("--max-gen-toks", type=int, default=None,
+                   help="cap on generated tokens (IFEval's own is 1280)")
+    e.add_argument("--teacher", default=None,
+                   help="unquantized model for fidelity (default: the checkpoint's base model, else the bundled one)")
+    e.add_argument("--fidelity-tokens", type=int, default=64, help="teacher answer length for fidelity")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the model's unquantized tensors while evaluating")
+    e.add_argument("--log-samples", action="store_true", help="keep every prompt and answer in the JSON")
+    e.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's stderr bootstrap iterations")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is much faster on an oversubscribed machine)")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
