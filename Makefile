@@ -24,7 +24,7 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests  # not `python -m`: the checkout's root must not shadow packages
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,25 +17,11 @@ See ``README.md`` in this directory for the variants, the dispatch rules and the
 
 from __future__ import annotations
 
-import torch
+# From a checkout's root this folder is also reachable as `kernels`, the name of Hugging Face's package
+# that transformers probes for (it imports it when no metadata is found). Imported under that name it
+# stays empty, without a __version__, so transformers reads it as "not installed".
+if __name__ == "upq_kernels":
+    from .api import RULES, VARIANTS, DispatchRules, choose_variant, dequantize_packed, op, upq_linear, upq_matmul
 
-from . import op
-from .dispatch import RULES, VARIANTS, DispatchRules, choose_variant, upq_matmul
-
-
-def upq_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """``module(x)`` for a ``upq_hf.UPQLinear``: ``x`` is ``[..., in_features]``, the result
-    ``[..., out_features]`` in ``x.dtype`` with the bias added."""
-    return torch.ops.upq.linear(x, module.weight, module.weight_scale, module.weight_zero, module.bias,
-                                module.bits, module.group_size, module.in_features)
-
-
-def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                      group_size: int | None, in_features: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The ``(out_features, in_features)`` weight a packed layer stands for, in ``dtype``: the values
-    of :func:`upq_hf.formats.dequantize`, as a transposed view of a contiguous ``(K, N)`` tensor."""
-    return torch.ops.upq.dequantize_transposed(packed, scale, zero, bits, group_size, in_features, dtype).t()
-
-
-__all__ = ["upq_linear", "upq_matmul", "dequantize_packed", "choose_variant", "RULES", "DispatchRules",
-           "VARIANTS", "op"]
+    __all__ = ["upq_linear", "upq_matmul", "dequantize_packed", "choose_variant", "RULES", "DispatchRules",
+               "VARIANTS", "op"]
