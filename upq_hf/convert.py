@@ -84,3 +84,18 @@ def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, sc
 
 def upq_layers(model: nn.Module) -> dict[str, UPQLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear)}
+
+
+def dequantize_layers(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every ``UPQLinear`` by an ``nn.Linear`` holding its dequantized weight, in place."""
+    layers = upq_layers(model)
+    for name, module in layers.items():
+        weight = module.dequantize(dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        replace_module(model, name, linear)
+    return list(layers)

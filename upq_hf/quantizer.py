@@ -83,15 +83,7 @@ class UPQHfQuantizer(HfQuantizer):
         return None, {"upq_format_version": str(FORMAT_VERSION)}
 
     def _dequantize(self, model, dtype=None):
-        for name, module in convert.upq_layers(model).items():
-            weight = module.dequantize(dtype or torch.float32)
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            convert.replace_module(model, name, linear)
+        convert.dequantize_layers(model, dtype or torch.float32)
         return model
 
 

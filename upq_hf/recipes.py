@@ -66,19 +66,6 @@ def _ptq(model, calibration, config: UPQConfig, bits: int, group_size, progress:
     return report
 
 
-def dequantize_layers(model: nn.Module) -> None:
-    """Replace every ``UPQLinear`` by an ``nn.Linear`` holding its dequantized float32 weight."""
-    for name, module in convert.upq_layers(model).items():
-        weight = module.dequantize(torch.float32)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=weight.device, dtype=torch.float32)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.float())
-        convert.replace_module(model, name, linear)
-
-
 def load_int4_into(model: nn.Module, path: str) -> None:
     """Put the packed layers of a saved INT4 UPQ checkpoint into ``model`` (restart from the INT4 stage)."""
     from transformers import AutoModelForCausalLM
@@ -188,7 +175,7 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
             _log(f"kept the INT4 model in {config.int4_checkpoint}")
     # 2. INT4 -> INT2: latent weights = the dequantized INT4 weights
     if config.int2_ptq:
-        dequantize_layers(model)
+        convert.dequantize_layers(model)
         _ptq(model, calibration, config, 2, config.group_size, progress)
         to_qat(model)  # keeps the reconstructed INT2 codes and scales
     else:
