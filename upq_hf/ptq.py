@@ -55,7 +55,7 @@ from torch import nn
 from . import formats
 from .convert import check_layers, linear_layers, replace_module
 from .nn import UPQLinear
-from .qat import QATLinear, stored_scale
+from .qat import QATLinear, init_quant_params, stored_scale
 
 ALGORITHMS = ("blockap", "lwc")
 DEFAULT_ALGORITHM = "blockap"
@@ -102,23 +102,20 @@ class LWCLinear(nn.Module):
         self.register_buffer("weight", w.clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         wg = formats._grouped(w, self.group_size)
+        scale, _ = init_quant_params(w, bits, self.group_size, scale_init, scale_dtype)
         with torch.no_grad():
             if bits == 2:
                 self.register_buffer("w_max", wg.abs().amax(-1))
                 self.register_buffer("w_min", None)
-                scale = formats.seq_init_scale(w, self.group_size, scale_init, scale_dtype)
                 alpha = 2 * scale / self.w_max.clamp_min(1e-12)
                 self.clip_upper = nn.Parameter(_logit(alpha))
                 self.clip_lower = None
-            elif bits == 4:
+            else:
                 self.register_buffer("w_max", wg.amax(-1).clamp_min(0))
                 self.register_buffer("w_min", wg.amin(-1).clamp_max(0))
-                scale, _ = formats.int4_init_params(w, self.group_size, scale_init, scale_dtype)
                 alpha = scale * formats.INT4_MAX / (self.w_max - self.w_min).clamp_min(1e-12)
                 self.clip_upper = nn.Parameter(_logit(alpha))
                 self.clip_lower = nn.Parameter(_logit(alpha))
-            else:
-                raise ValueError(f"bits must be 2 or 4, got {bits!r}")
 
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.bits == 2:

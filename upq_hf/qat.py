@@ -38,6 +38,31 @@ from .convert import linear_layers, replace_module
 from .nn import UPQLinear
 
 
+_INIT_ROWS = 256
+
+
+@torch.no_grad()
+def init_quant_params(weight: torch.Tensor, bits: int, group_size: int | None, scale_init: str = "mse",
+                      scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest ``(scale, zero)`` of a ``(N, K)`` weight, as :func:`formats.quantize` finds them
+    (``zero`` is None for SEQ INT2). Computed a few hundred rows at a time: the ``"mse"`` search makes
+    some thirty passes over the weight, and row blocks that stay in cache make it about twice as fast
+    on a CPU, with identical results (groups never span rows)."""
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+    w = weight.detach().float()
+    scales, zeros = [], []
+    for start in range(0, w.shape[0], _INIT_ROWS):
+        rows = w[start:start + _INIT_ROWS]
+        if bits == 2:
+            scales.append(formats.seq_init_scale(rows, group_size, scale_init, scale_dtype))
+        else:
+            scale, zero = formats.int4_init_params(rows, group_size, scale_init, scale_dtype)
+            scales.append(scale)
+            zeros.append(zero)
+    return torch.cat(scales), (torch.cat(zeros) if zeros else None)
+
+
 class _StorageRoundSTE(torch.autograd.Function):
     """Round a scale to the dtype it is stored in (clamped to that dtype's smallest normal) in the
     forward pass; identity in the backward pass."""
@@ -102,14 +127,8 @@ class QATLinear(nn.Module):
                     scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16) -> "QATLinear":
         """Start from a dense weight with the round-to-nearest scales of :mod:`upq_hf.formats`."""
         formats.check_group_size(weight.shape[1], group_size)
-        with torch.no_grad():
-            w = weight.detach().float()
-            if bits == 2:
-                scale, zero = formats.seq_init_scale(w, group_size, scale_init, scale_dtype), None
-            elif bits == 4:
-                scale, zero = formats.int4_init_params(w, group_size, scale_init, scale_dtype)
-            else:
-                raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        w = weight.detach().float()
+        scale, zero = init_quant_params(w, bits, group_size, scale_init, scale_dtype)
         return cls(w, scale, zero, bias, bits, group_size, scale_dtype)
 
     @classmethod
