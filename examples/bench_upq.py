@@ -6,7 +6,7 @@ instruction-following check, for the teacher and each student; fidelity after se
 (evaluated inside each run at the given steps); training throughput. Writes a JSON that
 `examples/plot_budget.py` turns into the budget plot.
 
-    python examples/bench_upq.py --steps 80 --eval-at 20,40,80 --out out/bench-upq
+    python examples/bench_upq.py --steps 80 --eval-at 0,20,40,80 --out out/bench-upq
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class BudgetCurve(TrainerCallback):
         self.teacher, self.reference, self.steps, self.tokens_per_step = teacher, reference, set(steps), tokens_per_step
         self.points, self.log = [], []
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if 0 in self.steps and state.global_step == 0:
+            self.on_step_end(args, state, control, model=model, **kwargs)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             was_training = model.training
@@ -52,7 +56,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipes", default="rtn,ptq,ntp,distill,upq")
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--eval-at", default="20,40,80")
+    parser.add_argument("--eval-at", default="0,20,40,80")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--group-size", default="64")
@@ -102,6 +106,20 @@ def main() -> int:
     if os.path.isdir(int4_dir):
         int4 = load_model(int4_dir, dtype="float32")
         results["int4_ptq"] = {**fidelity(int4, teacher, reference), "if": instruction_following(int4, tokenizer)["score"]}
+        # INT2 scale initialisation (no training): ParetoQ's max |w| vs the error-minimising search, from the
+        # unquantized weights and from the INT4 PTQ model's
+        from upq_hf import convert
+        from upq_hf.qat import freeze_model, to_qat
+
+        results["int2_init"] = {}
+        for scale_init in ("max", "mse"):
+            fp = load_model(source, dtype="float32")
+            convert.quantize_linears_rtn(fp, 2, group_size, scale_init=scale_init)
+            from4 = load_model(int4_dir, dtype="float32")
+            to_qat(from4, bits=2, group_size=group_size, scale_init=scale_init)
+            freeze_model(from4)
+            results["int2_init"][scale_init] = {"from_fp": fidelity(fp, teacher, reference),
+                                                "from_int4": fidelity(from4, teacher, reference)}
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
 
@@ -110,7 +128,9 @@ def main() -> int:
     print(f"Group size {args.group_size}; training budget {args.steps} steps x {args.batch} x {args.seqlen} = "
           f"{tokens:,} tokens of 'self' data; fidelity on {len(reference.prompts)} held-out prompts "
           f"({reference and sum(map(len, reference.answer_ids))} answer tokens); IF = share of "
-          f"{len(teacher_if['checks'])} verifiable instructions obeyed.\n")
+          f"{len(teacher_if['checks'])} verifiable instructions obeyed. Learning rates (StepAdam): weights "
+          f"{args.lr or UPQConfig().learning_rate} of a quantization step per update, scales "
+          f"{args.scale_lr or UPQConfig().scale_learning_rate} relative per update.\n")
     print("| model | top-1 | KL(T‖S) | JSD | IF | wall s | train tokens/s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| teacher (unquantized) | 1.000 | 0.000 | 0.000 | {teacher_if['score']:.3f} | | |")
@@ -122,7 +142,14 @@ def main() -> int:
             tps = r.get("train_tokens_per_second")
             print(f"| {names[key]} | {r['top1']:.3f} | {r['kl']:.3f} | {r['jsd']:.3f} | {r['if']:.3f} | "
                   f"{r.get('seconds', 0):.0f} | {'' if not tps else f'{tps:.0f}'} |")
-    print("\nBudget curve (fidelity inside each run):\n")
+    if "int2_init" in results:
+        print("\nINT2 scale initialisation, round to nearest, no training:\n")
+        print("| scale init | from the unquantized weights: top-1 / KL | from the INT4 PTQ model: top-1 / KL |")
+        print("|---|---|---|")
+        for name, r in results["int2_init"].items():
+            print(f"| {name} | {r['from_fp']['top1']:.3f} / {r['from_fp']['kl']:.3f} | "
+                  f"{r['from_int4']['top1']:.3f} / {r['from_int4']['kl']:.3f} |")
+    print("\nBudget curve (fidelity inside each run; step 0 = the recipe's starting point):\n")
     print("| recipe | step | tokens | top-1 | KL |")
     print("|---|---|---|---|---|")
     for recipe in args.recipes.split(","):

@@ -182,3 +182,22 @@ def test_checkpoint_resume_gives_the_same_model(tmp_path):
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
     assert isinstance(student.model.layers[0].mlp.up_proj, QATLinear)
+
+
+def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
+    from upq_hf.optim import StepAdam
+
+    student, teacher = student_and_teacher()
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks(),
+                                scale_learning_rate=1e-2)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, StepAdam)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    layer = next(iter(qat_layers(student).values()))
+    assert any(u is layer.weight_scale for u in groups["weights"]["units"])
+    plain = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "plain"),
+                              train_dataset=Blocks(), scale_learning_rate=1e-2, step_units=False)
+    optimizer = plain.create_optimizer()
+    assert type(optimizer) is torch.optim.AdamW
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"scales": 1e-2, "weights": 3e-3}
+    assert all("units" not in g for g in optimizer.param_groups)

@@ -117,3 +117,60 @@ def test_rejects_bad_arguments(tiny):
     with pytest.raises(ValueError, match="nsamples, seqlen"):
         blockwise_ptq(model, calibration[0], 4, 16)
     assert all(type(m) is not UPQLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("algorithm", ["blockap", "lwc"])
+def test_keep_qat_leaves_trained_layers_that_freeze_to_the_packed_result(tiny, algorithm):
+    """keep_qat=True (UPQ's INT2 stage) ends with QATLinear layers whose frozen form is bit-identical to
+    what keep_qat=False packs, and whose forward pass already equals the packed model's."""
+    from upq_hf.qat import QATLinear, freeze_model
+
+    model, calibration, held_out, _ = tiny
+    packed, kept = copy.deepcopy(model), copy.deepcopy(model)
+    blockwise_ptq(packed, calibration, 2, 32, algorithm=algorithm, steps=4, progress=False)
+    blockwise_ptq(kept, calibration, 2, 32, algorithm=algorithm, steps=4, keep_qat=True, progress=False)
+    qat = {n: m for n, m in kept.named_modules() if isinstance(m, QATLinear)}
+    assert len(qat) == 2 * len(LINEARS)
+    assert all(m.weight.dtype == torch.float32 and not m.weight.requires_grad for m in qat.values())
+    with torch.no_grad():
+        torch.testing.assert_close(kept(held_out).logits, packed(held_out).logits, rtol=0, atol=0)
+    freeze_model(kept)
+    for name, module in packed.named_modules():
+        if isinstance(module, UPQLinear):
+            frozen = kept.get_submodule(name)
+            assert torch.equal(frozen.weight, module.weight) and torch.equal(frozen.weight_scale, module.weight_scale)
+
+
+def test_reference_model_gives_the_targets(tiny):
+    """reference= (UPQ's INT2 stage: start from INT4 weights, reconstruct the unquantized blocks): with the
+    model itself as reference the result is unchanged; with another start, block 0's RTN loss is measured
+    against the reference block's output, which we compute by hand."""
+    from upq_hf.convert import dequantize_layers
+    from upq_hf.formats import quantize, dequantize
+
+    model, calibration, held_out, _ = tiny
+    plain, same = copy.deepcopy(model), copy.deepcopy(model)
+    blockwise_ptq(plain, calibration, 2, 32, steps=2, progress=False)
+    blockwise_ptq(same, calibration, 2, 32, steps=2, reference=copy.deepcopy(model), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(same(held_out).logits, plain(held_out).logits, rtol=0, atol=0)
+
+    start = copy.deepcopy(model)
+    quantize_linears_rtn(start, 4, 32)
+    dequantize_layers(start)
+    int4_block0 = copy.deepcopy(start.model.layers[0])
+    report = blockwise_ptq(start, calibration, 2, 32, steps=2, reference=model, progress=False)
+    name, layers = find_decoder_layers(model)
+    hidden, kwargs = capture_block_inputs(model, layers, calibration, torch.device("cpu"))
+    with torch.no_grad():
+        target = _run_block(model.model.layers[0], hidden, kwargs)
+        for lname in LINEARS:  # RTN INT2 of the INT4 start, as PTQ's starting point
+            parent = int4_block0.get_submodule(("self_attn." if lname.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                                                else "mlp.") + lname)
+            parent.weight.copy_(dequantize(quantize(parent.weight, 2, 32, "mse"), torch.float32))
+        rtn = _run_block(int4_block0, hidden, kwargs)
+    assert report.blocks[0].rtn_loss == pytest.approx(nn.functional.mse_loss(rtn, target).item(), rel=1e-4)
+    shallow = copy.deepcopy(model)
+    shallow.model.layers = shallow.model.layers[:1]
+    with pytest.raises(ValueError, match="decoder blocks"):
+        blockwise_ptq(copy.deepcopy(model), calibration, 2, 32, steps=1, reference=shallow, progress=False)

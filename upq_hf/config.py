@@ -46,7 +46,9 @@ class UPQConfig(QuantizationConfigMixin):
 
     Training (recipes ``upq``, ``ntp``, ``distill``):
         train_steps, train_batch_size, train_seqlen: the budget (tokens = their product).
-        learning_rate, scale_learning_rate: of the latent weights and of the scales.
+        learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
+            step they move per update, and of the scales, as their relative change per update
+            (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and every model).
         beta, temperature: of the generalized JSD.
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
         device: where quantization runs (default: where the model is).
@@ -60,7 +62,7 @@ class UPQConfig(QuantizationConfigMixin):
                  nsamples: int = 64, seqlen: int = 256, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
                  int2_scale_init: str = "mse", train_steps: int = 200, train_batch_size: int = 4,
-                 train_seqlen: int = 256, learning_rate: float = 1e-4, scale_learning_rate: float | None = 1e-3,
+                 train_seqlen: int = 256, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
                  beta: float = 0.5, temperature: float = 1.0, work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)

@@ -123,11 +123,14 @@ class UPQDistillTrainer(Trainer):
             the ParetoQ recipe; no teacher needed).
         beta, temperature: of the generalized JSD.
         scale_learning_rate: learning rate of the quantization scales (default 10x the weights').
+        step_units: measure learning rates in quantization steps (:class:`upq_hf.optim.StepAdam`; default)
+            rather than absolutely (the Trainer's ``args.optim``); see :meth:`create_optimizer`.
         chunk_size: tokens per chunk of the loss.
     """
 
     def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.5,
-                 temperature: float = 1.0, scale_learning_rate: float | None = None, chunk_size: int = 512,
+                 temperature: float = 1.0, scale_learning_rate: float | None = None, step_units: bool = True,
+                 chunk_size: int = 512,
                  teacher_device: str | torch.device | None = None, **kwargs):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -139,6 +142,7 @@ class UPQDistillTrainer(Trainer):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.scale_learning_rate = scale_learning_rate
+        self.step_units = step_units
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.eval()
@@ -148,21 +152,38 @@ class UPQDistillTrainer(Trainer):
 
     # -------------------------------------------------------------- optimiser: weights and scales apart
     def create_optimizer(self, model=None):
+        """Quantized layers' weights, scales (and INT4 zero points) in their own groups. With
+        ``step_units`` (the default) the optimizer is :class:`upq_hf.optim.StepAdam`: ``learning_rate``
+        is the fraction of a quantization step a latent weight moves per update and
+        ``scale_learning_rate`` the relative change of a scale per update, the same in every layer.
+        Otherwise it is the Trainer's optimizer (``args.optim``) with absolute learning rates. Any other
+        trainable parameter goes in a plain group at ``learning_rate``."""
         if self.optimizer is not None:
             return self.optimizer
+        from .optim import StepAdam, quantized_param_groups
+        from .qat import QATLinear
+
         model = _unwrap(model if model is not None else self.model)
-        scales, weights = [], []
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            (scales if name.endswith(("weight_scale", "weight_zero")) else weights).append(param)
         lr = self.args.learning_rate
-        groups = [{"params": weights, "lr": lr, "weight_decay": self.args.weight_decay, "name": "weights"},
-                  {"params": scales, "lr": self.scale_learning_rate or 10 * lr, "weight_decay": 0.0,
-                   "name": "scales"}]
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-        optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        scale_lr = self.scale_learning_rate if self.scale_learning_rate is not None else 10 * lr
+        qat = [m for m in model.modules() if isinstance(m, QATLinear)]
+        groups = quantized_param_groups(qat, lr, scale_lr, live_units=self.step_units)
+        if not self.step_units:
+            for group in groups:
+                group.pop("units", None)
+        grouped = {id(p) for g in groups for p in g["params"]}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
+        if others:
+            groups.append({"params": others, "lr": lr, "name": "other"})
+        if self.step_units:
+            self.optimizer = StepAdam(groups, lr=lr, betas=(self.args.adam_beta1, self.args.adam_beta2))
+        else:
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            for group in groups:
+                group.setdefault("weight_decay", 0.0 if group.get("name") in ("scales", "zeros")
+                                 else self.args.weight_decay)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
     # -------------------------------------------------------------- loss

@@ -55,6 +55,7 @@ from torch import nn
 from . import formats
 from .convert import check_layers, linear_layers, replace_module
 from .nn import UPQLinear
+from .optim import StepAdam, quantized_param_groups
 from .qat import QATLinear, init_quant_params, stored_scale
 
 ALGORITHMS = ("blockap", "lwc")
@@ -307,8 +308,11 @@ def _block_outputs(block, inputs, kwargs, device, batch_size, out=None, targets=
 
 def _cast_floating(block: nn.Module, dtype: torch.dtype) -> None:
     """Cast a block's floating parameters and buffers to ``dtype``, leaving packed layers' scales and zero
-    points in their storage dtype (``nn.Module.to(dtype)`` would cast those too)."""
+    points in their storage dtype (``nn.Module.to(dtype)`` would cast those too), and kept QAT layers
+    (``keep_qat``) in float32."""
     for module in block.modules():
+        if isinstance(module, QATLinear):
+            continue
         if isinstance(module, UPQLinear):
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(dtype)
@@ -331,66 +335,18 @@ def _trainable(module: nn.Module, algorithm: str, bits, group_size, scale_init, 
     return QATLinear.from_linear(module, bits, group_size, scale_init, scale_dtype)
 
 
-class StepAdam(torch.optim.Optimizer):
-    """Adam whose step on each element is measured in a given unit: ``p -= lr * unit * m / (sqrt(v) + eps)``.
-
-    Block-AP trains weights and scales whose magnitudes vary by orders of magnitude across layers and
-    groups; with ``unit`` = the group's initial quantization step (for weights) or initial scale (for
-    scales), ``lr`` means "fraction of a quantization step per update" (weights) and "relative change
-    per update" (scales) everywhere, so one learning rate fits every layer and every model. A group
-    without ``units`` is plain Adam.
-    """
-
-    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
-        super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": eps, "units": None})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            units = group["units"] or [None] * len(group["params"])
-            for param, unit in zip(group["params"], units):
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(param)
-                    state["v"] = torch.zeros_like(param)
-                state["step"] += 1
-                m, v, t = state["m"], state["v"], state["step"]
-                m.lerp_(param.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
-                if unit is not None:
-                    update.mul_(unit)
-                param.add_(update, alpha=-group["lr"])
-
-
 def _param_groups(modules: Iterable[nn.Module], algorithm: str, lr: float, scale_lr: float) -> list[dict]:
-    """Block-AP: weights in units of their group's quantization step, scales relative to their start,
-    INT4 zero points in codes. LWC: the clipping logits, plain Adam."""
+    """Block-AP: weights in units of their group's starting quantization step, scales relative to their
+    start, INT4 zero points in codes (:func:`upq_hf.optim.quantized_param_groups`). LWC: the clipping
+    logits, plain Adam."""
     if algorithm == "lwc":
         clips = [p for m in modules for p in (m.clip_upper, m.clip_lower) if p is not None]
         return [{"params": clips, "lr": scale_lr}]
-    weights, weight_units, scales, scale_units, zeros = [], [], [], [], []
-    for module in modules:
-        step = module.weight_scale.detach().clone()
-        weights.append(module.weight)
-        weight_units.append(formats._expand(step, module.group_size, module.in_features))
-        scales.append(module.weight_scale)
-        scale_units.append(step)
-        if module.weight_zero is not None:
-            zeros.append(module.weight_zero)
-    groups = [{"params": scales, "lr": scale_lr, "units": scale_units}]
-    if zeros:
-        groups.append({"params": zeros, "lr": scale_lr})
-    if lr > 0:
-        groups.append({"params": weights, "lr": lr, "units": weight_units})
-    else:
-        for weight in weights:
-            weight.requires_grad_(False)
-    return groups
+    modules = list(modules)
+    if lr <= 0:
+        for module in modules:
+            module.weight.requires_grad_(False)
+    return quantized_param_groups(modules, lr, scale_lr, live_units=False, train_weights=lr > 0)
 
 
 def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_size: int | None, *,
@@ -399,7 +355,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
                   scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
                   modules_to_not_convert: Iterable[str] | None = None, device: torch.device | str | None = None,
                   activations_on_device: bool = False, backend: str | None = None, seed: int = 0,
-                  progress: bool = True) -> PTQReport:
+                  keep_qat: bool = False, reference: nn.Module | None = None, progress: bool = True) -> PTQReport:
     """Quantize ``model`` in place, block by block, replacing its linear layers by packed ``UPQLinear``.
 
     Args:
@@ -418,6 +374,9 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
         device: where each block trains (default: the model's device). The rest of the model stays put.
         activations_on_device: keep the two activation sets on ``device`` instead of the CPU.
         backend: forward backend of the resulting ``UPQLinear`` layers.
+        keep_qat: leave the decoder blocks' layers as trained :class:`upq_hf.qat.QATLinear` (latent weights
+            and scales, same forward pass as the packed layers) instead of packing them: the start of a
+            QAT run that continues from where the reconstruction left its latent weights (UPQ's INT2 stage).
 
     Returns a :class:`PTQReport` with each block's reconstruction loss at its RTN start and at the end.
     """
@@ -439,6 +398,11 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     selected = linear_layers(model, modules_to_not_convert)
     check_layers(selected, group_size)
     layers_name, layers = find_decoder_layers(model)
+    ref_layers = None
+    if reference is not None:
+        ref_layers = find_decoder_layers(reference)[1]
+        if len(ref_layers) != len(layers):
+            raise ValueError(f"reference has {len(ref_layers)} decoder blocks, the model {len(layers)}")
     nsamples, seqlen = input_ids.shape
     batch_size = max(1, min(batch_size, nsamples))
     steps_per_epoch = math.ceil(nsamples / batch_size)
@@ -466,7 +430,17 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
             param.requires_grad_(False)
 
         # targets: the unquantized block on the unquantized model's activations (in place)
-        _block_outputs(block, fp_inputs, kwargs, device, batch_size, out=fp_inputs)
+        if ref_layers is None:
+            _block_outputs(block, fp_inputs, kwargs, device, batch_size, out=fp_inputs)
+        else:
+            ref_block = ref_layers[index]
+            ref_device = next(ref_block.parameters()).device
+            ref_dtype = next(p for p in ref_block.parameters() if p.is_floating_point()).dtype
+            _cast_floating(ref_block, torch.float32)
+            ref_block.to(device)
+            _block_outputs(ref_block, fp_inputs, kwargs, device, batch_size, out=fp_inputs)
+            _cast_floating(ref_block, ref_dtype)
+            ref_block.to(ref_device)
         targets = fp_inputs
 
         trainable = {}
@@ -510,7 +484,11 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
         def install_frozen() -> None:
             for local, module in trainable.items():
                 qat = module.to_qat() if isinstance(module, LWCLinear) else module
-                replace_module(block, local, qat.freeze(scale_dtype, backend=backend))
+                if keep_qat:
+                    qat.requires_grad_(False)
+                    replace_module(block, local, qat)
+                else:
+                    replace_module(block, local, qat.freeze(scale_dtype, backend=backend))
 
         # the next block's input: this block, quantized, on the quantized activations
         install_frozen()
