@@ -85,6 +85,20 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     torch.testing.assert_close(chunked_cross_entropy(hidden_s, head_s, labels, chunk_size=5), ce, rtol=1e-5, atol=1e-4)
 
 
+def test_bf16_teacher_next_to_fp32_student():
+    """A teacher kept in bf16 (to save memory) gives the loss of its bf16 logits: equal to computing those
+    logits by hand, and close to the fp32 teacher's."""
+    torch.manual_seed(4)
+    hidden_s = torch.randn(21, 16, requires_grad=True)
+    hidden_t, head_s, head_t = torch.randn(21, 16), torch.randn(100, 16), torch.randn(100, 16)
+    t_bf16 = (hidden_t.bfloat16() @ head_t.bfloat16().t()).float()
+    expected = generalized_jsd(hidden_s @ head_s.t(), t_bf16, 0.5).sum()
+    got = chunked_jsd(hidden_s, hidden_t.bfloat16(), head_s, head_t.bfloat16(), 0.5, chunk_size=8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fp32 = chunked_jsd(hidden_s, hidden_t, head_s, head_t, 0.5, chunk_size=8)
+    torch.testing.assert_close(got, fp32, rtol=2e-2, atol=0)
+
+
 def test_bad_beta_rejected():
     with pytest.raises(ValueError, match="beta"):
         generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), beta=1.5)

@@ -64,7 +64,8 @@ def chunked_jsd(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stud
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, student_hidden.shape[0], chunk_size):
         s_chunk = student_hidden[start:start + chunk_size]
-        t_chunk = teacher_hidden[start:start + chunk_size].to(s_chunk.device, s_chunk.dtype)
+        # the teacher's logits in the teacher's dtype (a bf16 teacher next to an fp32 student is common)
+        t_chunk = teacher_hidden[start:start + chunk_size].to(s_chunk.device, teacher_head.dtype)
         if s_chunk.requires_grad:
             total = total + checkpoint(_chunk_jsd_sum, s_chunk, t_chunk, student_head, teacher_head.to(s_chunk.device),
                                        beta, temperature, use_reentrant=False)
