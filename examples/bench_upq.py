@@ -44,8 +44,8 @@ class BudgetCurve(TrainerCallback):
             model.eval()
             scores = fidelity(model, self.teacher, self.reference)
             model.train(was_training)
-            self.points.append({"step": state.global_step, "tokens": state.global_step * self.tokens_per_step,
-                                **scores})
+            self.points.append({**scores, "answer_tokens": scores["tokens"], "step": state.global_step,
+                                "tokens": state.global_step * self.tokens_per_step})
             print(f"  step {state.global_step}: {scores}", file=sys.stderr, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):

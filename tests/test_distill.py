@@ -215,3 +215,19 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
     assert type(optimizer) is torch.optim.AdamW
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"scales": 1e-2, "weights": 3e-3}
     assert all("units" not in g for g in optimizer.param_groups)
+
+
+def test_train_norms_adds_the_norm_weights_and_trains_them(tmp_path):
+    student, teacher = student_and_teacher()
+    quantized = freeze_all_but_quantized(student)
+    norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
+    n_norm = sum(p.numel() for p in norms.values())
+    assert n_norm > 0 and freeze_all_but_quantized(student, train_norms=True) == quantized + n_norm
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, max_steps=3),
+                                train_dataset=Blocks(), scale_learning_rate=1e-2)
+    trainer.train()
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert len(groups["other"]["params"]) == len(norms)
+    after = dict(student.named_parameters())
+    assert all(not torch.equal(after[n], before) for n, before in norms.items())
+    assert not student.model.embed_tokens.weight.requires_grad

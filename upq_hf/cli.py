@@ -56,6 +56,7 @@ def cmd_quantize(args) -> int:
                    int2_ptq=not args.no_int2_ptq, train_steps=args.train_steps,
                    train_batch_size=args.train_batch_size, train_seqlen=args.train_seqlen,
                    learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
+                   train_norms=False if args.no_train_norms else None,
                    temperature=args.temperature, work_dir=work_dir, resume=args.resume, device=args.device,
                    seed=args.seed)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="latent weights' learning rate: fraction of a quantization step per update (default 0.02)")
     train.add_argument("--scale-lr", type=float, default=None, help="scales' learning rate: relative change per update (default 0.01)")
     train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0.5)")
+    train.add_argument("--no-train-norms", action="store_true",
+                       help="keep the normalisation layers frozen (default: trained with the quantized layers)")
     train.add_argument("--temperature", type=float, default=None)
     train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
     train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")

@@ -49,7 +49,8 @@ class UPQConfig(QuantizationConfigMixin):
         learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
             step they move per update, and of the scales, as their relative change per update
             (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and every model).
-        beta, temperature: of the generalized JSD.
+        beta, temperature: of the generalized JSD (``beta=0``: forward KL(teacher || student)).
+        train_norms: train the normalisation layers' weights along with the quantized layers.
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
         device: where quantization runs (default: where the model is).
         seed: for data order and sampling.
@@ -63,7 +64,8 @@ class UPQConfig(QuantizationConfigMixin):
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
                  int2_scale_init: str = "mse", train_steps: int = 200, train_batch_size: int = 4,
                  train_seqlen: int = 256, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
-                 beta: float = 0.5, temperature: float = 1.0, work_dir: str | None = None, resume: bool = False,
+                 beta: float = 0.5, temperature: float = 1.0, train_norms: bool = True,
+                 work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
@@ -91,6 +93,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.learning_rate = learning_rate
         self.scale_learning_rate = scale_learning_rate
         self.beta = beta
+        self.train_norms = train_norms
         self.temperature = temperature
         self.work_dir = work_dir
         self.resume = resume

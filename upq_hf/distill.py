@@ -86,20 +86,31 @@ def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tens
     return total
 
 
-def freeze_all_but_quantized(model: nn.Module) -> int:
-    """Train only the quantized layers' latent weights, scales and zero points (embeddings, norms and
-    the output head stay as the teacher has them). Returns the number of trainable parameters."""
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def freeze_all_but_quantized(model: nn.Module, train_norms: bool = False) -> int:
+    """Train only the quantized layers' latent weights, scales and zero points (embeddings and the output
+    head stay as the teacher has them), and with ``train_norms`` the normalisation layers' weights too
+    (a few thousand parameters that let each block rescale what the quantized layers give it).
+    Returns the number of trainable parameters."""
     from .qat import QATLinear
 
     model.requires_grad_(False)
     count = 0
     for module in model.modules():
         if isinstance(module, QATLinear):
-            for name in ("weight", "weight_scale", "weight_zero"):
-                param = getattr(module, name)
-                if param is not None:
-                    param.requires_grad_(True)
-                    count += param.numel()
+            names = ("weight", "weight_scale", "weight_zero")
+        elif train_norms and _is_norm(module):
+            names = ("weight", "bias")
+        else:
+            continue
+        for name in names:
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(True)
+                count += param.numel()
     return count
 
 

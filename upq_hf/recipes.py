@@ -95,7 +95,7 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
     dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
                                             nsamples=config.train_steps * config.train_batch_size,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
-    trainable = freeze_all_but_quantized(student)
+    trainable = freeze_all_but_quantized(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
