@@ -208,7 +208,8 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
     assert isinstance(optimizer, StepAdam)
     groups = {g["name"]: g for g in optimizer.param_groups}
     layer = next(iter(qat_layers(student).values()))
-    assert any(u is layer.weight_scale for u in groups["weights"]["units"])
+    assert optimizer.unit_of(layer.weight) is layer.weight_scale  # live: the current scale
+    assert optimizer.unit_of(layer.weight_scale) is layer.weight_scale
     plain = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "plain"),
                               train_dataset=Blocks(), scale_learning_rate=1e-2, step_units=False)
     optimizer = plain.create_optimizer()

@@ -69,3 +69,28 @@ def test_quantized_param_groups_of_int2_and_int4_layers():
     int2.weight_scale.grad = torch.ones_like(before)
     opt.step()
     torch.testing.assert_close(int2.weight_scale.detach(), before * (1 - 1e-2), rtol=1e-6, atol=0)
+
+
+def test_state_dict_holds_no_model_tensors_and_a_restored_optimizer_keeps_live_units():
+    """accelerate deep-copies the optimizer's state dict and the Trainer saves it: the units must not be in
+    it, and an optimizer that loads it must still read the live scale."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = QATLinear.from_weight(torch.randn(8, 16), None, 2, 8)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    layer.weight_scale.grad = torch.zeros_like(layer.weight_scale)
+    opt = StepAdam(quantized_param_groups([layer], lr=0.1, scale_lr=0.0))
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())  # raised with tensors in the param groups
+    assert all(not isinstance(v, torch.Tensor) for g in state["param_groups"] for v in g.values())
+    fresh = StepAdam(quantized_param_groups([layer], lr=0.1, scale_lr=0.0))
+    fresh.load_state_dict(state)
+    assert fresh.unit_of(layer.weight) is layer.weight_scale
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)  # the scale has grown: the next weight step is twice as long
+    before = layer.weight.detach().clone()
+    fresh.step()
+    step = (before - layer.weight.detach()).abs().reshape(8, 2, 8)
+    expected = 0.1 * layer.weight_scale.detach().unsqueeze(-1).expand_as(step)
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-7)

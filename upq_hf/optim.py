@@ -37,7 +37,27 @@ class StepAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "units": None})
+        # The units live outside the param groups: optimizer.state_dict() then holds no tensors of the model
+        # (accelerate deep-copies it, checkpoints save it), and a restored optimizer keeps its live units.
+        groups = list(params)
+        self._units: dict[int, torch.Tensor] = {}
+        if groups and isinstance(groups[0], dict):
+            clean = []
+            for group in groups:
+                group = dict(group)
+                units = group.pop("units", None)
+                if units is not None:
+                    if len(units) != len(group["params"]):
+                        raise ValueError("units must be a list parallel to the group's params")
+                    for param, unit in zip(group["params"], units):
+                        if unit is not None:
+                            self._units[id(param)] = unit
+                clean.append(group)
+            groups = clean
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps})
+
+    def unit_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self._units.get(id(param))
 
     @staticmethod
     def _apply_unit(update: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -59,8 +79,8 @@ class StepAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            units = group["units"] or [None] * len(group["params"])
-            for param, unit in zip(group["params"], units):
+            for param in group["params"]:
+                unit = self._units.get(id(param))
                 if param.grad is None:
                     continue
                 state = self.state[param]
