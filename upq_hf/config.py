@@ -42,7 +42,9 @@ class UPQConfig(QuantizationConfigMixin):
         int4_group_size: group size of the intermediate INT4 model (``upq``).
         int4_checkpoint: folder where ``upq`` keeps the INT4 model, and restarts from it if present.
         int2_ptq: reconstruct the INT2 model block-wise from the INT4 one before distilling.
-        int2_scale_init: INT2 scale initialisation from the INT4 weights when ``int2_ptq`` is off.
+        int2_scale_init: INT2 scale initialisation from the INT4 weights when ``int2_ptq`` is off: ``"max"``
+            (ParetoQ's max |w|, the default: measured better than the ``"mse"`` search from the INT4 model of
+            the bundled SmolLM2, KL 17.1 vs 18.4, see docs/BENCHMARKS.md) or ``"mse"``.
 
     Training (recipes ``upq``, ``ntp``, ``distill``):
         train_steps, train_batch_size, train_seqlen: the budget (tokens = their product).
@@ -62,7 +64,7 @@ class UPQConfig(QuantizationConfigMixin):
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
                  nsamples: int = 64, seqlen: int = 256, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
-                 int2_scale_init: str = "mse", train_steps: int = 200, train_batch_size: int = 4,
+                 int2_scale_init: str = "max", train_steps: int = 200, train_batch_size: int = 4,
                  train_seqlen: int = 256, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
                  beta: float = 0.5, temperature: float = 1.0, train_norms: bool = True,
                  work_dir: str | None = None, resume: bool = False,
