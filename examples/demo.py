@@ -1,7 +1,7 @@
 """`make demo`: quantize the bundled SmolLM2-135M-Instruct to INT2 and print a before/after report.
 
 Default: the `upq` recipe with a small budget (block-wise PTQ to INT4 on 32 x 128 tokens of the
-model's own answers, INT2 block reconstruction, then 40 steps of Distill-QAT) so that it ends in
+model's own answers, INT2 block reconstruction, then 24 steps of Distill-QAT) so that it ends in
 minutes on a 2-core CPU; `--recipe rtn` shows what plain rounding does.
 
 Size on disk, fidelity to the unquantized model (teacher-forced top-1 agreement and KL on held-out
@@ -45,7 +45,7 @@ def dir_bytes(path: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="upq", choices=["rtn", "ptq", "upq", "ntp", "distill"])
-    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--train-steps", type=int, default=24)
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=128)
