@@ -21,10 +21,11 @@ import torch
 from transformers import TrainerCallback
 
 import upq_hf
-from upq_hf import UPQConfig
+from upq_hf import UPQConfig, convert
 from upq_hf.eval import FidelityReference, fidelity, instruction_following
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import EVAL_PROMPTS
+from upq_hf.qat import freeze_model, to_qat
 
 
 class BudgetCurve(TrainerCallback):
@@ -108,9 +109,6 @@ def main() -> int:
         results["int4_ptq"] = {**fidelity(int4, teacher, reference), "if": instruction_following(int4, tokenizer)["score"]}
         # INT2 scale initialisation (no training): ParetoQ's max |w| vs the error-minimising search, from the
         # unquantized weights and from the INT4 PTQ model's
-        from upq_hf import convert
-        from upq_hf.qat import freeze_model, to_qat
-
         results["int2_init"] = {}
         for scale_init in ("max", "mse"):
             fp = load_model(source, dtype="float32")

@@ -51,3 +51,14 @@ def tiny_qwen_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen")
     tiny_qwen().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    tensors gain nothing from a second thread, and on a busy machine the threads' barriers cost more than
+    the arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ IFEVAL_METRICS = ("prompt_level_strict_acc,none", "inst_level_strict_acc,none",
                   "prompt_level_loose_acc,none", "inst_level_loose_acc,none")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads to pay; on a busy 2-core machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

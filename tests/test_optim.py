@@ -65,7 +65,9 @@ def test_quantized_param_groups_of_int2_and_int4_layers():
     assert groups["zeros"]["params"] == [int4.weight_zero] and "units" not in groups["zeros"]
     # a relative scale step: after one update every scale has moved by exactly lr of itself
     before = int2.weight_scale.detach().clone()
-    opt = StepAdam(quantized_param_groups([int2], lr=0.0, scale_lr=1e-2, train_weights=False))
+    int2.weight.requires_grad_(False)  # a frozen weight is left out of the groups
+    opt = StepAdam(quantized_param_groups([int2], lr=0.0, scale_lr=1e-2))
+    assert [g["name"] for g in opt.param_groups] == ["scales"]
     int2.weight_scale.grad = torch.ones_like(before)
     opt.step()
     torch.testing.assert_close(int2.weight_scale.detach(), before * (1 - 1e-2), rtol=1e-6, atol=0)

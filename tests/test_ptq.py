@@ -11,14 +11,7 @@ from upq_hf.convert import quantize_linears_rtn
 from upq_hf.nn import UPQLinear
 from upq_hf.ptq import PTQReport, _run_block, blockwise_ptq, capture_block_inputs, find_decoder_layers
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine the threads' barriers cost
-    more than the arithmetic: run this module on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -8,14 +8,7 @@ from upq_hf import formats
 from upq_hf.nn import UPQLinear
 from upq_hf.qat import QATLinear, freeze_model, qat_layers, to_qat
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine the threads' barriers cost
-    more than the arithmetic: run this module on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FORMATS = [(2, None), (2, 16), (4, 16), (4, None)]

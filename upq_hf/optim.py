@@ -100,7 +100,7 @@ class StepAdam(torch.optim.Optimizer):
 
 
 def quantized_param_groups(modules: Iterable[nn.Module], lr: float, scale_lr: float, *,
-                           live_units: bool = True, train_weights: bool = True) -> list[dict]:
+                           live_units: bool = True) -> list[dict]:
     """Param groups of :class:`StepAdam` for ``QATLinear``-like modules (``weight``, ``weight_scale``,
     optional ``weight_zero``): weights in units of their group's step, scales relative to themselves,
     INT4 zero points plain (in codes).
@@ -116,7 +116,7 @@ def quantized_param_groups(modules: Iterable[nn.Module], lr: float, scale_lr: fl
         if scale.requires_grad:
             scales.append(scale)
             scale_units.append(unit)
-        if train_weights and module.weight.requires_grad:
+        if module.weight.requires_grad:
             weights.append(module.weight)
             weight_units.append(unit)
         zero = getattr(module, "weight_zero", None)

@@ -329,6 +329,20 @@ def _cast_floating(block: nn.Module, dtype: torch.dtype) -> None:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
+def _stage(block: nn.Module, device: torch.device) -> tuple[torch.device, torch.dtype]:
+    """Put a block on ``device`` in float32 for reconstruction; returns where and in what it was."""
+    original = (next(block.parameters()).device, next(p for p in block.parameters() if p.is_floating_point()).dtype)
+    _cast_floating(block, torch.float32)
+    block.to(device)
+    return original
+
+
+def _unstage(block: nn.Module, original: tuple[torch.device, torch.dtype]) -> None:
+    """Undo :func:`_stage`: the block back on its device, in its dtype."""
+    _cast_floating(block, original[1])
+    block.to(original[0])
+
+
 def _trainable(module: nn.Module, algorithm: str, bits, group_size, scale_init, scale_dtype) -> nn.Module:
     if algorithm == "lwc":
         return LWCLinear(module, bits, group_size, scale_init, scale_dtype)
@@ -346,7 +360,7 @@ def _param_groups(modules: Iterable[nn.Module], algorithm: str, lr: float, scale
     if lr <= 0:
         for module in modules:
             module.weight.requires_grad_(False)
-    return quantized_param_groups(modules, lr, scale_lr, live_units=False, train_weights=lr > 0)
+    return quantized_param_groups(modules, lr, scale_lr, live_units=False)  # frozen weights are left out
 
 
 def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_size: int | None, *,
@@ -421,10 +435,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
         block_started = time.perf_counter()
         prefix = f"{layers_name}.{index}." if layers_name else f"{index}."
         names = [name for name in selected if name.startswith(prefix)]
-        original_device = next(block.parameters()).device
-        original_dtype = next(p for p in block.parameters() if p.is_floating_point()).dtype
-        _cast_floating(block, torch.float32)
-        block.to(device)
+        original = _stage(block, device)
         requires_grad = {param: param.requires_grad for param in block.parameters()}
         for param in requires_grad:
             param.requires_grad_(False)
@@ -434,13 +445,9 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
             _block_outputs(block, fp_inputs, kwargs, device, batch_size, out=fp_inputs)
         else:
             ref_block = ref_layers[index]
-            ref_device = next(ref_block.parameters()).device
-            ref_dtype = next(p for p in ref_block.parameters() if p.is_floating_point()).dtype
-            _cast_floating(ref_block, torch.float32)
-            ref_block.to(device)
+            ref_original = _stage(ref_block, device)
             _block_outputs(ref_block, fp_inputs, kwargs, device, batch_size, out=fp_inputs)
-            _cast_floating(ref_block, ref_dtype)
-            ref_block.to(ref_device)
+            _unstage(ref_block, ref_original)
         targets = fp_inputs
 
         trainable = {}
@@ -504,8 +511,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
         quant_inputs, next_inputs = next_inputs, quant_inputs
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
-        _cast_floating(block, original_dtype)
-        block.to(original_device)
+        _unstage(block, original)
         report.blocks.append(BlockStats(index, prefix.rstrip("."), rtn_loss, final_loss,
                                         time.perf_counter() - block_started, reverted))
         if progress:
