@@ -72,6 +72,39 @@ def test_gradients_reach_weight_scale_and_zero(bits, group_size):
     torch.testing.assert_close(layer.weight.grad[inside], w.grad[inside])
 
 
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int2_forward_recomputes_the_weight_with_autograd_s_numbers(group_size, bias):
+    """INT2 QATLinear keeps no fake-quantized weight for the backward pass (it recomputes it); its
+    output must equal the plain-autograd path bit for bit and its gradients the autograd ones."""
+    layer = _perturbed(2, group_size)
+    if not bias:
+        layer.bias = None
+    with torch.no_grad():  # push some weights past the clipping range, where only the scale learns
+        layer.weight[:4].mul_(3)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    upstream = torch.randn(2, 7, 48)
+
+    def reference():
+        weight = layer.fake_quant_weight()
+        return nn.functional.linear(x, weight, layer.bias)
+
+    grads = {}
+    for name, fn in (("fused", layer), ("autograd", reference)):
+        out = fn(x) if fn is layer else fn()
+        params = [x, layer.weight, layer.weight_scale] + ([layer.bias] if bias else [])
+        grads[name] = (out.detach(), torch.autograd.grad(out, params, upstream))
+    assert torch.equal(grads["fused"][0], grads["autograd"][0])
+    for got, want in zip(grads["fused"][1], grads["autograd"][1]):
+        assert got.shape == want.shape and got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the backward pass holds x, not a weight-sized tensor: only inputs and parameters are saved
+    out = layer(x)
+    saved = [t for t in out.grad_fn.saved_tensors]
+    assert all(t.data_ptr() in (x.data_ptr(), layer.weight.data_ptr()) or t.numel() == layer.weight_scale.numel()
+               for t in saved)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_a_few_steps_lower_the_output_error(bits):
     # correlated inputs of unequal variance, as in a network (with white inputs RTN is already optimal)

@@ -14,7 +14,10 @@ Forward: ``F.linear(x, fake_quant(weight), bias)`` with :func:`formats.fake_quan
 storage dtype (``scale_dtype``, straight-through), so :meth:`QATLinear.freeze` is exact: the frozen
 ``UPQLinear`` holds the very codes and scales the forward pass used, and its output equals the QAT
 layer's output (bit for bit on the torch backend). Gradients: straight through the rounding to the
-weight inside the clipping range, LSQ-style to the scale (see :mod:`upq_hf.formats`).
+weight inside the clipping range, LSQ-style to the scale (see :mod:`upq_hf.formats`). The INT2 forward
+pass keeps no weight-sized tensor for the backward pass (it recomputes the fake-quantized weight
+there, :class:`_SEQLinear`), so training memory is the latent weight, its gradient and the optimizer
+state: 16 bytes per parameter with Adam.
 
 Which tensors train is the caller's choice (``requires_grad_``): block-wise PTQ trains scales only or
 weights and scales (:mod:`upq_hf.ptq`), distillation QAT trains everything.
@@ -79,6 +82,51 @@ class _StorageRoundSTE(torch.autograd.Function):
 def stored_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """The value ``scale`` takes once stored in ``scale_dtype``, with a straight-through gradient."""
     return _StorageRoundSTE.apply(scale, scale_dtype)
+
+
+class _SEQLinear(torch.autograd.Function):
+    """``F.linear(x, fake_quant_seq(w, s), b)`` that keeps no weight-sized tensor for the backward pass.
+
+    Through plain autograd the SEQ fake-quant saves three weight-sized intermediates per layer (the
+    clamp's input, the rounded levels and the fake-quantized weight that ``F.linear`` keeps), 12 bytes
+    per parameter held from the forward to the backward pass: for a 1B model, 12 GB on top of the
+    16 bytes per parameter of the latent weight, its gradient and Adam's moments. This function saves
+    only ``x`` and references to ``w`` and ``s`` (which exist anyway) and recomputes the fake-quantized
+    weight in the backward pass, one layer at a time. Forward output is bit-identical to the autograd
+    path; gradients are the same STE/LSQ gradients (:func:`formats.fake_quant_seq`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, group_size, eps):
+        ctx.save_for_backward(x, weight, scale)
+        ctx.group_size, ctx.eps, ctx.has_bias = group_size, eps, bias is not None
+        wq = formats.fake_quant_seq(weight, scale, group_size, eps).to(x.dtype)
+        return F.linear(x, wq, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scale = ctx.saved_tensors
+        n_out, n_in = weight.shape
+        wg = formats._grouped(weight, ctx.group_size)
+        s = scale.unsqueeze(-1).to(weight.dtype)
+        r = wg / (2 * s)
+        inside = (r >= -1 + ctx.eps) & (r <= 1 - ctx.eps)  # where clamp passes the gradient
+        u = torch.clamp(r, -1 + ctx.eps, 1 - ctx.eps)
+        level = torch.round(2 * u - 0.5) + 0.5  # k - 1.5
+        grad_x = grad_w = grad_s = grad_b = None
+        g2 = grad_out.reshape(-1, n_out)
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ (s * level).reshape(n_out, n_in).to(grad_out.dtype)).reshape(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gq = formats._grouped((g2.t() @ x.reshape(-1, n_in)).to(weight.dtype), ctx.group_size)
+            if ctx.needs_input_grad[1]:
+                grad_w = (gq * inside).reshape(n_out, n_in)
+            if ctx.needs_input_grad[2]:
+                # dq/ds = (k - 1.5) - w / s inside the clipping range, k - 1.5 outside
+                grad_s = (gq * torch.where(inside, level - 2 * r, level)).sum(-1).to(scale.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_s, grad_b, None, None
 
 
 class QATLinear(nn.Module):
@@ -173,6 +221,8 @@ class QATLinear(nn.Module):
         return formats.fake_quant_int4(self.weight, self._scale(), self._zero(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 2:
+            return _SEQLinear.apply(x, self.weight, self._scale(), self.bias, self.group_size, formats.SEQ_EPS)
         weight = self.fake_quant_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
