@@ -228,7 +228,29 @@ def test_train_norms_adds_the_norm_weights_and_trains_them(tmp_path):
                                 train_dataset=Blocks(), scale_learning_rate=1e-2)
     trainer.train()
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    assert len(groups["other"]["params"]) == len(norms)
+    assert len(groups["norms"]["params"]) == len(norms) and "other" not in groups
     after = dict(student.named_parameters())
     assert all(not torch.equal(after[n], before) for n, before in norms.items())
     assert not student.model.embed_tokens.weight.requires_grad
+
+
+def test_norm_weights_move_relative_to_their_size(tmp_path):
+    """Adam's first update is lr * sign(grad); in the norms group it is scaled by the tensor's mean |w|,
+    so a norm whose weights are 100x smaller moves 100x less."""
+    student, teacher = student_and_teacher()
+    freeze_all_but_quantized(student, train_norms=True)
+    with torch.no_grad():
+        student.model.layers[0].input_layernorm.weight.mul_(0.01)
+    norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+                                args=args(tmp_path, max_steps=1, max_grad_norm=0.0, warmup_steps=0,
+                                          lr_scheduler_type="constant"),
+                                scale_learning_rate=1e-2)
+    trainer.train()
+    after = dict(student.named_parameters())
+    for name, before in norms.items():
+        moved = (after[name].detach() - before).abs()
+        expected = 1e-2 * before.abs().mean()
+        assert moved.max() > 0, name
+        torch.testing.assert_close(moved[moved > 0], expected.expand_as(moved[moved > 0]), rtol=1e-3, atol=0,
+                                   msg=name)

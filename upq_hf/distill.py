@@ -168,11 +168,13 @@ class UPQDistillTrainer(Trainer):
         ``step_units`` (the default) the optimizer is :class:`upq_hf.optim.StepAdam`: ``learning_rate``
         is the fraction of a quantization step a latent weight moves per update and
         ``scale_learning_rate`` the relative change of a scale per update, the same in every layer.
-        Otherwise it is the Trainer's optimizer (``args.optim``) with absolute learning rates. Any other
-        trainable parameter goes in a plain group at ``learning_rate``."""
+        Trained normalisation weights (``train_norms``) then change relative to their own size at
+        ``scale_learning_rate`` too (:func:`upq_hf.optim.relative_param_group`). Otherwise it is the
+        Trainer's optimizer (``args.optim``) with absolute learning rates. Any other trainable parameter
+        goes in a plain group at ``learning_rate``."""
         if self.optimizer is not None:
             return self.optimizer
-        from .optim import StepAdam, quantized_param_groups
+        from .optim import StepAdam, quantized_param_groups, relative_param_group
         from .qat import QATLinear
 
         model = _unwrap(model if model is not None else self.model)
@@ -184,6 +186,12 @@ class UPQDistillTrainer(Trainer):
             for group in groups:
                 group.pop("units", None)
         grouped = {id(p) for g in groups for p in g["params"]}
+        if self.step_units:
+            norms = [p for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)
+                     if p.requires_grad and id(p) not in grouped]
+            if norms:
+                groups.append(relative_param_group(norms, scale_lr, "norms"))
+                grouped.update(id(p) for p in norms)
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         if others:
             groups.append({"params": others, "lr": lr, "name": "other"})

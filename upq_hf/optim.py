@@ -12,6 +12,10 @@ scale wrecks a small one (and, below the scale dtype's resolution, is rounded aw
 * latent weights: their group's current quantization step, so ``lr`` is "fraction of a step per
   update" (``lr=0.02``: about 25 updates in one direction to cross half a step);
 * scales: the scale itself, so ``lr`` is "relative change per update" (``1e-3``: 0.1 %);
+* normalisation weights (:func:`relative_param_group`): their tensor's mean magnitude, so ``lr`` is
+  again a relative change per update. Their sizes differ by two orders of magnitude within one model
+  (SmolLM2-135M: mean |w| 0.027 in the first block's input norm, 1.8 in the final norm), so any
+  absolute learning rate either wrecks the small ones or leaves the large ones where they are;
 * no unit (INT4 zero points, anything else): plain Adam.
 
 Block-wise PTQ (:mod:`upq_hf.ptq`) and Distill-QAT (:mod:`upq_hf.distill`) both use it.
@@ -130,3 +134,12 @@ def quantized_param_groups(modules: Iterable[nn.Module], lr: float, scale_lr: fl
     if weights:
         groups.append({"params": weights, "lr": lr, "units": weight_units, "name": "weights"})
     return groups
+
+
+def relative_param_group(params: Iterable[torch.Tensor], lr: float, name: str) -> dict:
+    """A :class:`StepAdam` group whose updates are relative to each tensor's mean magnitude, measured
+    now: ``lr=1e-2`` moves every element by about 1 % of its tensor's mean ``|w|`` per update (the
+    same rate for an element that happens to be near zero as for its neighbours)."""
+    params = list(params)
+    units = [p.detach().abs().mean().clamp_min(torch.finfo(torch.float32).tiny).expand_as(p) for p in params]
+    return {"params": params, "lr": lr, "units": units, "name": name}
