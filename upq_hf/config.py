@@ -49,8 +49,9 @@ class UPQConfig(QuantizationConfigMixin):
     Training (recipes ``upq``, ``ntp``, ``distill``):
         train_steps, train_batch_size, train_seqlen: the budget (tokens = their product).
         learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
-            step they move per update, and of the scales, as their relative change per update
-            (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and every model).
+            step they move per update, and of the scales (and trained norm weights), as their relative
+            change per update (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and
+            every model).
         beta, temperature: of the generalized JSD (``beta=0``: forward KL(teacher || student)).
         train_norms: train the normalisation layers' weights along with the quantized layers.
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
