@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--group-size", default="64")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--scale-lr", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default: UPQConfig's)")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences")
     parser.add_argument("--ptq-seqlen", type=int, default=None, help="PTQ calibration length")
@@ -81,12 +81,13 @@ def main() -> int:
           file=sys.stderr)
     results = {"teacher": {"if": teacher_if["score"], "if_checks": teacher_if["checks"]}, "settings": vars(args)}
     extra = {k: v for k, v in (("learning_rate", args.lr), ("scale_learning_rate", args.scale_lr),
-                               ("nsamples", args.nsamples), ("seqlen", args.ptq_seqlen)) if v is not None}
+                               ("nsamples", args.nsamples), ("seqlen", args.ptq_seqlen), ("beta", args.beta))
+             if v is not None}
     int4_dir = os.path.join(args.out, "int4")
     for recipe in args.recipes.split(","):
         model = load_model(source, dtype="float32")
         config = UPQConfig(bits=2, group_size=group_size, recipe=recipe, train_steps=args.steps,
-                           train_batch_size=args.batch, train_seqlen=args.seqlen, beta=args.beta,
+                           train_batch_size=args.batch, train_seqlen=args.seqlen,
                            int4_checkpoint=int4_dir if recipe == "upq" else None, **extra)
         curve = BudgetCurve(teacher, reference, [int(s) for s in args.eval_at.split(",")],
                             args.batch * args.seqlen)
@@ -128,7 +129,8 @@ def main() -> int:
           f"({reference and sum(map(len, reference.answer_ids))} answer tokens); IF = share of "
           f"{len(teacher_if['checks'])} verifiable instructions obeyed. Learning rates (StepAdam): weights "
           f"{args.lr or UPQConfig().learning_rate} of a quantization step per update, scales "
-          f"{args.scale_lr or UPQConfig().scale_learning_rate} relative per update.\n")
+          f"{args.scale_lr or UPQConfig().scale_learning_rate} relative per update; JSD beta "
+          f"{UPQConfig().beta if args.beta is None else args.beta}.\n")
     print("| model | top-1 | KL(T‖S) | JSD | IF | wall s | train tokens/s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| teacher (unquantized) | 1.000 | 0.000 | 0.000 | {teacher_if['score']:.3f} | | |")

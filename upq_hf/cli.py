@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-seqlen", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="latent weights' learning rate: fraction of a quantization step per update (default 0.02)")
     train.add_argument("--scale-lr", type=float, default=None, help="scales' learning rate: relative change per update (default 0.01)")
-    train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0.5)")
+    train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0: forward KL(teacher || student); 0.5: symmetric JSD)")
     train.add_argument("--no-train-norms", action="store_true",
                        help="keep the normalisation layers frozen (default: trained with the quantized layers)")
     train.add_argument("--temperature", type=float, default=None)

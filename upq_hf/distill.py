@@ -133,14 +133,15 @@ class UPQDistillTrainer(Trainer):
         teacher_model: the unquantized model; frozen, may sit on another device (``teacher_device``).
         objective: ``"jsd"`` (generalized JSD to the teacher) or ``"ntp"`` (next-token cross-entropy,
             the ParetoQ recipe; no teacher needed).
-        beta, temperature: of the generalized JSD.
+        beta, temperature: of the generalized JSD (default beta 0: its forward-KL limit, KL(T || S); see
+            ``UPQConfig``).
         scale_learning_rate: learning rate of the quantization scales (default 10x the weights').
         step_units: measure learning rates in quantization steps (:class:`upq_hf.optim.StepAdam`; default)
             rather than absolutely (the Trainer's ``args.optim``); see :meth:`create_optimizer`.
         chunk_size: tokens per chunk of the loss.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.5,
+    def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.0,
                  temperature: float = 1.0, scale_learning_rate: float | None = None, step_units: bool = True,
                  chunk_size: int = 512,
                  teacher_device: str | torch.device | None = None, **kwargs):
