@@ -105,6 +105,23 @@ def test_int2_forward_recomputes_the_weight_with_autograd_s_numbers(group_size, 
                for t in saved)
 
 
+def test_int2_backward_under_bf16_autocast_matches_autograd():
+    # autocast runs the forward matmul in bf16 while x stays float32: the recomputing backward must too
+    layer = _perturbed(2, 16)
+    x = torch.randn(4, 64, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x) if fused else nn.functional.linear(x, layer.fake_quant_weight(), layer.bias)
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out.float().square().sum(), [x, layer.weight, layer.weight_scale])
+        assert grads[0].dtype == torch.float32
+        results.append((out, grads))
+    assert torch.equal(results[0][0], results[1][0])
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_a_few_steps_lower_the_output_error(bits):
     # correlated inputs of unequal variance, as in a network (with white inputs RTN is already optimal)

@@ -114,11 +114,12 @@ class _SEQLinear(torch.autograd.Function):
         u = torch.clamp(r, -1 + ctx.eps, 1 - ctx.eps)
         level = torch.round(2 * u - 0.5) + 0.5  # k - 1.5
         grad_x = grad_w = grad_s = grad_b = None
+        # under autocast the forward matmul ran in the autocast dtype (that of grad_out), which x may not have
         g2 = grad_out.reshape(-1, n_out)
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ (s * level).reshape(n_out, n_in).to(grad_out.dtype)).reshape(x.shape)
+            grad_x = (g2 @ (s * level).reshape(n_out, n_in).to(g2.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gq = formats._grouped((g2.t() @ x.reshape(-1, n_in)).to(weight.dtype), ctx.group_size)
+            gq = formats._grouped((g2.t() @ x.reshape(-1, n_in).to(g2.dtype)).to(weight.dtype), ctx.group_size)
             if ctx.needs_input_grad[1]:
                 grad_w = (gq * inside).reshape(n_out, n_in)
             if ctx.needs_input_grad[2]:
