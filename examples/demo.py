@@ -102,7 +102,7 @@ def main() -> int:
     print()
     print(f"Prompt: {SAMPLE_PROMPT}")
     print(f"  unquantized: {teacher_answer}")
-    print(f"  INT{args.bits}:        {student_answer}")
+    print(f"  INT{args.bits}:        {student_answer or '(empty: the model ends its answer at once)'}")
     print()
     print(f"Saved to {args.out}; reload with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import upq_hf`.")
     return 0

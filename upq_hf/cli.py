@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "
                            "or a local .txt/.jsonl/.parquet file or folder")
     data.add_argument("--self-prompts", type=int, default=None, help="built-in prompts answered for 'self'")
-    data.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences (default 64)")
-    data.add_argument("--seqlen", type=int, default=None, help="PTQ calibration length (default 256)")
+    data.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences (default 32)")
+    data.add_argument("--seqlen", type=int, default=None, help="PTQ calibration length (default 128)")
     ptq = q.add_argument_group("block-wise PTQ")
     ptq.add_argument("--ptq-algorithm", default=None, choices=["blockap", "lwc"])
     ptq.add_argument("--ptq-epochs", type=int, default=None)
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--no-int2-ptq", action="store_true",
                      help="upq: skip the block-wise INT2 reconstruction between the INT4 model and distillation")
     train = q.add_argument_group("training (upq, ntp, distill)")
-    train.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 200)")
-    train.add_argument("--train-batch-size", type=int, default=None)
-    train.add_argument("--train-seqlen", type=int, default=None)
+    train.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 60)")
+    train.add_argument("--train-batch-size", type=int, default=None, help="sequences per step (default 4)")
+    train.add_argument("--train-seqlen", type=int, default=None, help="tokens per sequence (default 128)")
     train.add_argument("--lr", type=float, default=None, help="latent weights' learning rate: fraction of a quantization step per update (default 0.02)")
     train.add_argument("--scale-lr", type=float, default=None, help="scales' learning rate: relative change per update (default 0.01)")
     train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0: forward KL(teacher || student); 0.5: symmetric JSD)")

@@ -47,7 +47,10 @@ class UPQConfig(QuantizationConfigMixin):
             the bundled SmolLM2, KL 17.1 vs 18.4, see docs/BENCHMARKS.md) or ``"mse"``.
 
     Training (recipes ``upq``, ``ntp``, ``distill``):
-        train_steps, train_batch_size, train_seqlen: the budget (tokens = their product).
+        train_steps, train_batch_size, train_seqlen: the budget (tokens = their product). The defaults
+            (60 x 4 x 128 = 30,720 tokens; PTQ calibration 32 x 128) are sized so that ``recipe="upq"``
+            on the bundled SmolLM2-135M ends within 30 minutes on a 2-core CPU (docs/BENCHMARKS.md); a
+            GPU run of a real model wants 10-1000x more.
         learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
             step they move per update, and of the scales (and trained norm weights), as their relative
             change per update (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and
@@ -67,10 +70,10 @@ class UPQConfig(QuantizationConfigMixin):
                  scale_init: str = "mse", scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
-                 nsamples: int = 64, seqlen: int = 256, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
+                 nsamples: int = 32, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
-                 int2_scale_init: str = "max", train_steps: int = 200, train_batch_size: int = 4,
-                 train_seqlen: int = 256, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
+                 int2_scale_init: str = "max", train_steps: int = 60, train_batch_size: int = 4,
+                 train_seqlen: int = 128, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
                  beta: float = 0.0, temperature: float = 1.0, train_norms: bool = True,
                  work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):

@@ -32,8 +32,8 @@ INT2 SEQ per-row / g64, held-out prompts, ``examples/bench_ptq.py``; numbers in 
 the project's results): with the same calibration data and the same number of steps it lowers the
 blocks' reconstruction error and the KL to the unquantized model more than ``"lwc"`` does, at
 almost the same cost per step (the block's forward and backward passes dominate both). The
-defaults (64 x 256 tokens of calibration, 2 epochs, batch 4) quantize the bundled model in about
-the time budget of a 2-core CPU (see :data:`DEFAULTS`).
+defaults (32 x 128 tokens of calibration, 2 epochs, batch 4: 16 steps per block) quantize the
+bundled model in about two minutes on a 2-core CPU (learning rates: :data:`DEFAULTS`).
 
 Every block keeps its RTN start if training ends with a higher reconstruction loss than it began
 with (reported as ``reverted``), so PTQ is never worse than RTN on the calibration data, block by
