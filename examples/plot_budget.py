@@ -24,9 +24,7 @@ def main() -> int:
         curve = results.get(recipe, {}).get("curve") or []
         if not curve:
             continue
-        settings = results.get("settings", {})
-        per_step = settings.get("batch", 4) * settings.get("seqlen", 128)
-        tokens = [p["step"] * per_step / 1000 for p in curve]  # training tokens seen at that point
+        tokens = [p["tokens"] / 1000 for p in curve]  # training tokens seen at that point (bench_upq.py)
         ax_top1.plot(tokens, [p["top1"] for p in curve], marker=marker, color=color, label=recipe)
         ax_kl.plot(tokens, [p["kl"] for p in curve], marker=marker, color=color, label=recipe)
     for key, label, style in (("int4_ptq", "INT4 PTQ", ":"), ("rtn", "INT2 RTN", "--"), ("ptq", "INT2 PTQ", "-.")):

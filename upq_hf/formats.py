@@ -74,12 +74,19 @@ def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 # SEQ INT2
 # ----------------------------------------------------------------------------------------------
 
+def seq_ratio_and_level(wg: torch.Tensor, s: torch.Tensor, eps: float = SEQ_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SEQ rounding rule on grouped weights ``wg`` ``(N, G, gs)`` and scales ``s`` ``(N, G, 1)``:
+    ``r = w / (2 s)`` before clipping (inside the clipping range where ``|r| <= 1 - eps``) and the level
+    ``k - 1.5`` in ``{-1.5, -0.5, 0.5, 1.5}`` it rounds to (no gradient)."""
+    r = wg / (2 * s)
+    level = torch.round(2 * r.clamp(-1 + eps, 1 - eps) - 0.5) + 0.5
+    return r, level
+
+
 def seq_codes(w: torch.Tensor, scale: torch.Tensor, group_size: int | None, eps: float = SEQ_EPS) -> torch.Tensor:
     """Round-to-nearest SEQ codes of ``w`` for a given ``(N, G)`` scale ``s = Delta / 2``."""
-    wg = _grouped(w.float(), group_size)
-    u = (wg / (2 * scale.float().unsqueeze(-1))).clamp(-1 + eps, 1 - eps)
-    codes = torch.round(2 * u - 0.5) + 2
-    return codes.reshape(w.shape).to(torch.uint8)
+    _, level = seq_ratio_and_level(_grouped(w.float(), group_size), scale.float().unsqueeze(-1), eps)
+    return (level + 1.5).reshape(w.shape).to(torch.uint8)
 
 
 def seq_init_scale(w: torch.Tensor, group_size: int | None, scale_init: str = "max",

@@ -109,10 +109,8 @@ class _SEQLinear(torch.autograd.Function):
         n_out, n_in = weight.shape
         wg = formats._grouped(weight, ctx.group_size)
         s = scale.unsqueeze(-1).to(weight.dtype)
-        r = wg / (2 * s)
-        inside = (r >= -1 + ctx.eps) & (r <= 1 - ctx.eps)  # where clamp passes the gradient
-        u = torch.clamp(r, -1 + ctx.eps, 1 - ctx.eps)
-        level = torch.round(2 * u - 0.5) + 0.5  # k - 1.5
+        r, level = formats.seq_ratio_and_level(wg, s, ctx.eps)
+        inside = (r >= -1 + ctx.eps) & (r <= 1 - ctx.eps)  # where the clipping passes the gradient
         grad_x = grad_w = grad_s = grad_b = None
         # under autocast the forward matmul ran in the autocast dtype (that of grad_out), which x may not have
         g2 = grad_out.reshape(-1, n_out)
