@@ -74,19 +74,26 @@ def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 # SEQ INT2
 # ----------------------------------------------------------------------------------------------
 
-def seq_ratio_and_level(wg: torch.Tensor, s: torch.Tensor, eps: float = SEQ_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SEQ rounding rule on grouped weights ``wg`` ``(N, G, gs)`` and scales ``s`` ``(N, G, 1)``:
-    ``r = w / (2 s)`` before clipping (inside the clipping range where ``|r| <= 1 - eps``) and the level
-    ``k - 1.5`` in ``{-1.5, -0.5, 0.5, 1.5}`` it rounds to (no gradient)."""
-    r = wg / (2 * s)
-    level = torch.round(2 * r.clamp(-1 + eps, 1 - eps) - 0.5) + 0.5
-    return r, level
+def seq_clip(eps: float = SEQ_EPS) -> float:
+    """The clipping bound of ``w / s``: ``2 (1 - eps)`` (ParetoQ's ``|w / Delta| <= 1 - eps``, ``Delta = 2 s``)."""
+    return 2 * (1 - eps)
+
+
+def seq_level(ratio: torch.Tensor, eps: float = SEQ_EPS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The SEQ rounding rule: the level ``k - 1.5`` in ``{-1.5, -0.5, 0.5, 1.5}`` that ``ratio = w / s`` rounds
+    to, ``round(clip(w / s, -2 (1 - eps), 2 (1 - eps)) - 0.5) + 0.5`` (no gradient). The weight is inside the
+    clipping range (and passes a straight-through gradient) where ``|w / s| <= 2 (1 - eps)``.
+
+    ``out=ratio`` computes it in place. Every operation after the clip is in place: on a CPU, allocating
+    weight-sized temporaries costs more than the arithmetic (fresh pages from the kernel)."""
+    bound = seq_clip(eps)
+    return torch.clamp(ratio, -bound, bound, out=out).sub_(0.5).round_().add_(0.5)
 
 
 def seq_codes(w: torch.Tensor, scale: torch.Tensor, group_size: int | None, eps: float = SEQ_EPS) -> torch.Tensor:
     """Round-to-nearest SEQ codes of ``w`` for a given ``(N, G)`` scale ``s = Delta / 2``."""
-    _, level = seq_ratio_and_level(_grouped(w.float(), group_size), scale.float().unsqueeze(-1), eps)
-    return (level + 1.5).reshape(w.shape).to(torch.uint8)
+    ratio = _grouped(w.float(), group_size) / scale.float().unsqueeze(-1)
+    return seq_level(ratio, eps, out=ratio).add_(1.5).reshape(w.shape).to(torch.uint8)
 
 
 def seq_init_scale(w: torch.Tensor, group_size: int | None, scale_init: str = "max",

@@ -100,29 +100,35 @@ class _SEQLinear(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, group_size, eps):
         ctx.save_for_backward(x, weight, scale)
         ctx.group_size, ctx.eps, ctx.has_bias = group_size, eps, bias is not None
-        wq = formats.fake_quant_seq(weight, scale, group_size, eps).to(x.dtype)
+        s = scale.unsqueeze(-1).to(weight.dtype)
+        ratio = formats._grouped(weight, group_size) / s
+        wq = formats.seq_level(ratio, eps, out=ratio).mul_(s).reshape(weight.shape).to(x.dtype)
         return F.linear(x, wq, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scale = ctx.saved_tensors
         n_out, n_in = weight.shape
-        wg = formats._grouped(weight, ctx.group_size)
         s = scale.unsqueeze(-1).to(weight.dtype)
-        r, level = formats.seq_ratio_and_level(wg, s, ctx.eps)
-        inside = (r >= -1 + ctx.eps) & (r <= 1 - ctx.eps)  # where the clipping passes the gradient
+        # every weight-sized temporary is computed in place where it can be (see formats.seq_level)
+        ratio = formats._grouped(weight, ctx.group_size) / s  # w / s
+        level = formats.seq_level(ratio, ctx.eps)
+        bound = formats.seq_clip(ctx.eps)
+        inside = (ratio >= -bound) & (ratio <= bound)  # where the clipping passes the gradient
         grad_x = grad_w = grad_s = grad_b = None
+        if ctx.needs_input_grad[2]:
+            # dq/ds = (k - 1.5) - w / s inside the clipping range, k - 1.5 outside
+            ds = ratio.mul_(inside).neg_().add_(level)
         # under autocast the forward matmul ran in the autocast dtype (that of grad_out), which x may not have
         g2 = grad_out.reshape(-1, n_out)
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ (s * level).reshape(n_out, n_in).to(g2.dtype)).reshape(x.shape).to(x.dtype)
+            grad_x = (g2 @ level.mul_(s).reshape(n_out, n_in).to(g2.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gq = formats._grouped((g2.t() @ x.reshape(-1, n_in).to(g2.dtype)).to(weight.dtype), ctx.group_size)
-            if ctx.needs_input_grad[1]:
-                grad_w = (gq * inside).reshape(n_out, n_in)
             if ctx.needs_input_grad[2]:
-                # dq/ds = (k - 1.5) - w / s inside the clipping range, k - 1.5 outside
-                grad_s = (gq * torch.where(inside, level - 2 * r, level)).sum(-1).to(scale.dtype)
+                grad_s = ds.mul_(gq).sum(-1).to(scale.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = gq.mul_(inside).reshape(n_out, n_in)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_s, grad_b, None, None
