@@ -40,7 +40,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -320,18 +319,10 @@ def _read_cache(path: Path) -> dict[str, str]:
 
 
 def _write_cache(path: Path, answers: dict[str, str], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _SELF_CACHE_VERSION, **meta, "answers": answers}, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is not secret
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .atomic import write_text
+
+    write_text(path, json.dumps({"version": _SELF_CACHE_VERSION, **meta, "answers": answers}, ensure_ascii=False,
+                                indent=1))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -173,19 +172,10 @@ def ensure_punkt_tab() -> str | None:
     params.sent_starters = set(tables.SENT_STARTERS)
     for word, flags in tables.ORTHO_CONTEXT.items():
         params.ortho_context[word] = flags
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".english-", dir=target.parent)
-    try:
-        save_punkt_params(params, tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not all((target / name).is_file() for name in _PUNKT_FILES):  # not a concurrent writer's win
-            raise
-    finally:
-        if os.path.isdir(tmp):
-            import shutil
+    from .atomic import atomic_path
 
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(target, folder=True) as tmp:  # a concurrent writer's identical copy is replaced
+        save_punkt_params(params, str(tmp))
     return str(target)
 
 
@@ -547,19 +537,9 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
         except ImportError:
             return str(value)
 
-    text = json.dumps(data, indent=2, default=fallback, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    from .atomic import write_text
+
+    return write_text(target, json.dumps(data, indent=2, default=fallback, ensure_ascii=False) + "\n")
 
 
 def evaluate_model(model: str | None = None, tasks: str | Sequence[str] = ("fidelity",), *,

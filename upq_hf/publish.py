@@ -7,9 +7,10 @@ everything is written: an interrupted or failed run never leaves a half-written 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from .atomic import atomic_path
 
 
 class CheckpointExistsError(FileExistsError):
@@ -31,23 +32,12 @@ def save_atomic(model, out: str | os.PathLike, tokenizer=None, overwrite: bool =
                 extra_files: dict[str, str] | None = None) -> Path:
     """``save_pretrained`` into ``out`` through a temporary folder renamed into place at the end."""
     target = prepare_target(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_path(target, folder=True) as tmp:
         for name, text in (extra_files or {}).items():  # first: the model card reads upq_report.json
             (tmp / name).write_text(text)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
