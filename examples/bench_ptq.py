@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from upq_hf.formats import SUPPORTED_BITS
+
 METHODS = ("rtn-max", "rtn-mse", "lwc", "blockap")
 
 
@@ -191,7 +193,7 @@ def bench_random_1b(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithm", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--bits", nargs="+", type=int, choices=(2, 4))
+    parser.add_argument("--bits", nargs="+", type=int, choices=SUPPORTED_BITS)
     parser.add_argument("--group-size", nargs="+", type=_group, default=[64],
                         help="input columns per scale; 'row' for one scale per output row")
     parser.add_argument("--nsamples", type=int, help="calibration sequences (default: ptq.DEFAULT_NSAMPLES)")

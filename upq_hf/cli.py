@@ -13,6 +13,8 @@ import shutil
 import sys
 import time
 
+from .formats import SUPPORTED_BITS
+
 
 def _group_size(text: str):
     if text.lower() in ("row", "none", "per-row", "channel"):
@@ -31,19 +33,11 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _check_device(device: str | None) -> None:
-    import torch
-
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
-                           "is False): use --device cpu")
-
-
 def cmd_quantize(args) -> int:
     import torch
 
     from . import UPQConfig, quantize_model
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import check_device, load_model, load_tokenizer, resolve_model
     from .publish import REPORT_FILE, prepare_target, save_atomic
 
     training = args.recipe in ("upq", "ntp", "distill")
@@ -60,7 +54,7 @@ def cmd_quantize(args) -> int:
                    temperature=args.temperature, work_dir=work_dir, resume=args.resume, device=args.device,
                    seed=args.seed)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
-    _check_device(args.device)
+    check_device(args.device, f"--device {args.device}", "use --device cpu")
     prepare_target(args.out, args.overwrite)  # fail before any expensive work
     start = time.time()
     source = resolve_model(args.model)
@@ -164,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint")
     q.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
-    q.add_argument("--bits", type=int, choices=[2, 4], required=True)
+    q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, required=True)
     q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
     q.add_argument("--recipe", default="rtn", choices=["rtn", "ptq", "upq", "ntp", "distill"],
                    help="rtn: round to nearest; ptq: block-wise PTQ; upq: PTQ to INT4 then INT2 Distill-QAT; "

@@ -574,11 +574,9 @@ def evaluate_model(model: str | None = None, tasks: str | Sequence[str] = ("fide
         import torch
 
         torch.set_num_threads(threads)
-    if device.startswith("cuda"):
-        import torch
+    from .models import check_device
 
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} needs a CUDA GPU, and none is visible: use --device cpu")
+    check_device(device, f"--device {device}", "use --device cpu")
     lm_tasks = [t for t in names if t != FIDELITY]
     manager = built = None
     local: dict[str, Any] = {}

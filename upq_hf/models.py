@@ -63,6 +63,18 @@ def bundled_model_dir() -> str:
     return str(target)
 
 
+def check_device(device: str | None, asked: str, instead: str) -> None:
+    """Before any work starts: a ``RuntimeError`` when ``device`` is a CUDA device and no GPU is visible.
+    ``asked`` says how the user asked for it (``"--device cuda"``), ``instead`` what to do."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{asked} needs a CUDA GPU and none is visible (torch.cuda.is_available() is False): "
+                           f"{instead}")
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """Map ``None`` or a bundled alias to the bundled folder; return anything else unchanged."""
     if name_or_path is None or name_or_path in BUNDLED_ALIASES:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from upq_hf.formats import SEQ_OFFSET, check_group_size, num_groups
+from upq_hf.formats import SEQ_OFFSET, check_bits, check_group_size, effective_group_size, num_groups
 from upq_hf.packing import codes_per_word, packed_shape
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported.
@@ -176,9 +176,9 @@ class PackedWeight(NamedTuple):
     def checked(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                 group_size: int | None, in_features: int) -> "PackedWeight":
         """Validated shapes and dtypes; ``group_size == in_features`` becomes None, as in ``UPQLinear``."""
-        codes_per_word(bits)
+        check_bits(bits)
         check_group_size(in_features, group_size)
-        group_size = None if group_size == in_features else group_size
+        group_size = effective_group_size(in_features, group_size)
         N, groups = packed.shape[-1], num_groups(in_features, group_size)
         if packed.dtype != torch.int32 or tuple(packed.shape) != packed_shape(N, in_features, bits):
             raise ValueError(f"packed codes must be int32 of shape {packed_shape(N, in_features, bits)}, "
