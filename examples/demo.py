@@ -26,6 +26,7 @@ from upq_hf.eval import FidelityReference, chat_prompt_ids, fidelity
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.publish import save_atomic
+from upq_hf.recipes import RECIPES
 
 SAMPLE_PROMPT = "Give me three tips for staying focused while studying."
 
@@ -44,7 +45,7 @@ def dir_bytes(path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="upq", choices=["rtn", "ptq", "upq", "ntp", "distill"])
+    parser.add_argument("--recipe", default="upq", choices=list(RECIPES))
     parser.add_argument("--train-steps", type=int, default=24)
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--nsamples", type=int, default=32)

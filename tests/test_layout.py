@@ -53,3 +53,94 @@ def test_kernels_folder_is_a_source_root_not_a_package(from_the_root):
 def test_peft_imported_first_from_the_root_registers_lora(from_the_root):
     # peft imported before upq_hf, from the checkout's root: nothing is half-imported, LoRA knows UPQLinear
     assert from_the_root["lora_tuner"] == "upq_hf.lora.UPQLoraModel"
+
+
+# ------------------------------------------------------------------------------------------ import circles
+
+def module_imports(root: Path, package: str) -> dict[str, set[str]]:
+    """``{module: modules of the same package it imports}`` for every ``.py`` file below ``root`` (the folder
+    of ``package``): every ``import`` statement anywhere in a file counts, function-local ones and those
+    under ``if TYPE_CHECKING:`` included. ``from X import y`` imports the submodule ``X.y`` when there is one,
+    else (an attribute) ``X`` itself; importing a module also runs the ``__init__`` of each package above it
+    that is not above the importer too (those are already running)."""
+    import ast
+
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join((package, *parts[:-1])) if parts[-1] == "__init__" else ".".join((package, *parts))
+        modules[name] = (path, parts[-1] == "__init__")
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in modules.items():
+        here = name if is_package else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.split(".")[:len(here.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            else:
+                continue
+            for target in (t for t in targets if t in modules):
+                parts = target.split(".")
+                found.update(".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                             if not (name == ".".join(parts[:k]) or name.startswith(".".join(parts[:k]) + ".")))
+        graph[name] = {m for m in found if m in modules}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan): each is an import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_the_circle_finder_finds_a_circle_through_a_function_local_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import a\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    graph = module_imports(pkg, "pkg")
+    assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
+    assert import_circles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+@pytest.mark.parametrize("package,folder", [("upq_hf", "upq_hf"), ("upq_kernels", "kernels/upq_kernels")])
+def test_no_import_circles(package, folder):
+    graph = module_imports(ROOT / folder, package)
+    assert len(graph) >= 8
+    assert import_circles(graph) == []

@@ -14,6 +14,7 @@ import sys
 import time
 
 from .formats import SUPPORTED_BITS
+from .recipes import RECIPES
 
 
 def _group_size(text: str):
@@ -40,7 +41,7 @@ def cmd_quantize(args) -> int:
     from .models import check_device, load_model, load_tokenizer, resolve_model
     from .publish import REPORT_FILE, prepare_target, save_atomic
 
-    training = args.recipe in ("upq", "ntp", "distill")
+    training = RECIPES[args.recipe].trains
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
     options = dict(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
                    backend=args.backend, dataset=args.dataset, self_prompts=args.self_prompts,
@@ -160,9 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, required=True)
     q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
-    q.add_argument("--recipe", default="rtn", choices=["rtn", "ptq", "upq", "ntp", "distill"],
-                   help="rtn: round to nearest; ptq: block-wise PTQ; upq: PTQ to INT4 then INT2 Distill-QAT; "
-                        "ntp / distill: INT2 QAT baselines (next-token / JSD, no INT4 stage)")
+    q.add_argument("--recipe", default="rtn", choices=list(RECIPES),
+                   help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
     data = q.add_argument_group("data (ptq, upq, ntp, distill)")
     data.add_argument("--dataset", default=None,
                       help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "

@@ -12,8 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats import check_bits
 from .packing import FORMAT_VERSION
-
-RECIPES = ("rtn", "ptq", "upq", "ntp", "distill")
+from .recipes import RECIPES
 SCALE_INITS = ("max", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 BACKENDS = (None, "torch", "triton")
@@ -25,9 +24,9 @@ class UPQConfig(QuantizationConfigMixin):
     Args:
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
         group_size: input columns sharing one scale; ``None`` for one scale per output row.
-        recipe: how the codes are found: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
-            ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"`` (INT2 next-token QAT, ParetoQ's
-            recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
+        recipe: how the codes are found, a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to
+            nearest), ``"ptq"`` (block-wise PTQ), ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"``
+            (INT2 next-token QAT, ParetoQ's recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
         scale_init: initial scales: ``"max"`` (max |w|, ParetoQ) or ``"mse"`` (error-minimising search).
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_path
+from .recipes import RECIPES
 
 
 class CheckpointExistsError(FileExistsError):
@@ -61,7 +62,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     recipe = config.get("recipe", "rtn")
     groups = "one scale per output row" if group is None else f"one scale per {group} input columns"
     fmt = "SEQ INT2 (levels (k - 1.5) * s, no zero level)" if bits == 2 else "asymmetric INT4 (scale and zero point)"
-    training = recipe in ("upq", "ntp", "distill")
+    known = RECIPES.get(recipe)
+    training = known is not None and known.trains
     tokens = config.get("train_steps", 0) * config.get("train_batch_size", 0) * config.get("train_seqlen", 0)
     meta = ["---", "library_name: transformers", f"tags: {_yaml_value(['upq', f'int{bits}', 'quantized', 'upq_hf'])}"]
     if base_model:
@@ -82,7 +84,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
         f"# {base_model.split('/')[-1] if base_model else 'Model'} - UPQ INT{bits}",
         "",
         f"Weight-only {fmt}, {groups}, made with [upq_hf](https://github.com/upq-hf/upq_hf) "
-        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe."
+        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe"
+        + (f" ({known.description})." if known else ".")
         + (f" Base model: `{base_model}`." if base_model else ""),
         "",
         "| | |",

@@ -2,7 +2,9 @@
 
 Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, and
 runs the configured recipe after a dense checkpoint loads. The work lives in :mod:`upq_hf.convert`
-and :mod:`upq_hf.recipes`.
+and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in memory),
+:func:`attach` (mark a model quantized) and :func:`save_checkpoint`, the save a recipe is handed for
+``upq``'s INT4 restart checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from . import convert, recipes
 from .checkpoint import expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
-from .publish import install_card_hooks
+from .publish import install_card_hooks, save_atomic
 
 QUANT_METHOD = "upq"
 
@@ -60,7 +62,7 @@ class UPQHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            recipes.apply_recipe(model, self.quantization_config, progress=True)
+            recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
         install_card_hooks(model)
         return model
 
@@ -98,6 +100,49 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config._is_quantized = True
     return model
+
+
+_MISSING = object()
+
+
+def _swapped_back(objects_and_names):
+    """The current values of ``(object, attribute names)`` pairs (from ``__dict__``), and a function that
+    puts them back, removing the attributes that were not set."""
+    saved = [(obj, {name: obj.__dict__.get(name, _MISSING) for name in names}) for obj, names in objects_and_names]
+
+    def restore():
+        for obj, values in saved:
+            for name, value in values.items():
+                if value is _MISSING:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = value
+
+    return restore
+
+
+def save_checkpoint(model: nn.Module, config: UPQConfig, path, tokenizer=None):
+    """Save ``model`` atomically into ``path`` as a UPQ checkpoint of ``config``, then leave the model marked
+    as it was (its quantizer, ``config.quantization_config``): the ``save_int4`` of the ``upq`` recipe, which
+    saves the INT4 model in the middle of quantizing to INT2."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
+    restore = _swapped_back([(model, ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained",
+                                      "push_to_hub"))]
+                            + [(c, ("quantization_config", "_is_quantized")) for c in configs.values()])
+    attach(model, config)
+    try:
+        return save_atomic(model, path, tokenizer=tokenizer, overwrite=True)
+    finally:
+        restore()
+
+
+def quantize_model(model, config: UPQConfig, tokenizer=None, progress: bool = True, callbacks=None):
+    """Quantize an already-loaded dense model in place following ``config`` and mark it quantized,
+    so that ``save_pretrained``/``push_to_hub`` write a UPQ checkpoint. Returns the model.
+    ``callbacks`` (``transformers.TrainerCallback``) reach the trainer of the training recipes."""
+    recipes.apply_recipe(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
+                         save_int4=save_checkpoint)
+    return attach(model, config)
 
 
 def register() -> None:
