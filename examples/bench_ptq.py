@@ -5,7 +5,7 @@ For each format (INT4 g64, INT2 SEQ per-row, INT2 SEQ g64 by default) and each m
 its own process, so that the reported peak memory (``ru_maxrss``) is that of quantizing alone
 (Python, torch, the float32 model, calibration activations and the optimizer state). Fidelity to the
 unquantized model is then measured on the held-out ``EVAL_PROMPTS`` (never used for calibration) with
-:func:`upq_hf.eval.fidelity`: top-1 next-token agreement and KL(teacher || student) on the teacher's
+:func:`upq_hf.evaluation.fidelity`: top-1 next-token agreement and KL(teacher || student) on the teacher's
 greedy answers. Calibration is ``upq_hf.data.calibration_data("self", ...)``: the teacher's own answers
 to ``SEED_PROMPTS`` (generated once and cached).
 
@@ -44,7 +44,7 @@ def _fmt(bits: int, group_size) -> str:
 
 def load_reference(teacher, tokenizer, max_new_tokens: int):
     """The teacher's greedy answers to EVAL_PROMPTS, cached next to the model cache."""
-    from upq_hf.eval import FidelityReference
+    from upq_hf.evaluation import FidelityReference
     from upq_hf.models import cache_dir
     from upq_hf.prompts import EVAL_PROMPTS
 
@@ -71,7 +71,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     from upq_hf import convert
-    from upq_hf.eval import fidelity
+    from upq_hf.evaluation import fidelity
     from upq_hf.models import load_model
 
     model = load_model(None)

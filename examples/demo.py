@@ -22,9 +22,9 @@ import torch
 import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
-from upq_hf.eval import FidelityReference, chat_prompt_ids, fidelity
+from upq_hf.chat import generate_answers
+from upq_hf.evaluation import measure_fidelity
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
-from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.publish import save_atomic
 from upq_hf.recipes import RECIPES
 
@@ -32,11 +32,8 @@ SAMPLE_PROMPT = "Give me three tips for staying focused while studying."
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    ids, = generate_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def dir_bytes(path: str) -> int:
@@ -80,9 +77,8 @@ def main() -> int:
     student = load_model(args.out, dtype="float32")
 
     print(f"[3/4] fidelity on {args.prompts} held-out chat prompts", file=sys.stderr)
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:args.prompts]),
-                                        max_new_tokens=args.max_new_tokens, progress=True)
-    scores = fidelity(student, teacher, reference)
+    scores = measure_fidelity(student, teacher, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+                              progress=True)
 
     print("[4/4] sample answers", file=sys.stderr)
     teacher_answer = answer(teacher, tokenizer, SAMPLE_PROMPT)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from upq_hf.eval import INSTRUCTION_CHECKS, FidelityReference, fidelity, token_divergences
+from upq_hf.evaluation import INSTRUCTION_CHECKS, FidelityReference, fidelity, token_divergences
 
 from helpers import tiny_llama
 

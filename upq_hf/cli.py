@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,6 +25,17 @@ def _group_size(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'row', got {text!r}") from None
+
+
+_NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+def _limit(text: str) -> int | float:
+    """``--limit``: an integer count per task, or a fraction below 1."""
+    if not _NUMBER.match(text):
+        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}")
+    value = float(text)
+    return int(value) if value >= 1 else value
 
 
 def _human_bytes(n: float) -> str:
@@ -78,7 +90,7 @@ def cmd_quantize(args) -> int:
     report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
-        report["metrics"] = _fidelity_metrics(model, source, tokenizer, args.fidelity_prompts)
+        report["metrics"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     # the saved config records the recipe, not where this run kept its scratch files
     config.work_dir = config.resume = config.device = None
@@ -90,16 +102,13 @@ def cmd_quantize(args) -> int:
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
 
 
-def _fidelity_metrics(model, source: str, tokenizer, n_prompts: int) -> dict:
-    from .eval import FidelityReference, fidelity
+def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> dict:
+    """The model card's fidelity numbers: :func:`upq_hf.evaluation.measure_fidelity` against ``source``."""
+    from .evaluation import measure_fidelity
     from .models import load_model
-    from .prompts import EVAL_PROMPTS
 
-    device = next(model.parameters()).device
-    teacher = load_model(source, dtype="float32").to(device)
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:n_prompts]), max_new_tokens=64,
-                                        progress=True)
-    scores = fidelity(model, teacher, reference)
+    teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
+    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True)
     return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
             "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"]}
 
@@ -137,7 +146,7 @@ def cmd_info(args) -> int:
 
 def cmd_eval(args) -> int:
     """``upq eval``: lm-eval tasks (offline from local files if need be) and our fidelity report."""
-    from .evaluate import evaluate_model, summary_table
+    from .evaluation import evaluate_model, summary_table
 
     results = evaluate_model(
         args.model, args.tasks, data_files=args.data_files, output=args.output, batch_size=args.batch_size,
@@ -216,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.set_defaults(func=cmd_info)
 
-    from .evaluate import parse_limit
-
     e = sub.add_parser("eval", help="benchmark a model with lm-evaluation-harness (pip install upq_hf[eval]) "
                                     "and/or its fidelity to the unquantized teacher")
     e.add_argument("model", nargs="?", default=None,
@@ -230,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "format instead of the Hub: --data-files mmlu=mmlu/ --data-files ifeval=ifeval.jsonl")
     e.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--limit", type=parse_limit, default=None,
+    e.add_argument("--limit", type=_limit, default=None,
                    help="examples per task (lm-eval's --limit; each MMLU subject is a task), and the number "
                         "of fidelity prompts; a fraction below 1 takes that share")
     e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")

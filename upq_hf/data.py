@@ -7,7 +7,7 @@ distillation QAT (``TokenBlockDataset``). Two steps:
    conversation (a list of ``{"role", "content"}`` dicts). ``source`` is one of
 
    * ``"self"``: the unquantized model's own answers to the built-in ``upq_hf.prompts.SEED_PROMPTS``
-     (chat template applied, batched generation with left padding), returned as conversations
+     (:func:`upq_hf.chat.generate_answers`), returned as conversations
      ``[user, assistant]``. Answers are cached as JSON under ``upq_hf.models.cache_dir() / "self_data"``
      in a file named by a hash of the model's name, a fingerprint of its weights and the generation
      settings, so a pipeline runs offline, reproducibly, and with no private data. The cache stores
@@ -40,7 +40,6 @@ import json
 import os
 import random
 import re
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -325,61 +324,6 @@ def _write_cache(path: Path, answers: dict[str, str], meta: dict) -> None:
                                 indent=1))
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for i in (value if isinstance(value, (list, tuple)) else [value]):
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def _generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-                      do_sample: bool, temperature: float, top_p: float, seed: int, progress: bool) -> list[str]:
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))  # similar lengths share a batch: less padding
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    eos = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id, eos_token_id=eos,
-        temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-        top_k=None if not do_sample else 0,
-    )
-    device = next(model.parameters()).device
-    answers: list[str | None] = [None] * len(texts)
-    saved = (tokenizer.padding_side, tokenizer.pad_token)
-    was_training = model.training
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
-    model.eval()
-    produced, start = 0, time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-            torch.manual_seed(seed)
-            bar = tqdm(batches, desc="self data: generating", unit="batch", disable=not progress)
-            for batch in bar:
-                enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-                out = model.generate(**enc, generation_config=gen_config)
-                new = out[:, enc["input_ids"].shape[1]:]
-                for i, row in zip(batch, new):
-                    ends = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero()
-                    produced += int(ends[0, 0]) + 1 if len(ends) else row.numel()
-                    answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-                bar.set_postfix(tok_s=f"{produced / max(time.perf_counter() - start, 1e-9):.0f}")
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = saved
-        model.train(was_training)
-    return [a if a is not None else "" for a in answers]
-
-
 def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_prompts: int | None = None,
                    max_new_tokens: int = SELF_DEFAULTS["max_new_tokens"], batch_size: int = SELF_DEFAULTS["batch_size"],
                    do_sample: bool = SELF_DEFAULTS["do_sample"], temperature: float = SELF_DEFAULTS["temperature"],
@@ -412,7 +356,11 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
     answers = _read_cache(path) if path is not None else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in answers))
     if missing:
-        new = _generate_answers(model, tokenizer, missing, batch_size=batch_size, progress=progress, **settings)
+        from .chat import generate_answers
+
+        new = [tokenizer.decode(ids, skip_special_tokens=True).strip()
+               for ids in generate_answers(model, tokenizer, missing, batch_size=batch_size, progress=progress,
+                                           desc="self data: generating", **settings)]
         answers.update(zip(missing, new))
         if path is not None:
             _write_cache(path, answers, {"model": _model_name(model), "settings": settings})
