@@ -106,15 +106,16 @@ def run_one(job: dict) -> dict:
 
 def bench_model(args) -> None:
     from upq_hf.data import calibration_data
+    from upq_hf import UPQConfig
     from upq_hf.models import load_model, load_tokenizer
-    from upq_hf.ptq import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(None)
     teacher = load_model(None)
     reference = load_reference(teacher, tokenizer, args.eval_tokens)
-    nsamples = args.nsamples or DEFAULT_NSAMPLES
-    seqlen = args.seqlen or DEFAULT_SEQLEN
+    defaults = UPQConfig()
+    nsamples = args.nsamples or defaults.nsamples
+    seqlen = args.seqlen or defaults.seqlen
     input_ids = calibration_data("self", tokenizer, model=teacher, nsamples=nsamples, seqlen=seqlen)
     del teacher
 
@@ -196,8 +197,8 @@ def main(argv=None) -> None:
     parser.add_argument("--bits", nargs="+", type=int, choices=SUPPORTED_BITS)
     parser.add_argument("--group-size", nargs="+", type=_group, default=[64],
                         help="input columns per scale; 'row' for one scale per output row")
-    parser.add_argument("--nsamples", type=int, help="calibration sequences (default: ptq.DEFAULT_NSAMPLES)")
-    parser.add_argument("--seqlen", type=int, help="calibration sequence length (default: ptq.DEFAULT_SEQLEN)")
+    parser.add_argument("--nsamples", type=int, help="calibration sequences (default: UPQConfig's)")
+    parser.add_argument("--seqlen", type=int, help="calibration sequence length (default: UPQConfig's)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float)

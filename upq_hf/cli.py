@@ -7,6 +7,7 @@ output) ends with one line on stderr and exit status 2, and never leaves a half-
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import shutil
 import sys
 import time
 
-from .formats import SUPPORTED_BITS
+from .formats import SCALE_INITS, SUPPORTED_BITS
 from .recipes import RECIPES
 
 
@@ -162,6 +163,11 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import BACKENDS
+    from .config import UPQConfig
+    from .ptq import ALGORITHMS
+
+    default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
     parser = argparse.ArgumentParser(prog="upq", description="Unified Progressive Quantization for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, required=True)
-    q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
+    q.add_argument("--group-size", type=_group_size, default=default["group_size"],
+                   help=f"input columns per scale, or 'row' (default {default['group_size']})")
     q.add_argument("--recipe", default="rtn", choices=list(RECIPES),
                    help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
     data = q.add_argument_group("data (ptq, upq, ntp, distill)")
@@ -177,23 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "
                            "or a local .txt/.jsonl/.parquet file or folder")
     data.add_argument("--self-prompts", type=int, default=None, help="built-in prompts answered for 'self'")
-    data.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences (default 32)")
-    data.add_argument("--seqlen", type=int, default=None, help="PTQ calibration length (default 128)")
+    data.add_argument("--nsamples", type=int, default=None, help=f"PTQ calibration sequences (default {default['nsamples']})")
+    data.add_argument("--seqlen", type=int, default=None, help=f"PTQ calibration length (default {default['seqlen']})")
     ptq = q.add_argument_group("block-wise PTQ")
-    ptq.add_argument("--ptq-algorithm", default=None, choices=["blockap", "lwc"])
+    ptq.add_argument("--ptq-algorithm", default=None, choices=ALGORITHMS)
     ptq.add_argument("--ptq-epochs", type=int, default=None)
-    ptq.add_argument("--int4-group-size", type=_group_size, default=64, help="group size of the INT4 stage (upq)")
+    ptq.add_argument("--int4-group-size", type=_group_size, default=default["int4_group_size"],
+                     help="group size of the INT4 stage (upq)")
     ptq.add_argument("--keep-int4", default=None, help="where upq keeps the INT4 model (default OUT-int4); "
                                                       "a later run restarts from it")
     ptq.add_argument("--no-int2-ptq", action="store_true",
                      help="upq: skip the block-wise INT2 reconstruction between the INT4 model and distillation")
     train = q.add_argument_group("training (upq, ntp, distill)")
-    train.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 60)")
-    train.add_argument("--train-batch-size", type=int, default=None, help="sequences per step (default 4)")
-    train.add_argument("--train-seqlen", type=int, default=None, help="tokens per sequence (default 128)")
-    train.add_argument("--lr", type=float, default=None, help="latent weights' learning rate: fraction of a quantization step per update (default 0.02)")
-    train.add_argument("--scale-lr", type=float, default=None, help="scales' learning rate: relative change per update (default 0.01)")
-    train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0: forward KL(teacher || student); 0.5: symmetric JSD)")
+    train.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {default['train_steps']})")
+    train.add_argument("--train-batch-size", type=int, default=None, help=f"sequences per step (default {default['train_batch_size']})")
+    train.add_argument("--train-seqlen", type=int, default=None, help=f"tokens per sequence (default {default['train_seqlen']})")
+    train.add_argument("--lr", type=float, default=None, help=f"latent weights' learning rate: fraction of a quantization step per update (default {default['learning_rate']})")
+    train.add_argument("--scale-lr", type=float, default=None, help=f"scales' learning rate: relative change per update (default {default['scale_learning_rate']})")
+    train.add_argument("--beta", type=float, default=None, help=f"generalized JSD beta (default {default['beta']}; 0: forward KL(teacher || student), 0.5: symmetric JSD)")
     train.add_argument("--no-train-norms", action="store_true",
                        help="keep the normalisation layers frozen (default: trained with the quantized layers)")
     train.add_argument("--temperature", type=float, default=None)
@@ -203,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--fidelity-prompts", type=int, default=16,
                    help="held-out prompts for the fidelity numbers in the model card (0: skip)")
-    q.add_argument("--scale-init", default="mse", choices=["max", "mse"])
+    q.add_argument("--scale-init", default=default["scale_init"], choices=SCALE_INITS)
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
     q.add_argument("--device", default=None, help="where to run the quantization (cpu, cuda, cuda:1; default cpu)")
-    q.add_argument("--backend", default=None, choices=["torch", "triton"])
+    q.add_argument("--backend", default=None, choices=BACKENDS)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)

@@ -10,12 +10,13 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import check_bits
+from . import backends
+from .formats import SCALE_INITS, check_bits
 from .packing import FORMAT_VERSION
 from .recipes import RECIPES
-SCALE_INITS = ("max", "mse")
+
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-BACKENDS = (None, "torch", "triton")
+BACKENDS = (None, *backends.BACKENDS)
 
 
 class UPQConfig(QuantizationConfigMixin):

@@ -69,9 +69,6 @@ DEFAULTS = {
 }
 DEFAULT_EPOCHS = 2
 DEFAULT_BATCH_SIZE = 4
-#: calibration size the defaults were tuned for (used by the bench script and the ``ptq`` recipe)
-DEFAULT_NSAMPLES = 64
-DEFAULT_SEQLEN = 256
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class TokenBlockDataset(torch.utils.data.Dataset):
         self.loss_mask = None if loss_mask is None else loss_mask.bool()
 
     @classmethod
-    def from_source(cls, source, tokenizer, model=None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+    def from_source(cls, source, tokenizer, model=None, *, nsamples: int, seqlen: int, seed: int = 0,
                     assistant_only_loss: bool = False, **kw) -> "TokenBlockDataset":
         """Load, pack and wrap in one call; ``assistant_only_loss`` masks system/user tokens out of ``labels``."""
         input_ids, loss_mask = calibration_data(source, tokenizer, model=model, nsamples=nsamples, seqlen=seqlen,

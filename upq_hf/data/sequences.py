@@ -131,8 +131,9 @@ def build_sequences(items: Sequence[Item], tokenizer, seqlen: int, nsamples: int
     return input_ids
 
 
-def calibration_data(source, tokenizer, model=None, nsamples: int = 128, seqlen: int = 512, seed: int = 0, **kw):
-    """``build_sequences(load_texts(source, ...), ...)``: ``nsamples`` packed blocks of ``seqlen``.
+def calibration_data(source, tokenizer, model=None, *, nsamples: int, seqlen: int, seed: int = 0, **kw):
+    """``build_sequences(load_texts(source, ...), ...)``: ``nsamples`` packed blocks of ``seqlen`` (no defaults
+    here: ``UPQConfig`` holds them, ``nsamples=32, seqlen=128`` for calibration).
 
     ``model`` serves ``"self"`` and bounds ``seqlen`` by its ``max_position_embeddings`` (or pass
     ``model_max_length``); ``return_loss_mask=True`` returns ``(input_ids, loss_mask)``; other
