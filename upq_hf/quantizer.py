@@ -9,13 +9,15 @@ and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from . import convert, recipes
-from .checkpoint import expected_upq_tensors, validate_checkpoint
+from .checkpoint import IN_FEATURES_KEY, expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
 from .publish import install_card_hooks, save_atomic
@@ -82,7 +84,9 @@ class UPQHfQuantizer(HfQuantizer):
         return True  # the Triton path is a torch.library custom op with a fake implementation
 
     def get_state_dict_and_metadata(self, model):
-        return None, {"upq_format_version": str(FORMAT_VERSION)}
+        # in_features is recorded because the packed shape cannot tell it (K = 90 and K = 96 pack alike)
+        return None, {"upq_format_version": str(FORMAT_VERSION),
+                      IN_FEATURES_KEY: json.dumps({name: m.in_features for name, m in convert.upq_layers(model).items()})}
 
     def _dequantize(self, model, dtype=None):
         convert.dequantize_layers(model, dtype or torch.float32)
