@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from upq_hf.distill import UPQDistillTrainer, freeze_all_but_quantized, chunked_cross_entropy, chunked_jsd, generalized_jsd
+from upq_hf.distill import UPQDistillTrainer, select_trainable, chunked_cross_entropy, chunked_jsd, generalized_jsd
 from upq_hf.qat import QATLinear, qat_layers, to_qat
 
 from helpers import random_blocks, tiny_llama
@@ -111,7 +111,7 @@ def student_and_teacher():
     teacher = tiny_llama(seed=0, initializer_range=0.1)
     student = tiny_llama(seed=0, initializer_range=0.1)
     to_qat(student, bits=2, group_size=32)
-    freeze_all_but_quantized(student)
+    select_trainable(student)
     return student, teacher
 
 
@@ -207,10 +207,10 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
 
 def test_train_norms_adds_the_norm_weights_and_trains_them(tmp_path):
     student, teacher = student_and_teacher()
-    quantized = freeze_all_but_quantized(student)
+    quantized = select_trainable(student)
     norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
     n_norm = sum(p.numel() for p in norms.values())
-    assert n_norm > 0 and freeze_all_but_quantized(student, train_norms=True) == quantized + n_norm
+    assert n_norm > 0 and select_trainable(student, train_norms=True) == quantized + n_norm
     trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, max_steps=3),
                                 train_dataset=random_blocks(), scale_learning_rate=1e-2)
     trainer.train()
@@ -225,7 +225,7 @@ def test_norm_weights_move_relative_to_their_size(tmp_path):
     """Adam's first update is lr * sign(grad); in the norms group it is scaled by the tensor's mean |w|,
     so a norm whose weights are 100x smaller moves 100x less."""
     student, teacher = student_and_teacher()
-    freeze_all_but_quantized(student, train_norms=True)
+    select_trainable(student, train_norms=True)
     with torch.no_grad():
         student.model.layers[0].input_layernorm.weight.mul_(0.01)
     norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}

@@ -1,7 +1,12 @@
-"""The ``upq`` command line: ``upq quantize``, ``upq info``.
+"""The ``upq`` command line: ``upq quantize``, ``upq info``, ``upq push``, ``upq eval``.
 
-Every error a user can cause (bad bits, unknown dataset, missing GPU, corrupt checkpoint, existing
-output) ends with one line on stderr and exit status 2, and never leaves a half-written checkpoint.
+Argument parsing and printing only: quantizing is :func:`upq_hf.quantize_model`, the fidelity report
+:func:`upq_hf.evaluation.measure_fidelity`, evaluating :func:`upq_hf.evaluation.evaluate_model`,
+describing a checkpoint :func:`upq_hf.checkpoint.checkpoint_info`, uploading
+:func:`upq_hf.publish.push_folder`; choices and defaults come from ``UPQConfig`` and the recipe registry.
+Every error a user can cause (bad bits, unknown dataset or task, missing GPU, corrupt checkpoint,
+existing output) ends with one line on stderr and exit status 2, and never leaves a half-written
+checkpoint.
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
-"""Writing a quantized model out: an atomic ``save_pretrained`` (and, later, the model card and push).
+"""Writing a quantized model out: an atomic ``save_pretrained``, the model card, the push to the Hub.
 
-Writes go to a hidden temporary folder beside the target, which is renamed into place only once
-everything is written: an interrupted or failed run never leaves a half-written checkpoint.
+* :func:`save_atomic`: ``save_pretrained`` (and the tokenizer's) into a temporary folder renamed into place
+  only once everything is written (:mod:`upq_hf.atomic`): an interrupted or failed run never leaves a
+  half-written checkpoint;
+* :func:`model_card` / :func:`write_model_card`: README.md with YAML metadata (base model, format, recipe,
+  data, training budget, measured numbers from ``upq_report.json``) and a load snippet;
+* :func:`push_folder`: one Hub commit with every file of a saved checkpoint (and its card);
+* :func:`install_card_hooks`: a UPQ model's ``save_pretrained`` / ``push_to_hub`` write the card too.
 """
 
 from __future__ import annotations

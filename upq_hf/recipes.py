@@ -122,12 +122,12 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
     from transformers import TrainingArguments
 
     from .data import TokenBlockDataset
-    from .distill import UPQDistillTrainer, freeze_all_but_quantized
+    from .distill import UPQDistillTrainer, select_trainable
 
     dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
                                             nsamples=config.train_steps * config.train_batch_size,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
-    trainable = freeze_all_but_quantized(student, train_norms=config.train_norms)
+    trainable = select_trainable(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
