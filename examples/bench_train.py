@@ -26,6 +26,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
+from upq_hf.atomic import write_text
 from upq_hf.data import TokenBlockDataset
 from upq_hf.distill import UPQDistillTrainer, select_trainable
 from upq_hf.qat import to_qat
@@ -107,8 +108,7 @@ def main() -> int:
           f"{result['seconds_per_step']:.1f} | {result['tokens_per_second']:.1f} | "
           f"{result.get('peak_gpu_gib', result['peak_rss_gib']):.1f} GiB |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_text(args.json, json.dumps(result, indent=1))
     return 0
 
 
