@@ -55,6 +55,20 @@ def test_peft_imported_first_from_the_root_registers_lora(from_the_root):
     assert from_the_root["lora_tuner"] == "upq_hf.lora.UPQLoraModel"
 
 
+def test_setup_cfg_installs_every_package_from_its_folder():
+    import configparser
+
+    options = configparser.ConfigParser()
+    options.read(ROOT / "setup.cfg")
+    packages = options["options"]["packages"].split()
+    package_dir = dict(line.split(" = ") for line in options["options"]["package_dir"].strip().splitlines())
+    assert package_dir == {"upq_kernels": "kernels/upq_kernels"}
+    found = sorted(".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "upq_hf").rglob("__init__.py"))
+    found += sorted("upq_kernels" + ".".join(("",) + p.parent.relative_to(ROOT / "kernels" / "upq_kernels").parts)
+                    for p in (ROOT / "kernels" / "upq_kernels").rglob("__init__.py"))
+    assert sorted(packages) == sorted(found) == ["upq_hf", "upq_hf.data", "upq_hf.evaluation", "upq_kernels"]
+
+
 # ------------------------------------------------------------------------------------------ import circles
 
 def module_imports(root: Path, package: str) -> dict[str, set[str]]:
