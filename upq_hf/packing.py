@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import check_bits, effective_group_size
+from .formats import check_bits, effective_group_size, num_groups
 
 FORMAT_VERSION = 1
 
@@ -83,8 +83,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_bytes: int = 2,
                     has_zero: bool | None = None) -> float:
     """Storage cost of one quantized weight: code bits plus the amortised scale (and zero)."""
-    group_size = effective_group_size(in_features, group_size)
-    n_groups = 1 if group_size is None else in_features // group_size
+    n_groups = num_groups(in_features, effective_group_size(in_features, group_size))
     if has_zero is None:
         has_zero = bits == 4
     extra = n_groups * scale_bytes * 8 * (2 if has_zero else 1)
