@@ -17,14 +17,12 @@ import os
 import sys
 import time
 
-import torch
 from transformers import TrainerCallback
 
 import upq_hf
 from upq_hf import UPQConfig, convert
-from upq_hf.eval import FidelityReference, fidelity, instruction_following
+from upq_hf.evaluation import FidelityReference, fidelity, held_out_prompts, instruction_following
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
-from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.qat import freeze_model, to_qat
 
 
@@ -75,7 +73,7 @@ def main() -> int:
     tokenizer = load_tokenizer(source)
     teacher = load_model(source, dtype="float32")
     started = time.time()
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:args.prompts]), max_new_tokens=64)
+    reference = FidelityReference.build(teacher, tokenizer, held_out_prompts(args.prompts), max_new_tokens=64)
     teacher_if = instruction_following(teacher, tokenizer)
     print(f"teacher: {len(reference.prompts)} prompts, IF {teacher_if['score']:.3f} ({time.time() - started:.0f} s)",
           file=sys.stderr)

@@ -13,7 +13,7 @@ import upq_hf
 from upq_hf import UPQConfig, UPQLinear
 from upq_hf.convert import upq_layers
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 3], [4, 4, 8, 15, 16, 23, 42, 0]])
 

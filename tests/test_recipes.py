@@ -9,7 +9,7 @@ from upq_hf import UPQConfig
 from upq_hf.convert import upq_layers
 from upq_hf.models import load_tokenizer
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 TEXTS = [f"Note {i}: the {w} of the {v} is {i * 7 % 13} units, and it keeps changing every day."
          for i, (w, v) in enumerate([("height", "tree"), ("weight", "box"), ("price", "apple"), ("age", "cat")] * 6)]
@@ -81,3 +81,52 @@ def test_unknown_dataset_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="unknown dataset"):
         upq_hf.quantize_model(model_for(tokenizer), small(recipe="ptq", dataset="no-such-dataset-xyz"),
                               tokenizer=tokenizer)
+
+
+def test_from_pretrained_upq_keeps_int4_and_stays_marked_int2(tokenizer, tmp_path):
+    """The INT4 restart save in the middle of ``upq`` must not leave the INT2 model marked INT4."""
+    source = tmp_path / "dense"
+    model_for(tokenizer).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    int4_dir = tmp_path / "int4"
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=small(recipe="upq", int4_checkpoint=str(int4_dir), int2_ptq=False))
+    assert all(m.bits == 2 for m in upq_layers(model).values())
+    assert model.config.quantization_config.bits == 2 and model.hf_quantizer.quantization_config.bits == 2
+    int4 = AutoModelForCausalLM.from_pretrained(int4_dir)
+    assert {m.bits for m in upq_layers(int4).values()} == {4}
+    ids = torch.randint(0, len(tokenizer), (1, 12))
+    model.save_pretrained(tmp_path / "int2")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "int2")(ids).logits, model(ids).logits)
+
+
+def test_registry_is_what_config_cli_and_card_read(monkeypatch):
+    from upq_hf import cli, recipes
+    from upq_hf.publish import model_card
+
+    assert list(recipes.RECIPES) == ["rtn", "ptq", "upq", "ntp", "distill"]
+    assert [name for name, r in recipes.RECIPES.items() if r.trains] == ["upq", "ntp", "distill"]
+    with pytest.raises(ValueError, match=r"recipe must be one of \['rtn', 'ptq', 'upq', 'ntp', 'distill'\]"):
+        UPQConfig(recipe="gptq")
+    # a recipe registered later is valid everywhere at once
+    monkeypatch.setitem(recipes.RECIPES, "gptq", recipes.Recipe("gptq", lambda model, config, **_: model,
+                                                                "second-order PTQ", trains=False))
+    assert UPQConfig(recipe="gptq").recipe == "gptq"
+    parser = cli.build_parser()
+    quantize = next(a for a in parser._subparsers._group_actions[0].choices["quantize"]._actions
+                    if a.dest == "recipe")
+    assert quantize.choices == ["rtn", "ptq", "upq", "ntp", "distill", "gptq"]
+    assert "gptq: second-order PTQ" in quantize.help
+    card = model_card(UPQConfig(recipe="gptq").to_dict())
+    assert "by the `gptq` recipe (second-order PTQ)." in card and "training budget" not in card
+    assert "training budget" in model_card(UPQConfig(recipe="ntp").to_dict())
+
+
+def test_recipe_saves_nothing_itself(tokenizer, tmp_path):
+    from upq_hf import recipes
+
+    with pytest.raises(ValueError, match="needs save_int4"):
+        recipes.apply_recipe(model_for(tokenizer), small(recipe="upq", int4_checkpoint=str(tmp_path / "int4")),
+                             tokenizer=tokenizer)
+    assert not (tmp_path / "int4").exists()

@@ -10,12 +10,13 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .packing import FORMAT_VERSION, SUPPORTED_BITS
+from . import backends
+from .formats import SCALE_INITS, check_bits
+from .packing import FORMAT_VERSION
+from .recipes import RECIPES
 
-RECIPES = ("rtn", "ptq", "upq", "ntp", "distill")
-SCALE_INITS = ("max", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-BACKENDS = (None, "torch", "triton")
+BACKENDS = (None, *backends.BACKENDS)
 
 
 class UPQConfig(QuantizationConfigMixin):
@@ -24,9 +25,9 @@ class UPQConfig(QuantizationConfigMixin):
     Args:
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
         group_size: input columns sharing one scale; ``None`` for one scale per output row.
-        recipe: how the codes are found: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
-            ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"`` (INT2 next-token QAT, ParetoQ's
-            recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
+        recipe: how the codes are found, a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to
+            nearest), ``"ptq"`` (block-wise PTQ), ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"``
+            (INT2 next-token QAT, ParetoQ's recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
         scale_init: initial scales: ``"max"`` (max |w|, ParetoQ) or ``"mse"`` (error-minimising search).
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
@@ -115,8 +116,10 @@ class UPQConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
-            raise ValueError(f"UPQConfig: bits must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}")
+        try:
+            check_bits(self.bits)
+        except ValueError as error:
+            raise ValueError(f"UPQConfig: {error}") from None
         if self.group_size is not None and (
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0
         ):
@@ -156,11 +159,9 @@ class UPQConfig(QuantizationConfigMixin):
 
     def check_device(self) -> None:
         """A GPU-only option on a machine without a GPU: say so before any work starts."""
-        import torch
+        from .models import check_device
 
-        if self.device is not None and str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"UPQConfig(device={self.device!r}) needs a CUDA GPU and none is visible "
-                               "(torch.cuda.is_available() is False): use device='cpu' or leave it unset")
+        check_device(self.device, f"UPQConfig(device={self.device!r})", "use device='cpu' or leave it unset")
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}

@@ -188,11 +188,12 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def freeze_all_but_quantized(model: nn.Module, train_norms: bool = False) -> int:
+def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
     """Train only the quantized layers' latent weights, scales and zero points (embeddings and the output
-    head stay as the teacher has them), and with ``train_norms`` the normalisation layers' weights too
-    (a few thousand parameters that let each block rescale what the quantized layers give it).
-    Returns the number of trainable parameters."""
+    head stay as the teacher has them; everything else gets ``requires_grad=False``), and with
+    ``train_norms`` the normalisation layers' weights too (a few thousand parameters that let each block
+    rescale what the quantized layers give it). Returns the number of trainable parameters. (Not to be
+    confused with :func:`upq_hf.qat.freeze_model`, which packs QAT layers into integers.)"""
     from .qat import QATLinear
 
     model.requires_grad_(False)
@@ -210,6 +211,10 @@ def freeze_all_but_quantized(model: nn.Module, train_norms: bool = False) -> int
                 param.requires_grad_(True)
                 count += param.numel()
     return count
+
+
+#: the old name, kept as an alias (the README's examples used it)
+freeze_all_but_quantized = select_trainable
 
 
 def _final_hidden(model, input_ids, attention_mask):

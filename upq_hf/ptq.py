@@ -69,9 +69,6 @@ DEFAULTS = {
 }
 DEFAULT_EPOCHS = 2
 DEFAULT_BATCH_SIZE = 4
-#: calibration size the defaults were tuned for (used by the bench script and the ``ptq`` recipe)
-DEFAULT_NSAMPLES = 64
-DEFAULT_SEQLEN = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +94,7 @@ class LWCLinear(nn.Module):
         super().__init__()
         formats.check_group_size(linear.in_features, group_size)
         self.bits = bits
-        self.group_size = None if group_size in (None, linear.in_features) else group_size
+        self.group_size = formats.effective_group_size(linear.in_features, group_size)
         self.scale_dtype = scale_dtype
         w = linear.weight.detach().float()
         self.register_buffer("weight", w.clone())
@@ -473,8 +470,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if bits not in (2, 4):
-        raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+    formats.check_bits(bits)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
     if loss not in LOSSES:

@@ -51,8 +51,7 @@ def init_quant_params(weight: torch.Tensor, bits: int, group_size: int | None, s
     (``zero`` is None for SEQ INT2). Computed a few hundred rows at a time: the ``"mse"`` search makes
     some thirty passes over the weight, and row blocks that stay in cache make it about twice as fast
     on a CPU, with identical results (groups never span rows)."""
-    if bits not in (2, 4):
-        raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+    formats.check_bits(bits)
     w = weight.detach().float()
     scales, zeros = [], []
     for start in range(0, w.shape[0], _INIT_ROWS):
@@ -151,14 +150,13 @@ class QATLinear(nn.Module):
                  bias: torch.Tensor | None, bits: int, group_size: int | None,
                  scale_dtype: torch.dtype = torch.float16):
         super().__init__()
-        if bits not in (2, 4):
-            raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        formats.check_bits(bits)
         if (zero is None) != (bits == 2):
             raise ValueError("INT4 needs a zero point and INT2 (SEQ) takes none")
         self.out_features, self.in_features = weight.shape
         formats.check_group_size(self.in_features, group_size)
         self.bits = bits
-        self.group_size = None if group_size in (None, self.in_features) else group_size
+        self.group_size = formats.effective_group_size(self.in_features, group_size)
         self.scale_dtype = scale_dtype
         n_groups = formats.num_groups(self.in_features, self.group_size)
         if tuple(scale.shape) != (self.out_features, n_groups):
@@ -242,8 +240,7 @@ class QATLinear(nn.Module):
             return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), None, 2, self.group_size)
         zero = torch.round(self.weight_zero.detach().float())
         wg = formats._grouped(w, self.group_size)
-        # round(w / s) + round(z), then clamp: the order of formats.fake_quant_int4 (ties included)
-        codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, formats.INT4_MAX)
+        codes = formats.int4_code_rule(wg / scale.unsqueeze(-1), zero.unsqueeze(-1))  # as fake_quant_int4
         codes = codes.reshape(w.shape).to(torch.uint8)
         return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), zero.to(self.scale_dtype), 4,
                                        self.group_size)

@@ -10,6 +10,13 @@
 
 Data (``config.dataset``) comes from :mod:`upq_hf.data`; the default ``"self"`` is the teacher's own
 answers to built-in prompts, so every recipe runs offline and uses no private data.
+
+:data:`RECIPES` maps each name to its function and a one-line description (torchao-style registry):
+``UPQConfig``'s valid recipes, the CLI's ``--recipe`` choices and the model card read it. A recipe
+quantizes the model in place and returns it; it writes nothing itself: ``upq``'s INT4 restart checkpoint
+(``UPQConfig.int4_checkpoint``) is saved by the ``save_int4`` function its caller passes
+(:func:`upq_hf.quantizer.save_checkpoint`), so this module imports neither the quantizer nor
+:mod:`upq_hf.publish`.
 """
 
 from __future__ import annotations
@@ -18,12 +25,37 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import convert
-from .config import UPQConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: ``apply(model, config, *, tokenizer, progress, callbacks, save_int4)``
+    quantizes ``model`` in place and returns it; ``trains``: it runs (Distill-)QAT."""
+
+    name: str
+    apply: Callable[..., nn.Module]
+    description: str
+    trains: bool = False
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, description: str, trains: bool = False):
+    """Decorator: add a recipe function to :data:`RECIPES` under ``name``."""
+
+    def decorate(function):
+        RECIPES[name] = Recipe(name, function, description, trains)
+        return function
+
+    return decorate
 
 
 def _log(message: str) -> None:
@@ -40,22 +72,22 @@ def _tokenizer_for(model, tokenizer):
     return load_tokenizer(getattr(model, "name_or_path", None) or model.config._name_or_path)
 
 
-def _device(config: UPQConfig, model: nn.Module) -> torch.device:
+def _device(config, model: nn.Module) -> torch.device:
     return torch.device(config.device) if config.device else next(model.parameters()).device
 
 
-def _calibration(model, tokenizer, config: UPQConfig) -> torch.Tensor:
+def _calibration(model, tokenizer, config) -> torch.Tensor:
     from .data import calibration_data
 
     return calibration_data(config.dataset, tokenizer, model=model, nsamples=config.nsamples, seqlen=config.seqlen,
                             seed=config.seed, **_self_kwargs(config))
 
 
-def _self_kwargs(config: UPQConfig) -> dict:
+def _self_kwargs(config) -> dict:
     return {"n_prompts": config.self_prompts} if config.dataset == "self" and config.self_prompts else {}
 
 
-def _ptq(model, calibration, config: UPQConfig, bits: int, group_size, progress: bool, **options):
+def _ptq(model, calibration, config, bits: int, group_size, progress: bool, **options):
     from .ptq import blockwise_ptq
 
     report = blockwise_ptq(model, calibration, bits, group_size, algorithm=config.ptq_algorithm,
@@ -84,18 +116,18 @@ def load_int4_into(model: nn.Module, path: str) -> None:
         convert.replace_module(model, name, module.to(device))
 
 
-def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progress: bool, callbacks=None):
+def _train(student, teacher, tokenizer, config, objective: str, progress: bool, callbacks=None):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``. ``teacher`` is
     the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``."""
     from transformers import TrainingArguments
 
     from .data import TokenBlockDataset
-    from .distill import UPQDistillTrainer, freeze_all_but_quantized
+    from .distill import UPQDistillTrainer, select_trainable
 
     dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
                                             nsamples=config.train_steps * config.train_batch_size,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
-    trainable = freeze_all_but_quantized(student, train_norms=config.train_norms)
+    trainable = select_trainable(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
@@ -128,36 +160,60 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
     return trainer
 
 
-def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: bool = False,
-                 callbacks=None) -> nn.Module:
-    """Quantize ``model`` in place following ``config.recipe``; returns the model. ``callbacks`` go to the
-    trainer of the training recipes (``transformers.TrainerCallback`` objects)."""
-    from .qat import freeze_model, to_qat
-
-    recipe = config.recipe
+def apply_recipe(model: nn.Module, config, tokenizer=None, progress: bool = False, callbacks=None,
+                 save_int4: Callable | None = None) -> nn.Module:
+    """Quantize ``model`` in place following ``config.recipe`` (a ``UPQConfig``); returns the model.
+    ``callbacks`` go to the trainer of the training recipes (``transformers.TrainerCallback`` objects);
+    ``save_int4(model, int4_config, path, tokenizer)`` saves ``upq``'s INT4 restart checkpoint."""
+    recipe = RECIPES.get(config.recipe)
+    if recipe is None:
+        raise ValueError(f"unknown recipe {config.recipe!r}: one of {list(RECIPES)}")
     config.check_device()
-    if recipe == "rtn":
-        convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
-                                     config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
-                                     progress=progress)
-        return model
+    return recipe.apply(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
+                        save_int4=save_int4)
+
+
+def _prepared(model: nn.Module, config, tokenizer):
+    """Check every layer before any is touched; the tokenizer for the data; the model in eval mode."""
     convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
     tokenizer = _tokenizer_for(model, tokenizer)
     model.eval()
-    if recipe == "ptq":
-        _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress)
-        return model
+    return tokenizer
+
+
+def _int2_start(model: nn.Module, config, tokenizer):
+    """The INT2 recipes' start: the prepared model and a frozen copy of it as the teacher."""
+    tokenizer = _prepared(model, config, tokenizer)
     if config.bits != 2:
-        raise ValueError(f"recipe {recipe!r} produces INT2: use bits=2 (or recipe='ptq' for INT4)")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if recipe in ("ntp", "distill"):
-        to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
-               scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
-        _train(model, teacher, tokenizer, config, "ntp" if recipe == "ntp" else "jsd", progress, callbacks)
-        freeze_model(model, config.torch_scale_dtype, backend=config.backend)
-        return model
-    if recipe != "upq":
-        raise ValueError(f"unknown recipe {recipe!r}")
+        raise ValueError(f"recipe {config.recipe!r} produces INT2: use bits=2 (or recipe='ptq' for INT4)")
+    return tokenizer, copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@register_recipe("rtn", "round to nearest (no data)")
+def rtn(model: nn.Module, config, *, progress: bool = False, **unused) -> nn.Module:
+    convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
+                                 config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
+                                 progress=progress)
+    return model
+
+
+@register_recipe("ptq", "block-wise PTQ at `bits`")
+def ptq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, **unused) -> nn.Module:
+    tokenizer = _prepared(model, config, tokenizer)
+    _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress)
+    return model
+
+
+@register_recipe("upq", "block-wise PTQ to INT4, then INT2 Distill-QAT from the INT4 model", trains=True)
+def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None,
+        save_int4: Callable | None = None, **unused) -> nn.Module:
+    from .qat import freeze_model, to_qat
+
+    if config.int4_checkpoint and save_int4 is None:
+        raise ValueError("UPQConfig(int4_checkpoint=...) needs save_int4, the function that saves the INT4 model: "
+                         "run the recipe through upq_hf.quantize_model or from_pretrained, or pass "
+                         "save_int4=upq_hf.quantizer.save_checkpoint")
+    tokenizer, teacher = _int2_start(model, config, tokenizer)
     # 1. FP -> INT4 by block-wise PTQ (or restart from a saved INT4 checkpoint)
     calibration = _calibration(teacher, tokenizer, config)
     if config.int4_checkpoint and os.path.isfile(os.path.join(config.int4_checkpoint, "config.json")):
@@ -166,13 +222,9 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
     else:
         _ptq(model, calibration, config, 4, config.int4_group_size, progress)
         if config.int4_checkpoint:
-            from .publish import save_atomic
-            from .quantizer import attach
-
-            int4 = copy.copy(config.to_dict())
-            int4.update(bits=4, group_size=config.int4_group_size, recipe="ptq")
-            attach(model, UPQConfig(**int4))
-            save_atomic(model, config.int4_checkpoint, tokenizer=tokenizer, overwrite=True)
+            int4 = type(config)(**{**config.to_dict(), "bits": 4, "group_size": config.int4_group_size,
+                                   "recipe": "ptq"})
+            save_int4(model, int4, config.int4_checkpoint, tokenizer)
             _log(f"kept the INT4 model in {config.int4_checkpoint}")
     # 2. INT4 -> INT2: latent weights = the dequantized INT4 weights
     if config.int2_ptq:
@@ -192,3 +244,26 @@ def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: 
     _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
+
+
+def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbacks, objective: str) -> nn.Module:
+    from .qat import freeze_model, to_qat
+
+    tokenizer, teacher = _int2_start(model, config, tokenizer)
+    to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
+           scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
+    _train(model, teacher, tokenizer, config, objective, progress, callbacks)
+    freeze_model(model, config.torch_scale_dtype, backend=config.backend)
+    return model
+
+
+@register_recipe("ntp", "INT2 QAT from the unquantized weights, next-token loss (ParetoQ's recipe)", trains=True)
+def ntp(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None, **unused) -> nn.Module:
+    return _qat_from_dense(model, config, tokenizer, progress, callbacks, "ntp")
+
+
+@register_recipe("distill", "INT2 Distill-QAT (JSD to the teacher) from the unquantized weights, no INT4 stage",
+                 trains=True)
+def distill(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None,
+            **unused) -> nn.Module:
+    return _qat_from_dense(model, config, tokenizer, progress, callbacks, "jsd")
