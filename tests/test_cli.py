@@ -115,4 +115,4 @@ def test_info_reports_the_true_in_features_of_a_padded_layer(tmp_path, capsys, r
     # per block: q, o 64x64; k, v 32x64; gate, up 90x64; down 64x90
     assert info["quantized_weights"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 90 * 64) == 59136
     code, stdout, _ = run(capsys, "info", str(tmp_path), "--layers")
-    assert f"{down:48s}     64 x 90     groups 1" in stdout
+    assert f"{down:48s} INT2     64 x 90     groups 1" in stdout

@@ -102,8 +102,9 @@ def checkpoint_info(path: str) -> dict:
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "upq":
         raise ValueError(f"{path} is not a UPQ checkpoint (quantization_config: {qconfig.get('quant_method')!r})")
-    bits = qconfig["bits"]
-    per_word = 32 // bits
+    from .config import UPQConfig
+
+    resolved = UPQConfig(**qconfig)  # resolves module_bits patterns to each layer's format
     element_bytes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1}
     layers: dict[str, dict] = {}
     recorded: dict[str, int] = {}
@@ -136,7 +137,10 @@ def checkpoint_info(path: str) -> dict:
     architecture = None
     n_weights = 0
     for layer, entry in layers.items():
-        group_size = qconfig.get("group_size")
+        bits, group_size = resolved.layer_format(layer)
+        bits = 4 if "weight_zero_bytes" in entry else 2  # the tensors say it: only INT4 stores zero points
+        per_word = 32 // bits
+        entry["bits"] = bits
         if layer in recorded:  # written by save_pretrained since the header records it
             in_features = recorded[layer]
         elif group_size and entry["groups"] > 1:  # K = groups x group size exactly

@@ -138,15 +138,21 @@ def cmd_info(args) -> int:
     groups = "per-row" if q.get("group_size") is None else f"group_size {q['group_size']}"
     print(f"{info['path']}: UPQ INT{q['bits']} ({'SEQ' if q['bits'] == 2 else 'asymmetric'}), {groups}, "
           f"recipe {q.get('recipe')}, format v{q.get('format_version')}")
-    print(f"  quantized layers      {len(info['layers'])}")
+    by_bits: dict[int, int] = {}
+    for entry in info["layers"].values():
+        by_bits[entry["bits"]] = by_bits.get(entry["bits"], 0) + 1
+    mixed = ", ".join(f"{count} at INT{b}" for b, count in sorted(by_bits.items()))
+    print(f"  quantized layers      {len(info['layers'])}{f'  (mixed: {mixed})' if len(by_bits) > 1 else ''}")
     print(f"  quantized weights     {info['quantized_weights']:,}")
-    print(f"  bits per weight       {info['bits_per_weight']:.3f}  (codes + scales{' + zeros' if q['bits'] == 4 else ''})")
+    zeros = " + zeros" if 4 in by_bits else ""
+    print(f"  bits per weight       {info['bits_per_weight']:.3f}  (average: codes + scales{zeros})")
     print(f"  packed tensors        {_human_bytes(info['quantized_bytes'])}")
     print(f"  other tensors         {_human_bytes(info['other_tensor_bytes'])}  (embeddings, norms, unquantized layers)")
     print(f"  on disk               {_human_bytes(info['disk_bytes'])}")
     if args.layers:
         for name, entry in info["layers"].items():
-            print(f"  {name:48s} {entry['out_features']:>6} x {entry['in_features']:<6} groups {entry['groups']}")
+            print(f"  {name:48s} INT{entry['bits']} {entry['out_features']:>6} x {entry['in_features']:<6} "
+                  f"groups {entry['groups']}")
     return 0
 
 

@@ -6,6 +6,7 @@ It is a ``transformers`` ``QuantizationConfigMixin`` so that it rides in ``confi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -20,7 +21,7 @@ BACKENDS = (None, *backends.BACKENDS)
 
 
 class UPQConfig(QuantizationConfigMixin):
-    """Configuration of a UPQ quantization.
+    r"""Configuration of a UPQ quantization.
 
     Args:
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
@@ -33,6 +34,12 @@ class UPQConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
             and tied embeddings are always kept.
         backend: force the ``"torch"`` or ``"triton"`` forward path (default: Triton on CUDA).
+        module_bits: mixed precision, per-module overrides by name pattern: ``{pattern: bits}`` or
+            ``{pattern: {"bits": b, "group_size": g}}``; a pattern is a regular expression searched in the
+            layer's full name (``r"\.(k|v)_proj$"``, ``r"layers\.(0|29)\.mlp\.down_proj"``); the first
+            pattern that matches decides, and a layer no pattern matches takes ``bits``/``group_size``. An
+            override to INT4 without a group size takes ``int4_group_size``. Saved with the checkpoint, so a
+            mixed model reloads with plain ``from_pretrained``.
 
     Data and PTQ (recipes ``ptq`` and ``upq``):
         dataset: calibration/training text: ``"self"`` (the model's own answers to built-in prompts,
@@ -70,6 +77,7 @@ class UPQConfig(QuantizationConfigMixin):
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn",
                  scale_init: str = "mse", scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
+                 module_bits: dict[str, Any] | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
                  nsamples: int = 32, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
                  int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
@@ -87,6 +95,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
+        self.module_bits = (dict(module_bits) if isinstance(module_bits, dict) else module_bits) or None
         self.format_version = format_version
         self.dataset = dataset
         self.self_prompts = self_prompts
@@ -145,11 +154,62 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
         if self.int2_scale_init not in SCALE_INITS:
             raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
+        self._check_module_bits()
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses UPQ storage format version {self.format_version!r}, but the installed "
                 f"upq_hf reads versions up to {FORMAT_VERSION}: upgrade upq_hf (pip install -U upq_hf)"
             )
+
+    def _check_module_bits(self) -> None:
+        if self.module_bits is None:
+            return
+        if not isinstance(self.module_bits, dict):
+            raise ValueError(f"UPQConfig: module_bits must map name patterns to bits, got {self.module_bits!r}")
+        for pattern, spec in self.module_bits.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} is not a regular expression: {error}") \
+                    from None
+            bits, group_size = self._override(spec)
+            try:
+                check_bits(bits)
+            except ValueError as error:
+                raise ValueError(f"UPQConfig: module_bits[{pattern!r}]: {error}") from None
+            if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                           or group_size <= 0):
+                raise ValueError(f"UPQConfig: module_bits[{pattern!r}]: group_size must be a positive integer or "
+                                 f"None, got {group_size!r}")
+
+    def _override(self, spec) -> tuple[Any, Any]:
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"bits", "group_size"}
+            if unknown or "bits" not in spec:
+                raise ValueError(f"UPQConfig: a module_bits entry is bits or {{'bits': b, 'group_size': g}}, got {spec!r}")
+            bits = spec["bits"]
+            default = self.group_size if bits == self.bits else self.int4_group_size
+            return bits, spec.get("group_size", default)
+        bits = spec
+        return bits, self.group_size if bits == self.bits else self.int4_group_size
+
+    def layer_format(self, name: str) -> tuple[int, int | None]:
+        """``(bits, group_size)`` of the quantized layer called ``name`` (see ``module_bits``)."""
+        for pattern, spec in (self.module_bits or {}).items():
+            if re.search(pattern, name):
+                return self._override(spec)
+        return self.bits, self.group_size
+
+    def layer_formats(self, names) -> dict[str, tuple[int, int | None]]:
+        """``{name: (bits, group_size)}`` for the layers among ``names`` that ``module_bits`` sets apart; raises
+        if a pattern matches none of them (a typo would otherwise quantize everything at ``bits``)."""
+        names = list(names)
+        for pattern in self.module_bits or {}:
+            if not any(re.search(pattern, name) for name in names):
+                example = names[0] if names else "(none)"
+                raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} matches none of the {len(names)} layers "
+                                 f"to quantize (their names look like {example!r})")
+        return {name: fmt for name in names if (fmt := self.layer_format(name)) != (self.bits, self.group_size)}
 
     @property
     def torch_scale_dtype(self):

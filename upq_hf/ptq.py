@@ -493,8 +493,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     def format_of(name: str) -> tuple[int, int | None]:
         return layer_formats.get(name, (bits, group_size))
 
-    for name, module in selected.items():
-        check_layers({name: module}, format_of(name)[1])
+    check_layers(selected, group_size, layer_formats)
     layers_name, layers = find_decoder_layers(model)
     ref_layers = None
     if reference is not None:

@@ -271,7 +271,8 @@ class QATLinear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = None, scale_init: str = "mse",
-           scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None) -> list[str]:
+           scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None,
+           layer_formats: dict[str, tuple[int, int | None]] | None = None) -> list[str]:
     """Swap every ``UPQLinear`` of ``model`` for a ``QATLinear``, in place; returns the names swapped.
 
     ``bits=None``: each layer keeps its format, codes and scales (:meth:`QATLinear.from_upq_exact`), so
@@ -280,8 +281,9 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
     (:meth:`QATLinear.from_upq`; the INT4 -> INT2 step). A model without any ``UPQLinear`` needs ``bits``:
     its linear layers (the output embedding excepted, see :func:`upq_hf.convert.linear_layers`) start
     from their dense weights (:meth:`QATLinear.from_linear`).
+    sets the format of the layers that differ from ``bits``/``group_size`` (mixed precision).
     """
-    from .convert import _skipped
+    from .convert import _format, _skipped
 
     skip = tuple(modules_to_not_convert or ())
     upq = {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear) and not _skipped(name, skip)}
@@ -290,7 +292,8 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
             if bits is None:
                 new = QATLinear.from_upq_exact(module)
             else:
-                new = QATLinear.from_upq(module, bits, group_size, scale_init, scale_dtype)
+                new = QATLinear.from_upq(module, *_format(name, bits, group_size, layer_formats), scale_init,
+                                         scale_dtype)
             replace_module(model, name, new)
         return list(upq)
     if bits is None:
@@ -298,8 +301,8 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
                          "dense linear layers")
     dense = linear_layers(model, skip)
     for name, linear in dense.items():
-        replace_module(model, name, QATLinear.from_linear(linear, bits, group_size, scale_init,
-                                                          scale_dtype or torch.float16))
+        replace_module(model, name, QATLinear.from_linear(linear, *_format(name, bits, group_size, layer_formats),
+                                                          scale_init, scale_dtype or torch.float16))
     return list(dense)
 
 

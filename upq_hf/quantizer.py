@@ -54,12 +54,14 @@ class UPQHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
-                                    config.modules_to_not_convert, config.backend)
+                                    config.modules_to_not_convert, config.backend,
+                                    layer_formats=convert.model_layer_formats(model, config))
             files = kwargs.get("checkpoint_files")
             if files:
                 validate_checkpoint(files, expected_upq_tensors(model))
         else:  # fail before spending time on loading weights
-            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
+            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
+                                 convert.model_layer_formats(model, config))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -175,7 +175,8 @@ def apply_recipe(model: nn.Module, config, tokenizer=None, progress: bool = Fals
 
 def _prepared(model: nn.Module, config, tokenizer):
     """Check every layer before any is touched; the tokenizer for the data; the model in eval mode."""
-    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
+    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
+                         convert.model_layer_formats(model, config))
     tokenizer = _tokenizer_for(model, tokenizer)
     model.eval()
     return tokenizer
@@ -193,14 +194,15 @@ def _int2_start(model: nn.Module, config, tokenizer):
 def rtn(model: nn.Module, config, *, progress: bool = False, **unused) -> nn.Module:
     convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
                                  config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
-                                 progress=progress)
+                                 progress=progress, layer_formats=convert.model_layer_formats(model, config))
     return model
 
 
 @register_recipe("ptq", "block-wise PTQ at `bits`")
 def ptq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, **unused) -> nn.Module:
     tokenizer = _prepared(model, config, tokenizer)
-    _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress)
+    _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress,
+         layer_formats=convert.model_layer_formats(model, config))
     return model
 
 
@@ -235,15 +237,21 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
         # exactly as packed): keeping the reconstruction's latent weights (``keep_qat``) puts many next to a
         # rounding boundary, where the first Adam updates flip them by gradient sign (KL 8.7 -> 22 in five
         # steps, against 8.7 -> 8.65 from the grid).
-        _ptq(model, calibration, config, 2, config.group_size, progress)
+        _ptq(model, calibration, config, 2, config.group_size, progress,
+             layer_formats=convert.model_layer_formats(model, config))
         to_qat(model)
     else:
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.int2_scale_init,
-               scale_dtype=config.torch_scale_dtype)
+               scale_dtype=config.torch_scale_dtype, layer_formats=_layer_formats_of_upq(model, config))
     # 3. Distill-QAT against the unquantized teacher, then pack
     _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
+
+
+def _layer_formats_of_upq(model: nn.Module, config) -> dict:
+    """``module_bits`` resolved against the packed layers of ``model`` (the INT4 stage's)."""
+    return config.layer_formats(convert.upq_layers(model)) if config.module_bits else {}
 
 
 def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbacks, objective: str) -> nn.Module:
@@ -251,7 +259,8 @@ def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbac
 
     tokenizer, teacher = _int2_start(model, config, tokenizer)
     to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
-           scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
+           scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
+           layer_formats=convert.model_layer_formats(model, config))
     _train(model, teacher, tokenizer, config, objective, progress, callbacks)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
