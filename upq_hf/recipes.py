@@ -87,13 +87,17 @@ def _self_kwargs(config) -> dict:
     return {"n_prompts": config.self_prompts} if config.dataset == "self" and config.self_prompts else {}
 
 
-def _ptq(model, calibration, config, bits: int, group_size, progress: bool, **options):
+def _ptq(model, calibration, config, bits: int, group_size, progress: bool, epochs: int | None = None, **options):
+    from .models import autocast_dtype
     from .ptq import blockwise_ptq
 
+    device = _device(config, model)
     report = blockwise_ptq(model, calibration, bits, group_size, algorithm=config.ptq_algorithm,
-                           epochs=config.ptq_epochs, scale_init=config.scale_init,
+                           epochs=config.ptq_epochs if epochs is None else epochs, batch_size=config.ptq_batch_size,
+                           loss=config.ptq_loss, holdout=int(config.ptq_holdout * len(calibration)),
+                           autocast=autocast_dtype(device, config.mixed_precision), scale_init=config.scale_init,
                            scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
-                           device=_device(config, model), backend=config.backend, seed=config.seed, progress=progress,
+                           device=device, backend=config.backend, seed=config.seed, progress=progress,
                            **options)
     _log(str(report).splitlines()[0] if str(report) else "PTQ done")
     return report
@@ -124,13 +128,24 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
     from .data import TokenBlockDataset
     from .distill import UPQDistillTrainer, select_trainable
 
-    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
-                                            nsamples=config.train_steps * config.train_batch_size,
+    nsamples = config.train_samples or config.train_steps * config.train_batch_size
+    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher, nsamples=nsamples,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
+    if objective == "jsd" and config.teacher_topk:
+        from .distill import TeacherTargetsDataset
+
+        started = time.time()
+        dataset = TeacherTargetsDataset.build(dataset, teacher, k=config.teacher_topk, temperature=config.temperature,
+                                              progress=progress)
+        _log(f"cached the teacher's top-{config.teacher_topk} distributions on {nsamples} x {config.train_seqlen} "
+             f"tokens in {time.time() - started:.0f} s")
     trainable = select_trainable(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
+    from .models import autocast_dtype
+
+    bf16 = autocast_dtype(device, config.mixed_precision) is not None
     args = TrainingArguments(
         output_dir=os.path.join(work_dir, "trainer"), max_steps=config.train_steps,
         per_device_train_batch_size=config.train_batch_size, learning_rate=config.learning_rate,
@@ -138,14 +153,16 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
         max_grad_norm=1.0, logging_steps=max(1, config.train_steps // 20), report_to=[], seed=config.seed,
         save_strategy="steps" if save else "no", save_steps=max(1, config.train_steps // 4), save_total_limit=2,
         use_cpu=device.type == "cpu", disable_tqdm=not progress, dataloader_num_workers=0,
-        remove_unused_columns=False,
+        remove_unused_columns=False, bf16=bf16,
     )
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if objective == "jsd" else None, args=args,
+    live_teacher = objective == "jsd" and not getattr(dataset, "has_teacher", False)
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if live_teacher else None, args=args,
                                 train_dataset=dataset,
                                 objective=objective, beta=config.beta, temperature=config.temperature,
                                 scale_learning_rate=config.scale_learning_rate, callbacks=callbacks)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {config.train_steps} steps x "
-         f"{config.train_batch_size} x {config.train_seqlen} tokens")
+         f"{config.train_batch_size} x {config.train_seqlen} tokens ({nsamples} distinct sequences"
+         f"{', bf16 autocast' if bf16 else ''})")
     resume = None
     if save and config.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -153,6 +170,8 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
         resume = get_last_checkpoint(args.output_dir)
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
+    # mixed precision wrapped the model's forward in autocast: the quantized model must not keep that wrapper
+    trainer.accelerator.unwrap_model(student, keep_fp32_wrapper=False)
     elapsed = time.time() - started
     tokens = config.train_steps * config.train_batch_size * config.train_seqlen
     _log(f"trained in {elapsed:.0f} s ({tokens / max(elapsed, 1e-9):.0f} tokens/s)")
@@ -222,7 +241,7 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
         _log(f"restarting from the INT4 checkpoint {config.int4_checkpoint}")
         load_int4_into(model, config.int4_checkpoint)
     else:
-        _ptq(model, calibration, config, 4, config.int4_group_size, progress)
+        _ptq(model, calibration, config, 4, config.int4_group_size, progress, epochs=config.int4_ptq_epochs)
         if config.int4_checkpoint:
             int4 = type(config)(**{**config.to_dict(), "bits": 4, "group_size": config.int4_group_size,
                                    "recipe": "ptq"})
