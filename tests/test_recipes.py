@@ -31,10 +31,15 @@ def model_for(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
 
 
-@pytest.mark.parametrize("recipe", ["ptq", "ntp", "distill"])
-def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe):
+@pytest.mark.parametrize("recipe, mixed_precision", [("ptq", "auto"), ("ntp", "auto"), ("distill", "no"),
+                                                     ("distill", "bf16")])
+def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe, mixed_precision):
+    """The quantized model in memory is the one that reloads: bf16 autocast (accelerate wraps the model's
+    forward in it for training) must not stay on the model after training."""
     model = model_for(tokenizer)
-    upq_hf.quantize_model(model, small(recipe=recipe), tokenizer=tokenizer, progress=False)
+    upq_hf.quantize_model(model, small(recipe=recipe, mixed_precision=mixed_precision), tokenizer=tokenizer,
+                          progress=False)
+    assert "_original_forward" not in model.__dict__
     layers = upq_layers(model)
     assert len(layers) == 14 and all(m.bits == 2 and m.group_size == 32 for m in layers.values())
     ids = torch.randint(0, len(tokenizer), (1, 12))
