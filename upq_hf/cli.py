@@ -111,7 +111,7 @@ def cmd_quantize(args) -> int:
     report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
-        report["metrics"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
+        report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     # the saved config records the recipe, not where this run kept its scratch files
     config.work_dir = config.resume = config.device = None
@@ -123,15 +123,18 @@ def cmd_quantize(args) -> int:
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
 
 
-def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> dict:
-    """The model card's fidelity numbers: :func:`upq_hf.evaluation.measure_fidelity` against ``source``."""
+def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
+    """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``) and the
+    quantized model's greedy answers to the same held-out prompts."""
     from .evaluation import measure_fidelity
     from .models import load_model
 
     teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
-    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True)
-    return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
-            "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"]}
+    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
+    metrics = {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+               "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
+               "answers_non_empty": scores["non_empty"], "answers_prompts": scores["prompts"]}
+    return metrics, scores["answers"]
 
 
 def cmd_push(args) -> int:
