@@ -135,3 +135,30 @@ def test_recipe_saves_nothing_itself(tokenizer, tmp_path):
         recipes.apply_recipe(model_for(tokenizer), small(recipe="upq", int4_checkpoint=str(tmp_path / "int4")),
                              tokenizer=tokenizer)
     assert not (tmp_path / "int4").exists()
+
+
+def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_path):
+    """A restart from the kept INT4 checkpoint reads the INT4 stage's latent weights and makes the same INT2
+    model, code for code, as the run that made the checkpoint; without them it falls back to dithering."""
+    from upq_hf import recipes
+
+    int4_dir = tmp_path / "int4"
+    cfg = dict(recipe="upq", int4_checkpoint=str(int4_dir), train_steps=1, mixed_precision="no")
+    straight = model_for(tokenizer)
+    upq_hf.quantize_model(straight, small(**cfg), tokenizer=tokenizer, progress=False)
+    assert (int4_dir / recipes.LATENTS_FILE).is_file()
+    latents = recipes.load_latents(str(int4_dir))
+    assert set(latents) == set(upq_layers(straight)) and all(t.dtype == torch.float32 for t in latents.values())
+
+    again = model_for(tokenizer)
+    upq_hf.quantize_model(again, small(**cfg), tokenizer=tokenizer, progress=False)
+    first, second = upq_layers(straight), upq_layers(again)
+    for name in first:
+        assert torch.equal(first[name].weight, second[name].weight), name
+        assert torch.equal(first[name].weight_scale, second[name].weight_scale), name
+
+    (int4_dir / recipes.LATENTS_FILE).unlink()
+    assert recipes.load_latents(str(int4_dir)) is None
+    third = model_for(tokenizer)
+    upq_hf.quantize_model(third, small(**cfg), tokenizer=tokenizer, progress=False)
+    assert all(m.bits == 2 for m in upq_layers(third).values())
