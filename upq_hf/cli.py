@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
     q.add_argument("--device", default=None, help="where to run the quantization (cpu, cuda, cuda:1; default cpu)")
-    q.add_argument("--backend", default=None, choices=["torch", "triton"])
+    q.add_argument("--backend", default=None, choices=["torch", "triton", "cpu"])
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)

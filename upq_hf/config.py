@@ -15,7 +15,7 @@ from .packing import FORMAT_VERSION, SUPPORTED_BITS
 RECIPES = ("rtn", "ptq", "upq", "ntp", "distill")
 SCALE_INITS = ("max", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-BACKENDS = (None, "torch", "triton")
+BACKENDS = (None, "torch", "triton", "cpu")
 
 
 class UPQConfig(QuantizationConfigMixin):
@@ -31,7 +31,9 @@ class UPQConfig(QuantizationConfigMixin):
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
             and tied embeddings are always kept.
-        backend: force the ``"torch"`` or ``"triton"`` forward path (default: Triton on CUDA).
+        backend: force the forward path: ``"torch"`` (the reference: dequantize, then matmul),
+            ``"triton"`` (the Triton kernels) or ``"cpu"`` (torch's INT4 CPU kernel). Default: Triton on
+            CUDA, ``"cpu"`` on CPU where torch has the kernel, else ``"torch"`` (see upq_hf/backends.py).
 
     Data and PTQ (recipes ``ptq`` and ``upq``):
         dataset: calibration/training text: ``"self"`` (the model's own answers to built-in prompts,
