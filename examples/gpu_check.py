@@ -372,7 +372,8 @@ def part_decode(sizes: dict, device: str) -> dict:
     variants = [("INT2 per-row", None)] + ([("INT2 g128", 128 if spec["shape"] == "1b" else 32)]
                                            if ARGS.full or ARGS.dry_run else [])
     for name, group in variants:
-        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+        with torch.device(device):  # quantize where the model runs (round to nearest of 1 B weights: seconds on a GPU)
+            model = LlamaForCausalLM(LlamaConfig(**config)).eval()
         model.load_state_dict({k: v.float() for k, v in dense.state_dict().items()})
         # backend: the default, i.e. Triton on the GPU (the CPU kernel in a dry run, where the interpreter would
         # take minutes; the kernels' code path is the correctness part's)

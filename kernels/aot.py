@@ -383,19 +383,28 @@ def result_from_json(item: dict) -> Result:
 
 
 def markdown(results: list[Result]) -> str:
-    lines = ["| variant | config (fitted) | format | act. | M | K x N | arch | regs | local B | shared B | ok |",
-             "|---|---|---|---|---:|---|---|---:|---:|---:|---|"]
-    for r in sorted(results, key=lambda r: (list(VARIANT_MODULES).index(r.case.variant), not r.case.is_default,
-                                            r.case.config, r.case.bits, str(r.case.group_size), r.case.dtype,
-                                            r.case.M, r.arch)):
-        c = r.case
-        config = ", ".join(f"{k}={v}" for k, v in c.config) + (" (default)" if c.is_default else "")
-        group = "row" if c.group_size is None else f"g{c.group_size}"
-        status = "yes" if r.ok else ("; ".join(r.problems) or r.error.splitlines()[0])
-        lines.append(f"| {c.variant} | {config} | INT{c.bits} {group}{' +bias' if c.bias else ''} | {c.dtype} | {c.M} | "
-                     f"{c.K}x{c.N} | sm_{r.arch} | {r.registers if r.registers is not None else '-'} | "
-                     f"{r.local_bytes if r.local_bytes is not None else '-'} | "
-                     f"{r.shared_bytes if r.shared_bytes is not None else '-'} | {status} |")
+    """One row per case, one column group per target: registers per thread, local memory per thread
+    (spills and stack, bytes), shared memory per block (bytes)."""
+    archs = sorted({r.arch for r in results})
+    by_case: dict[Case, dict[int, Result]] = {}
+    for r in results:
+        by_case.setdefault(r.case, {})[r.arch] = r
+    head = "| variant | config (fitted) | format | act. | M | K x N | " + " | ".join(
+        f"sm_{a} regs / local / shared" for a in archs) + " | ok |"
+    lines = [head, "|" + "---|" * 6 + "---:|" * len(archs) + "---|"]
+    order = list(VARIANT_MODULES)
+    for case in sorted(by_case, key=lambda c: (order.index(c.variant), not c.is_default, c.bits, str(c.group_size),
+                                                c.dtype, c.bias, c.K, c.config, c.M)):
+        per_arch = by_case[case]
+        config = ", ".join(f"{k}={v}" for k, v in case.config) + (" (default)" if case.is_default else "")
+        group = "row" if case.group_size is None else f"g{case.group_size}"
+        cells = []
+        for arch in archs:
+            r = per_arch.get(arch)
+            cells.append("-" if r is None or r.registers is None else f"{r.registers} / {r.local_bytes} / {r.shared_bytes}")
+        problems = [f"sm_{a}: " + ("; ".join(r.problems) or r.error.splitlines()[0]) for a, r in per_arch.items() if not r.ok]
+        lines.append(f"| {case.variant} | {config} | INT{case.bits} {group}{' +bias' if case.bias else ''} | {case.dtype} | "
+                     f"{case.M} | {case.K}x{case.N} | " + " | ".join(cells) + f" | {'; '.join(problems) or 'yes'} |")
     return "\n".join(lines)
 
 
