@@ -375,10 +375,11 @@ def part_decode(sizes: dict, device: str) -> dict:
         with torch.device(device):  # quantize where the model runs (round to nearest of 1 B weights: seconds on a GPU)
             model = LlamaForCausalLM(LlamaConfig(**config)).eval()
         model.load_state_dict({k: v.float() for k, v in dense.state_dict().items()})
-        # backend: the default, i.e. Triton on the GPU (the CPU kernel in a dry run, where the interpreter would
-        # take minutes; the kernels' code path is the correctness part's)
-        upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=group, recipe="rtn", scale_init="max"),
-                              progress=False)
+        # backend: Triton on the GPU, named so that the compiled forward does not trace the automatic choice; in a
+        # dry run the default (the CPU kernel: the interpreter would take minutes, and the kernels' code path is
+        # the correctness part's)
+        upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=group, recipe="rtn", scale_init="max",
+                                                      backend="triton" if device == "cuda" else None), progress=False)
         model = model.to(device=device, dtype=torch.bfloat16).eval()
         measure(name, model)
         del model
