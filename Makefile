@@ -24,7 +24,7 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(VENV)/bin/pytest -q tests  # not `python -m`: the checkout's root must not shadow packages
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,9 +22,8 @@ import torch
 import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
-from upq_hf.eval import FidelityReference, fidelity
+from upq_hf.evaluation import FidelityReference, fidelity, held_out_prompts
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
-from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.publish import save_atomic
 
 # VmHWM (the peak resident set of this process's memory map) rather than ru_maxrss, which a child
@@ -67,7 +66,7 @@ def main() -> int:
     variants = {"INT4 g64": UPQConfig(bits=4, group_size=64), "INT2 g64": UPQConfig(bits=2, group_size=64),
                 "INT2 per-row": UPQConfig(bits=2, group_size=None)}
     start = time.time()
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:args.prompts]),
+    reference = FidelityReference.build(teacher, tokenizer, held_out_prompts(args.prompts),
                                         max_new_tokens=args.max_new_tokens, progress=True)
     print(f"teacher answers: {sum(map(len, reference.answer_ids))} tokens in {time.time() - start:.0f} s",
           file=sys.stderr)

@@ -30,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from upq_hf.atomic import write_text
+
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (K, N): in_features x out_features
 ROWS = [1, 16, 64, 256, 1024]
 FORMATS = {"INT2 per-row": (2, None), "INT2 g128": (2, 128), "INT4 g128": (4, 128)}
@@ -242,8 +244,7 @@ def main(argv=None) -> int:
     print()
     print(markdown(report))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_text(args.out, json.dumps(report, indent=1))
     return 0
 
 

@@ -5,7 +5,7 @@ For each format (INT4 g64, INT2 SEQ per-row, INT2 SEQ g64 by default) and each m
 its own process, so that the reported peak memory (``ru_maxrss``) is that of quantizing alone
 (Python, torch, the float32 model, calibration activations and the optimizer state). Fidelity to the
 unquantized model is then measured on the held-out ``EVAL_PROMPTS`` (never used for calibration) with
-:func:`upq_hf.eval.fidelity`: top-1 next-token agreement and KL(teacher || student) on the teacher's
+:func:`upq_hf.evaluation.fidelity`: top-1 next-token agreement and KL(teacher || student) on the teacher's
 greedy answers. Calibration is ``upq_hf.data.calibration_data("self", ...)``: the teacher's own answers
 to ``SEED_PROMPTS`` (generated once and cached).
 
@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from upq_hf.formats import SUPPORTED_BITS
+
 METHODS = ("rtn-max", "rtn-mse", "lwc", "blockap")
 
 
@@ -42,7 +44,7 @@ def _fmt(bits: int, group_size) -> str:
 
 def load_reference(teacher, tokenizer, max_new_tokens: int):
     """The teacher's greedy answers to EVAL_PROMPTS, cached next to the model cache."""
-    from upq_hf.eval import FidelityReference
+    from upq_hf.evaluation import FidelityReference
     from upq_hf.models import cache_dir
     from upq_hf.prompts import EVAL_PROMPTS
 
@@ -69,7 +71,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     from upq_hf import convert
-    from upq_hf.eval import fidelity
+    from upq_hf.evaluation import fidelity
     from upq_hf.models import load_model
 
     model = load_model(None)
@@ -104,15 +106,16 @@ def run_one(job: dict) -> dict:
 
 def bench_model(args) -> None:
     from upq_hf.data import calibration_data
+    from upq_hf import UPQConfig
     from upq_hf.models import load_model, load_tokenizer
-    from upq_hf.ptq import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(None)
     teacher = load_model(None)
     reference = load_reference(teacher, tokenizer, args.eval_tokens)
-    nsamples = args.nsamples or DEFAULT_NSAMPLES
-    seqlen = args.seqlen or DEFAULT_SEQLEN
+    defaults = UPQConfig()
+    nsamples = args.nsamples or defaults.nsamples
+    seqlen = args.seqlen or defaults.seqlen
     input_ids = calibration_data("self", tokenizer, model=teacher, nsamples=nsamples, seqlen=seqlen)
     del teacher
 
@@ -191,11 +194,11 @@ def bench_random_1b(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithm", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--bits", nargs="+", type=int, choices=(2, 4))
+    parser.add_argument("--bits", nargs="+", type=int, choices=SUPPORTED_BITS)
     parser.add_argument("--group-size", nargs="+", type=_group, default=[64],
                         help="input columns per scale; 'row' for one scale per output row")
-    parser.add_argument("--nsamples", type=int, help="calibration sequences (default: ptq.DEFAULT_NSAMPLES)")
-    parser.add_argument("--seqlen", type=int, help="calibration sequence length (default: ptq.DEFAULT_SEQLEN)")
+    parser.add_argument("--nsamples", type=int, help="calibration sequences (default: UPQConfig's)")
+    parser.add_argument("--seqlen", type=int, help="calibration sequence length (default: UPQConfig's)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float)

@@ -26,7 +26,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from upq_hf.distill import UPQDistillTrainer, freeze_all_but_quantized
+from upq_hf.atomic import write_text
+from upq_hf.data import TokenBlockDataset
+from upq_hf.distill import UPQDistillTrainer, select_trainable
 from upq_hf.qat import to_qat
 
 SHAPES = {
@@ -57,16 +59,8 @@ class StepTimer(TrainerCallback):
             print(f"  step {state.global_step}: {self.times[-1]:.1f} s", file=sys.stderr, flush=True)
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n, seqlen, vocab):
-        self.ids = torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+def random_tokens(n: int, seqlen: int, vocab: int) -> TokenBlockDataset:
+    return TokenBlockDataset(torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0)))
 
 
 def measure(shape: str = "1b", steps: int = 4, warmup: int = 1, batch: int = 1, seqlen: int = 128,
@@ -77,7 +71,7 @@ def measure(shape: str = "1b", steps: int = 4, warmup: int = 1, batch: int = 1, 
     student = LlamaForCausalLM(config)
     teacher = copy.deepcopy(student).to(getattr(torch, teacher_dtype)).eval().requires_grad_(False)
     to_qat(student, bits=2, group_size=group_size)
-    trainable = freeze_all_but_quantized(student)
+    trainable = select_trainable(student)
     n_params = sum(p.numel() for p in student.parameters())
     if verbose:
         print(f"{shape}: {n_params / 1e9:.2f} B parameters, {trainable / 1e9:.2f} B trainable (INT2 QAT), "
@@ -90,7 +84,7 @@ def measure(shape: str = "1b", steps: int = 4, warmup: int = 1, batch: int = 1, 
                                      dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
                                      bf16=device != "cpu")
         trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=training,
-                                    train_dataset=RandomTokens(steps * batch, seqlen, config.vocab_size),
+                                    train_dataset=random_tokens(steps * batch, seqlen, config.vocab_size),
                                     scale_learning_rate=1e-2, callbacks=[timer])
         trainer.train()
     timed = timer.times[warmup:]
@@ -128,8 +122,7 @@ def main() -> int:
           f"{result['seconds_per_step']:.1f} | {result['tokens_per_second']:.1f} | "
           f"{result.get('peak_gpu_gib', result['peak_rss_gib']):.1f} GiB |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_text(args.json, json.dumps(result, indent=1))
     return 0
 
 

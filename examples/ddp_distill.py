@@ -17,20 +17,9 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from upq_hf.distill import UPQDistillTrainer, freeze_all_but_quantized
+from upq_hf.data import TokenBlockDataset
+from upq_hf.distill import UPQDistillTrainer, select_trainable
 from upq_hf.qat import qat_layers, to_qat
-
-
-class RandomBlocks(torch.utils.data.Dataset):
-    def __init__(self, n: int, seqlen: int, vocab: int):
-        self.ids = torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def tiny(seed: int) -> LlamaForCausalLM:
@@ -46,12 +35,13 @@ def main() -> None:
     args = parser.parse_args()
     teacher, student = tiny(0), tiny(0)
     to_qat(student, bits=2, group_size=32)
-    freeze_all_but_quantized(student)
+    select_trainable(student)
     training_args = TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=2,
                                       learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[],
                                       use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo")
+    blocks = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))  # random tokens
     trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=training_args,
-                                train_dataset=RandomBlocks(16, 24, 128))
+                                train_dataset=TokenBlockDataset(blocks))
     result = trainer.train()
     rank = training_args.process_index
     checksum = sum(float(m.weight.detach().double().sum()) + float(m.weight_scale.detach().double().sum())

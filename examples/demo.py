@@ -22,20 +22,18 @@ import torch
 import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
-from upq_hf.eval import FidelityReference, chat_prompt_ids, fidelity
+from upq_hf.chat import generate_answers
+from upq_hf.evaluation import measure_fidelity
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
-from upq_hf.prompts import EVAL_PROMPTS
 from upq_hf.publish import save_atomic
+from upq_hf.recipes import RECIPES
 
 SAMPLE_PROMPT = "Give me three tips for staying focused while studying."
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    ids, = generate_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def dir_bytes(path: str) -> int:
@@ -44,13 +42,15 @@ def dir_bytes(path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="upq", choices=["rtn", "ptq", "upq", "ntp", "distill"])
-    parser.add_argument("--train-steps", type=int, default=24)
-    parser.add_argument("--train-seqlen", type=int, default=128)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=128)
-    parser.add_argument("--bits", type=int, default=2)
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--recipe", default="upq", choices=list(RECIPES))
+    defaults = UPQConfig()
+    parser.add_argument("--train-steps", type=int, default=24, help="the demo's own budget (UPQConfig: "
+                                                                      f"{defaults.train_steps})")
+    parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
+    parser.add_argument("--nsamples", type=int, default=defaults.nsamples)
+    parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
+    parser.add_argument("--bits", type=int, default=defaults.bits)
+    parser.add_argument("--group-size", type=int, default=defaults.group_size)
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -79,9 +79,8 @@ def main() -> int:
     student = load_model(args.out, dtype="float32")
 
     print(f"[3/4] fidelity on {args.prompts} held-out chat prompts", file=sys.stderr)
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:args.prompts]),
-                                        max_new_tokens=args.max_new_tokens, progress=True)
-    scores = fidelity(student, teacher, reference)
+    scores = measure_fidelity(student, teacher, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+                              progress=True)
 
     print("[4/4] sample answers", file=sys.stderr)
     teacher_answer = answer(teacher, tokenizer, SAMPLE_PROMPT)

@@ -1,4 +1,4 @@
-"""Test set-up shared by the suite.
+"""Test set-up shared by the suite: the environment and the fixtures (helpers live in ``helpers.py``).
 
 ``TRITON_INTERPRET`` is read when a Triton kernel is decorated, so it is set here, before any test
 module imports ``upq_kernels``: without a GPU the kernels run under Triton's CPU interpreter.
@@ -16,27 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import pytest  # noqa: E402
 
-
-def tiny_llama(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               tie_word_embeddings=True)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-def tiny_qwen(seed: int = 0):
-    """Qwen2 has biases on q/k/v: exercises the bias path."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).eval()
+from helpers import tiny_llama, tiny_qwen  # noqa: E402
 
 
 @pytest.fixture(scope="session")

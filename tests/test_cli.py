@@ -89,3 +89,30 @@ def test_interrupted_save_leaves_no_checkpoint(tiny_llama_dir, tmp_path, capsys,
 def test_info_on_non_upq_folder(tiny_llama_dir, capsys):
     code, _, err = run(capsys, "info", tiny_llama_dir)
     assert code == 2 and "not a UPQ checkpoint" in err
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-checkpoint"])
+def test_info_reports_the_true_in_features_of_a_padded_layer(tmp_path, capsys, recorded):
+    """down_proj has in_features 90: six INT2 words of 16 codes (96 slots) per row, the last one padded."""
+    import safetensors.torch
+
+    import upq_hf
+    from helpers import tiny_llama
+
+    model = upq_hf.quantize_model(tiny_llama(intermediate_size=90), upq_hf.UPQConfig(bits=2, group_size=None),
+                                  progress=False)
+    model.save_pretrained(tmp_path)
+    down = "model.layers.0.mlp.down_proj"
+    assert upq_layers(model)[down].weight.shape == (6, 64)
+    if not recorded:  # as saved before the header recorded in_features: the architecture tells it
+        path = tmp_path / "model.safetensors"
+        tensors = safetensors.torch.load_file(path)
+        safetensors.torch.save_file(tensors, path, metadata={"format": "pt", "upq_format_version": "1"})
+    code, stdout, _ = run(capsys, "info", str(tmp_path), "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["layers"][down]["in_features"] == 90 and info["layers"][down]["out_features"] == 64
+    assert info["layers"]["model.layers.0.mlp.up_proj"]["in_features"] == 64
+    # per block: q, o 64x64; k, v 32x64; gate, up 90x64; down 64x90
+    assert info["quantized_weights"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 90 * 64) == 59136
+    code, stdout, _ = run(capsys, "info", str(tmp_path), "--layers")
+    assert f"{down:48s} INT2     64 x 90     groups 1" in stdout

@@ -441,3 +441,13 @@ def test_token_block_dataset_from_source(tok):
     assert bool((labels == -100).any()) and bool((labels != -100).any())
     plain = TokenBlockDataset.from_source([CONV] * 10, tok, nsamples=3, seqlen=20)
     assert not bool((plain[0]["labels"] == -100).any())
+
+
+def test_calibration_size_has_no_default_outside_the_config(tok):
+    from upq_hf import UPQConfig
+
+    with pytest.raises(TypeError, match="nsamples"):
+        calibration_data(["some text"] * 4, tok)
+    with pytest.raises(TypeError, match="nsamples"):
+        TokenBlockDataset.from_source(["some text"] * 4, tok)
+    assert (UPQConfig().nsamples, UPQConfig().seqlen) == (128, 128)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from upq_hf.distill import UPQDistillTrainer, freeze_all_but_quantized, chunked_cross_entropy, chunked_jsd, generalized_jsd
+from upq_hf.distill import UPQDistillTrainer, select_trainable, chunked_cross_entropy, chunked_jsd, generalized_jsd
 from upq_hf.qat import QATLinear, qat_layers, to_qat
 
-from conftest import tiny_llama
+from helpers import random_blocks, tiny_llama
 
 
 def kl(p, q):
@@ -106,25 +106,12 @@ def test_bad_beta_rejected():
 
 # ------------------------------------------------------------------------------------------------ trainer
 
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n=16, seqlen=24, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 128, (n, seqlen), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
 def student_and_teacher():
     # a wider init than the default gives peaked distributions, so INT2 starts visibly off the teacher
     teacher = tiny_llama(seed=0, initializer_range=0.1)
     student = tiny_llama(seed=0, initializer_range=0.1)
     to_qat(student, bits=2, group_size=32)
-    freeze_all_but_quantized(student)
+    select_trainable(student)
     return student, teacher
 
 
@@ -138,9 +125,9 @@ def args(tmp_path, **kw):
 
 def test_trainer_lowers_jsd_and_keeps_param_groups(tmp_path):
     student, teacher = student_and_teacher()
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks(),
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=random_blocks(),
                                 beta=0.5, scale_learning_rate=1e-2)
-    batch = {k: torch.stack([Blocks()[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.stack([random_blocks()[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         before = trainer.compute_loss(student, batch).item()
     trainer.train()
@@ -159,7 +146,7 @@ def test_trainer_lowers_jsd_and_keeps_param_groups(tmp_path):
 def test_ntp_objective_needs_no_teacher(tmp_path):
     student, _ = student_and_teacher()
     trainer = UPQDistillTrainer(model=student, objective="ntp", args=args(tmp_path, max_steps=3),
-                                train_dataset=Blocks())
+                                train_dataset=random_blocks())
     trainer.train()
     first = trainer.state.log_history[0]["loss"]
     assert 0 < first < 2 * math.log(128)
@@ -167,8 +154,8 @@ def test_ntp_objective_needs_no_teacher(tmp_path):
 
 def test_padding_is_masked(tmp_path):
     student, teacher = student_and_teacher()
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks())
-    ids = Blocks()[0]["input_ids"][None]
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=random_blocks())
+    ids = random_blocks()[0]["input_ids"][None]
     padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 6, dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -180,16 +167,16 @@ def test_padding_is_masked(tmp_path):
 def test_checkpoint_resume_gives_the_same_model(tmp_path):
     student, teacher = student_and_teacher()
     straight = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "a", max_steps=4),
-                                 train_dataset=Blocks())
+                                 train_dataset=random_blocks())
     straight.train()
     reference = {k: v.clone() for k, v in student.state_dict().items()}
 
     student, teacher = student_and_teacher()
-    first = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+    first = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=random_blocks(),
                               args=args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2))
     first.train()
     student, teacher = student_and_teacher()  # a fresh process would start here
-    resumed = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+    resumed = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=random_blocks(),
                                 args=args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2))
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     assert resumed.state.global_step == 4
@@ -202,7 +189,7 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
     from upq_hf.optim import StepAdam
 
     student, teacher = student_and_teacher()
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=Blocks(),
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=random_blocks(),
                                 scale_learning_rate=1e-2)
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, StepAdam)
@@ -211,7 +198,7 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
     assert optimizer.unit_of(layer.weight) is layer.weight_scale  # live: the current scale
     assert optimizer.unit_of(layer.weight_scale) is layer.weight_scale
     plain = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path / "plain"),
-                              train_dataset=Blocks(), scale_learning_rate=1e-2, step_units=False)
+                              train_dataset=random_blocks(), scale_learning_rate=1e-2, step_units=False)
     optimizer = plain.create_optimizer()
     assert type(optimizer) is torch.optim.AdamW
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {"scales": 1e-2, "weights": 3e-3}
@@ -220,12 +207,12 @@ def test_optimizer_measures_in_quantization_steps_unless_told_not_to(tmp_path):
 
 def test_train_norms_adds_the_norm_weights_and_trains_them(tmp_path):
     student, teacher = student_and_teacher()
-    quantized = freeze_all_but_quantized(student)
+    quantized = select_trainable(student)
     norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
     n_norm = sum(p.numel() for p in norms.values())
-    assert n_norm > 0 and freeze_all_but_quantized(student, train_norms=True) == quantized + n_norm
+    assert n_norm > 0 and select_trainable(student, train_norms=True) == quantized + n_norm
     trainer = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path, max_steps=3),
-                                train_dataset=Blocks(), scale_learning_rate=1e-2)
+                                train_dataset=random_blocks(), scale_learning_rate=1e-2)
     trainer.train()
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert len(groups["norms"]["params"]) == len(norms) and "other" not in groups
@@ -238,11 +225,11 @@ def test_norm_weights_move_relative_to_their_size(tmp_path):
     """Adam's first update is lr * sign(grad); in the norms group it is scaled by the tensor's mean |w|,
     so a norm whose weights are 100x smaller moves 100x less."""
     student, teacher = student_and_teacher()
-    freeze_all_but_quantized(student, train_norms=True)
+    select_trainable(student, train_norms=True)
     with torch.no_grad():
         student.model.layers[0].input_layernorm.weight.mul_(0.01)
     norms = {n: p.detach().clone() for n, p in student.named_parameters() if "norm" in n}
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=Blocks(),
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher, train_dataset=random_blocks(),
                                 args=args(tmp_path, max_steps=1, max_grad_norm=0.0, warmup_steps=0,
                                           lr_scheduler_type="constant"),
                                 scale_learning_rate=1e-2)
@@ -254,3 +241,86 @@ def test_norm_weights_move_relative_to_their_size(tmp_path):
         assert moved.max() > 0, name
         torch.testing.assert_close(moved[moved > 0], expected.expand_as(moved[moved > 0]), rtol=1e-3, atol=0,
                                    msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ cached teacher
+
+def test_topk_log_probs_coarsen_exactly():
+    from upq_hf.distill import topk_log_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11) * 3
+    ids = logits.topk(3, dim=-1).indices
+    coarse = topk_log_probs(logits, ids)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(coarse[:, :3].exp(), probs.gather(-1, ids))
+    torch.testing.assert_close(coarse[:, 3].exp(), 1 - probs.gather(-1, ids).sum(-1))  # the tail bucket
+    torch.testing.assert_close(coarse.exp().sum(-1), torch.ones(5))
+    # a confident row whose tail is far below float32's resolution of 1 - p: still finite and exact
+    sharp = torch.tensor([[30.0, 0.0, 0.0, 0.0]])
+    tail = topk_log_probs(sharp, torch.tensor([[0]]))[0, 1].item()
+    assert tail == pytest.approx(math.log(3) - 30 - math.log1p(3 * math.exp(-30)), abs=1e-5)
+
+
+def test_teacher_topk_caches_the_teacher_distribution():
+    from upq_hf.distill import teacher_topk
+
+    teacher = tiny_llama(seed=0, initializer_range=0.1)
+    ids = torch.randint(0, 128, (3, 10))
+    top_ids, top_logp = teacher_topk(teacher, ids, k=8, batch_size=2)
+    assert top_ids.shape == (3, 10, 8) and top_ids.dtype == torch.int32 and top_logp.shape == (3, 10, 9)
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(ids).logits.float(), -1)
+    expected, expected_ids = full.topk(8, dim=-1)
+    assert torch.equal(top_ids.long(), expected_ids)
+    torch.testing.assert_close(top_logp[..., :8], expected)
+    rest = 1 - expected.exp().sum(-1)
+    torch.testing.assert_close(top_logp[..., 8].exp(), rest, atol=1e-6, rtol=1e-4)
+
+
+def test_topk_jsd_is_the_divergence_of_the_coarsened_pair_and_a_lower_bound():
+    from upq_hf.distill import chunked_topk_jsd, topk_log_probs
+
+    torch.manual_seed(0)
+    head = torch.randn(50, 16)
+    s_hidden, t_hidden = torch.randn(9, 16, requires_grad=True), torch.randn(9, 16)
+    t_logits = t_hidden @ head.t()
+    t_logp = torch.log_softmax(t_logits, -1)
+    ids = t_logp.topk(6, -1).indices
+    cached = torch.cat([t_logp.gather(-1, ids), torch.logsumexp(t_logp.scatter(-1, ids, float("-inf")), -1,
+                                                                    keepdim=True)], -1)
+    for beta in (0.0, 0.5, 1.0):
+        got = chunked_topk_jsd(s_hidden, head, ids, cached, beta=beta, chunk_size=4)
+        coarse_s = topk_log_probs(s_hidden @ head.t(), ids)
+        expected = generalized_jsd(coarse_s, cached, beta).sum()  # log-probs are their own logits
+        torch.testing.assert_close(got, expected)
+        full = generalized_jsd(s_hidden @ head.t(), t_logits, beta).sum()
+        assert got.item() <= full.item() + 1e-5  # coarsening never adds divergence
+    got.backward()
+    assert s_hidden.grad is not None and torch.isfinite(s_hidden.grad).all()
+
+
+def test_trainer_on_cached_teacher_matches_the_live_teacher(tmp_path):
+    """Top-k over the whole vocabulary but one token: the cached loss is the live loss (one tail token is the
+    same as itself), and training needs no teacher model."""
+    from upq_hf.distill import TeacherTargetsDataset
+
+    student, teacher = student_and_teacher()
+    blocks = random_blocks(n=8)
+    cached = TeacherTargetsDataset.build(blocks, teacher, k=127, batch_size=4)
+    batch = {k: torch.stack([cached[i][k] for i in range(8)]) for k in cached[0]}
+    live = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=blocks)
+    offline = UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=cached)  # no teacher_model
+    with torch.no_grad():
+        plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        torch.testing.assert_close(offline.compute_loss(student, batch), live.compute_loss(student, plain),
+                                   rtol=1e-4, atol=1e-5)
+    before = offline.compute_loss(student, batch).item()
+    offline.train()
+    assert offline.compute_loss(student, batch).item() < 0.9 * before
+
+
+def test_jsd_without_teacher_or_cache_is_refused(tmp_path):
+    student, _ = student_and_teacher()
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=random_blocks())

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from upq_hf.eval import INSTRUCTION_CHECKS, FidelityReference, fidelity, token_divergences
+from upq_hf.evaluation import INSTRUCTION_CHECKS, FidelityReference, fidelity, token_divergences
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 def test_token_divergences_hand_values():

@@ -105,7 +105,8 @@ def test_eval_writes_lm_eval_metrics_and_fidelity(cli_results, tiny_models):
 @pytest.fixture(scope="module")
 def local_tasks():
     """lm-eval Task objects built from the fixture files, without any model."""
-    from upq_hf.evaluate import build_task_specs, load_tasks
+    from upq_hf.evaluation.harness import load_tasks
+    from upq_hf.evaluation.local_tasks import build_task_specs
 
     manager, specs, _ = build_task_specs(["mmlu", "ifeval"], {"mmlu": str(DATA / "mmlu"),
                                                               "ifeval": str(DATA / "ifeval.jsonl")})
@@ -154,7 +155,7 @@ def test_ifeval_uses_lm_evals_instruction_checkers(local_tasks):
 def test_punkt_tab_is_written_from_the_package(tmp_path, monkeypatch):
     import nltk
 
-    from upq_hf.evaluate import ensure_punkt_tab
+    from upq_hf.evaluation.local_tasks import ensure_punkt_tab
     from upq_hf.models import cache_dir
 
     ours = str(cache_dir() / "nltk_data")  # where earlier tests may have put it
@@ -214,7 +215,7 @@ def test_malformed_rows_are_named(tmp_path, capsys):
 
 
 def test_fidelity_alone_needs_no_lm_eval(tiny_models, tmp_path, monkeypatch):
-    from upq_hf.evaluate import evaluate_model
+    from upq_hf.evaluation import evaluate_model
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     dense, int2 = tiny_models
@@ -227,7 +228,7 @@ def test_fidelity_alone_needs_no_lm_eval(tiny_models, tmp_path, monkeypatch):
 
 
 def test_import_upq_hf_keeps_lm_eval_out():
-    code = ("import sys, upq_hf, upq_hf.evaluate; from upq_hf import cli; cli.build_parser(); "
+    code = ("import sys, upq_hf, upq_hf.evaluation; from upq_hf import cli; cli.build_parser(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'nltk')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

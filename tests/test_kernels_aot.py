@@ -1,6 +1,6 @@
 """Every Triton kernel variant and configuration compiles for sm_80 and sm_90, without a GPU.
 
-``python -m upq_kernels.aot`` (kernels/aot.py) runs each variant's host code on CPU stand-ins of the
+``python -m upq_kernels.aot`` (kernels/upq_kernels/aot.py) runs each variant's host code on CPU stand-ins of the
 real shapes, records the launch, specialises it as Triton's JIT would and compiles it with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` down to a cubin; a case fails
 if it does not compile or needs more shared memory than the target allows. conftest.py sets

@@ -3,17 +3,16 @@
 import pytest
 import torch
 
-import upq_hf  # before peft: from the repository root, importing peft first would import upq_hf half-way
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
-
-from upq_hf import UPQConfig, UPQLinear  # noqa: E402
+import upq_hf
+from upq_hf import UPQConfig, UPQLinear
 from upq_hf.convert import upq_layers
 from upq_hf.lora import UPQLoraLinear, UPQMergeError, register_peft, target_modules, unregister_peft
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 3], [4, 4, 8, 15, 16, 23, 42, 0]])
 NAMES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -8,11 +8,16 @@ or unreadable entry raises one ``ValueError`` that names the file and the layer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import torch
 
 from .packing import FORMAT_VERSION
+
+
+#: safetensors header key holding ``{layer: in_features}`` of the packed layers (JSON)
+IN_FEATURES_KEY = "upq_in_features"
 
 
 class CorruptCheckpointError(ValueError):
@@ -68,9 +73,23 @@ def validate_checkpoint(files: Iterable[str], expected: dict[str, tuple[tuple[in
             f"quantization_config in config.json): {shown}")
 
 
+def _linear_in_features(path: str) -> dict[str, int]:
+    """``{name: in_features}`` of the linear layers of the model config.json describes, built on the meta
+    device (no weights); empty when transformers cannot build it."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an architecture this transformers cannot build
+        return {}
+    return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def checkpoint_info(path: str) -> dict:
-    """What a saved UPQ checkpoint holds, read from config.json and the safetensors headers only."""
-    import json
+    """What a saved UPQ checkpoint holds, read from config.json and the safetensors headers (and, for a
+    per-row layer of a checkpoint that predates the recorded ``in_features``, the architecture)."""
     import os
 
     from safetensors import safe_open
@@ -83,15 +102,18 @@ def checkpoint_info(path: str) -> dict:
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "upq":
         raise ValueError(f"{path} is not a UPQ checkpoint (quantization_config: {qconfig.get('quant_method')!r})")
-    bits = qconfig["bits"]
-    per_word = 32 // bits
+    from .config import UPQConfig
+
+    resolved = UPQConfig(**qconfig)  # resolves module_bits patterns to each layer's format
     element_bytes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1}
     layers: dict[str, dict] = {}
+    recorded: dict[str, int] = {}
     other_bytes = 0
     for name in sorted(os.listdir(path)):
         if not name.endswith(".safetensors"):
             continue
         with safe_open(os.path.join(path, name), framework="pt") as handle:
+            recorded.update(json.loads((handle.metadata() or {}).get(IN_FEATURES_KEY, "{}")))
             for key in handle.keys():
                 tensor_slice = handle.get_slice(key)
                 shape, dtype = tensor_slice.get_shape(), tensor_slice.get_dtype()
@@ -112,11 +134,20 @@ def checkpoint_info(path: str) -> dict:
                     other_bytes += nbytes
     quantized_bytes = sum(e.get("code_bytes", 0) + e.get("weight_scale_bytes", 0) + e.get("weight_zero_bytes", 0)
                           for e in layers.values())
-    # in_features is not stored in the header; the config's group size and the groups count give it back
+    architecture = None
     n_weights = 0
-    for entry in layers.values():
-        group_size = qconfig.get("group_size")
-        in_features = entry["groups"] * group_size if group_size and entry["groups"] > 1 else entry["packed_words"] * per_word
+    for layer, entry in layers.items():
+        bits, group_size = resolved.layer_format(layer)
+        bits = 4 if "weight_zero_bytes" in entry else 2  # the tensors say it: only INT4 stores zero points
+        per_word = 32 // bits
+        entry["bits"] = bits
+        if layer in recorded:  # written by save_pretrained since the header records it
+            in_features = recorded[layer]
+        elif group_size and entry["groups"] > 1:  # K = groups x group size exactly
+            in_features = entry["groups"] * group_size
+        else:  # one scale per row: the packed words only bound K, the architecture knows it
+            architecture = _linear_in_features(path) if architecture is None else architecture
+            in_features = architecture.get(layer, entry["packed_words"] * per_word)
         entry["in_features"] = in_features
         n_weights += in_features * entry["out_features"]
     disk_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)

@@ -1,17 +1,27 @@
-"""The ``upq`` command line: ``upq quantize``, ``upq info``.
+"""The ``upq`` command line: ``upq quantize``, ``upq info``, ``upq push``, ``upq eval``.
 
-Every error a user can cause (bad bits, unknown dataset, missing GPU, corrupt checkpoint, existing
-output) ends with one line on stderr and exit status 2, and never leaves a half-written checkpoint.
+Argument parsing and printing only: quantizing is :func:`upq_hf.quantize_model`, the fidelity report
+:func:`upq_hf.evaluation.measure_fidelity`, evaluating :func:`upq_hf.evaluation.evaluate_model`,
+describing a checkpoint :func:`upq_hf.checkpoint.checkpoint_info`, uploading
+:func:`upq_hf.publish.push_folder`; choices and defaults come from ``UPQConfig`` and the recipe registry.
+Every error a user can cause (bad bits, unknown dataset or task, missing GPU, corrupt checkpoint,
+existing output) ends with one line on stderr and exit status 2, and never leaves a half-written
+checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import time
+
+from .formats import SCALE_INITS, SUPPORTED_BITS
+from .recipes import RECIPES
 
 
 def _group_size(text: str):
@@ -23,6 +33,29 @@ def _group_size(text: str):
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'row', got {text!r}") from None
 
 
+def _module_bits(text: str) -> tuple[str, object]:
+    """``--module-bits PATTERN=BITS[:GROUP]``: one mixed-precision override (``UPQConfig.module_bits``)."""
+    pattern, sep, spec = text.rpartition("=")
+    bits, _, group = spec.partition(":")
+    if not sep or not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"--module-bits takes PATTERN=BITS or PATTERN=BITS:GROUP (e.g. "
+                                         f"'k_proj=4', 'v_proj=4:32'), got {text!r}")
+    if not group:
+        return pattern, int(bits)
+    return pattern, {"bits": int(bits), "group_size": _group_size(group)}
+
+
+_NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+def _limit(text: str) -> int | float:
+    """``--limit``: an integer count per task, or a fraction below 1."""
+    if not _NUMBER.match(text):
+        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}")
+    value = float(text)
+    return int(value) if value >= 1 else value
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -31,22 +64,14 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _check_device(device: str | None) -> None:
-    import torch
-
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
-                           "is False): use --device cpu")
-
-
 def cmd_quantize(args) -> int:
     import torch
 
     from . import UPQConfig, quantize_model
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import check_device, load_model, load_tokenizer, resolve_model
     from .publish import REPORT_FILE, prepare_target, save_atomic
 
-    training = args.recipe in ("upq", "ntp", "distill")
+    training = RECIPES[args.recipe].trains
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
     options = dict(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
                    backend=args.backend, dataset=args.dataset, self_prompts=args.self_prompts,
@@ -58,9 +83,12 @@ def cmd_quantize(args) -> int:
                    learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
                    train_norms=False if args.no_train_norms else None,
                    temperature=args.temperature, work_dir=work_dir, resume=args.resume, device=args.device,
-                   seed=args.seed)
+                   seed=args.seed, ptq_loss=args.ptq_loss, ptq_batch_size=args.ptq_batch_size,
+                   int4_ptq_epochs=args.int4_ptq_epochs, train_samples=args.train_samples,
+                   teacher_topk=args.teacher_topk, mixed_precision=args.mixed_precision,
+                   module_bits=dict(args.module_bits) if args.module_bits else None)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
-    _check_device(args.device)
+    check_device(args.device, f"--device {args.device}", "use --device cpu")
     prepare_target(args.out, args.overwrite)  # fail before any expensive work
     start = time.time()
     source = resolve_model(args.model)
@@ -83,7 +111,7 @@ def cmd_quantize(args) -> int:
     report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
-        report["metrics"] = _fidelity_metrics(model, source, tokenizer, args.fidelity_prompts)
+        report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     # the saved config records the recipe, not where this run kept its scratch files
     config.work_dir = config.resume = config.device = None
@@ -95,18 +123,18 @@ def cmd_quantize(args) -> int:
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
 
 
-def _fidelity_metrics(model, source: str, tokenizer, n_prompts: int) -> dict:
-    from .eval import FidelityReference, fidelity
+def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
+    """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``) and the
+    quantized model's greedy answers to the same held-out prompts."""
+    from .evaluation import measure_fidelity
     from .models import load_model
-    from .prompts import EVAL_PROMPTS
 
-    device = next(model.parameters()).device
-    teacher = load_model(source, dtype="float32").to(device)
-    reference = FidelityReference.build(teacher, tokenizer, list(EVAL_PROMPTS[:n_prompts]), max_new_tokens=64,
-                                        progress=True)
-    scores = fidelity(model, teacher, reference)
-    return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
-            "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"]}
+    teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
+    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
+    metrics = {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+               "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
+               "answers_non_empty": scores["non_empty"], "answers_prompts": scores["prompts"]}
+    return metrics, scores["answers"]
 
 
 def cmd_push(args) -> int:
@@ -128,21 +156,27 @@ def cmd_info(args) -> int:
     groups = "per-row" if q.get("group_size") is None else f"group_size {q['group_size']}"
     print(f"{info['path']}: UPQ INT{q['bits']} ({'SEQ' if q['bits'] == 2 else 'asymmetric'}), {groups}, "
           f"recipe {q.get('recipe')}, format v{q.get('format_version')}")
-    print(f"  quantized layers      {len(info['layers'])}")
+    by_bits: dict[int, int] = {}
+    for entry in info["layers"].values():
+        by_bits[entry["bits"]] = by_bits.get(entry["bits"], 0) + 1
+    mixed = ", ".join(f"{count} at INT{b}" for b, count in sorted(by_bits.items()))
+    print(f"  quantized layers      {len(info['layers'])}{f'  (mixed: {mixed})' if len(by_bits) > 1 else ''}")
     print(f"  quantized weights     {info['quantized_weights']:,}")
-    print(f"  bits per weight       {info['bits_per_weight']:.3f}  (codes + scales{' + zeros' if q['bits'] == 4 else ''})")
+    zeros = " + zeros" if 4 in by_bits else ""
+    print(f"  bits per weight       {info['bits_per_weight']:.3f}  (average: codes + scales{zeros})")
     print(f"  packed tensors        {_human_bytes(info['quantized_bytes'])}")
     print(f"  other tensors         {_human_bytes(info['other_tensor_bytes'])}  (embeddings, norms, unquantized layers)")
     print(f"  on disk               {_human_bytes(info['disk_bytes'])}")
     if args.layers:
         for name, entry in info["layers"].items():
-            print(f"  {name:48s} {entry['out_features']:>6} x {entry['in_features']:<6} groups {entry['groups']}")
+            print(f"  {name:48s} INT{entry['bits']} {entry['out_features']:>6} x {entry['in_features']:<6} "
+                  f"groups {entry['groups']}")
     return 0
 
 
 def cmd_eval(args) -> int:
     """``upq eval``: lm-eval tasks (offline from local files if need be) and our fidelity report."""
-    from .evaluate import evaluate_model, summary_table
+    from .evaluation import evaluate_model, summary_table
 
     results = evaluate_model(
         args.model, args.tasks, data_files=args.data_files, output=args.output, batch_size=args.batch_size,
@@ -158,53 +192,77 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import BACKENDS
+    from .config import MIXED_PRECISIONS, PTQ_LOSSES, UPQConfig
+    from .ptq import ALGORITHMS
+
+    default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
     parser = argparse.ArgumentParser(prog="upq", description="Unified Progressive Quantization for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint")
     q.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
-    q.add_argument("--bits", type=int, choices=[2, 4], required=True)
-    q.add_argument("--group-size", type=_group_size, default=64, help="input columns per scale, or 'row' (default 64)")
-    q.add_argument("--recipe", default="rtn", choices=["rtn", "ptq", "upq", "ntp", "distill"],
-                   help="rtn: round to nearest; ptq: block-wise PTQ; upq: PTQ to INT4 then INT2 Distill-QAT; "
-                        "ntp / distill: INT2 QAT baselines (next-token / JSD, no INT4 stage)")
+    q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, required=True)
+    q.add_argument("--group-size", type=_group_size, default=default["group_size"],
+                   help=f"input columns per scale, or 'row' (default {default['group_size']})")
+    q.add_argument("--recipe", default="rtn", choices=list(RECIPES),
+                   help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
     data = q.add_argument_group("data (ptq, upq, ntp, distill)")
     data.add_argument("--dataset", default=None,
                       help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "
                            "or a local .txt/.jsonl/.parquet file or folder")
     data.add_argument("--self-prompts", type=int, default=None, help="built-in prompts answered for 'self'")
-    data.add_argument("--nsamples", type=int, default=None, help="PTQ calibration sequences (default 32)")
-    data.add_argument("--seqlen", type=int, default=None, help="PTQ calibration length (default 128)")
+    data.add_argument("--nsamples", type=int, default=None, help=f"PTQ calibration sequences (default {default['nsamples']})")
+    data.add_argument("--seqlen", type=int, default=None, help=f"PTQ calibration length (default {default['seqlen']})")
     ptq = q.add_argument_group("block-wise PTQ")
-    ptq.add_argument("--ptq-algorithm", default=None, choices=["blockap", "lwc"])
-    ptq.add_argument("--ptq-epochs", type=int, default=None)
-    ptq.add_argument("--int4-group-size", type=_group_size, default=64, help="group size of the INT4 stage (upq)")
+    ptq.add_argument("--ptq-algorithm", default=None, choices=ALGORITHMS)
+    ptq.add_argument("--ptq-epochs", type=int, default=None,
+                     help=f"passes over the calibration data per block (default {default['ptq_epochs']})")
+    ptq.add_argument("--ptq-batch-size", type=int, default=None,
+                     help=f"calibration sequences per step (default {default['ptq_batch_size']})")
+    ptq.add_argument("--ptq-loss", default=None, choices=PTQ_LOSSES,
+                     help=f"block reconstruction error (default {default['ptq_loss']})")
+    ptq.add_argument("--int4-ptq-epochs", type=int, default=None,
+                     help=f"epochs of upq's INT4 stage (default {default['int4_ptq_epochs']})")
+    ptq.add_argument("--int4-group-size", type=_group_size, default=default["int4_group_size"],
+                     help="group size of the INT4 stage (upq)")
     ptq.add_argument("--keep-int4", default=None, help="where upq keeps the INT4 model (default OUT-int4); "
                                                       "a later run restarts from it")
     ptq.add_argument("--no-int2-ptq", action="store_true",
                      help="upq: skip the block-wise INT2 reconstruction between the INT4 model and distillation")
     train = q.add_argument_group("training (upq, ntp, distill)")
-    train.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 60)")
-    train.add_argument("--train-batch-size", type=int, default=None, help="sequences per step (default 4)")
-    train.add_argument("--train-seqlen", type=int, default=None, help="tokens per sequence (default 128)")
-    train.add_argument("--lr", type=float, default=None, help="latent weights' learning rate: fraction of a quantization step per update (default 0.02)")
-    train.add_argument("--scale-lr", type=float, default=None, help="scales' learning rate: relative change per update (default 0.01)")
-    train.add_argument("--beta", type=float, default=None, help="generalized JSD beta (default 0: forward KL(teacher || student); 0.5: symmetric JSD)")
+    train.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {default['train_steps']})")
+    train.add_argument("--train-batch-size", type=int, default=None, help=f"sequences per step (default {default['train_batch_size']})")
+    train.add_argument("--train-seqlen", type=int, default=None, help=f"tokens per sequence (default {default['train_seqlen']})")
+    train.add_argument("--lr", type=float, default=None, help=f"latent weights' learning rate: fraction of a quantization step per update (default {default['learning_rate']})")
+    train.add_argument("--scale-lr", type=float, default=None, help=f"scales' learning rate: relative change per update (default {default['scale_learning_rate']})")
+    train.add_argument("--beta", type=float, default=None, help=f"generalized JSD beta (default {default['beta']}; 0: forward KL(teacher || student), 0.5: symmetric JSD)")
     train.add_argument("--no-train-norms", action="store_true",
                        help="keep the normalisation layers frozen (default: trained with the quantized layers)")
     train.add_argument("--temperature", type=float, default=None)
+    train.add_argument("--train-samples", type=int, default=None,
+                       help=f"distinct training sequences, cycled for several epochs (default {default['train_samples']})")
+    train.add_argument("--teacher-topk", type=int, default=None,
+                       help=f"cache the teacher's top-k distributions once (default {default['teacher_topk']}; "
+                            "0: run the teacher at every step)")
+    train.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS,
+                       help=f"autocast of PTQ and QAT (default {default['mixed_precision']}: bf16 where the device "
+                            "multiplies bf16 natively)")
     train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
     train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
     train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")
+    q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
+                   help="mixed precision: layers whose name matches the regular expression PATTERN get BITS "
+                        "(and GROUP); repeatable, the first match decides (e.g. --module-bits '(k|v)_proj=4')")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--fidelity-prompts", type=int, default=16,
                    help="held-out prompts for the fidelity numbers in the model card (0: skip)")
-    q.add_argument("--scale-init", default="mse", choices=["max", "mse"])
+    q.add_argument("--scale-init", default=default["scale_init"], choices=SCALE_INITS)
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
     q.add_argument("--device", default=None, help="where to run the quantization (cpu, cuda, cuda:1; default cpu)")
-    q.add_argument("--backend", default=None, choices=["torch", "triton", "cpu"])
+    q.add_argument("--backend", default=None, choices=BACKENDS)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
@@ -222,8 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.set_defaults(func=cmd_info)
 
-    from .evaluate import parse_limit
-
     e = sub.add_parser("eval", help="benchmark a model with lm-evaluation-harness (pip install upq_hf[eval]) "
                                     "and/or its fidelity to the unquantized teacher")
     e.add_argument("model", nargs="?", default=None,
@@ -236,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "format instead of the Hub: --data-files mmlu=mmlu/ --data-files ifeval=ifeval.jsonl")
     e.add_argument("--output", default=None, help="JSON file for the results (written atomically)")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--limit", type=parse_limit, default=None,
+    e.add_argument("--limit", type=_limit, default=None,
                    help="examples per task (lm-eval's --limit; each MMLU subject is a task), and the number "
                         "of fidelity prompts; a fraction below 1 takes that share")
     e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")

@@ -6,27 +6,31 @@ It is a ``transformers`` ``QuantizationConfigMixin`` so that it rides in ``confi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .packing import FORMAT_VERSION, SUPPORTED_BITS
+from . import backends
+from .formats import SCALE_INITS, check_bits
+from .packing import FORMAT_VERSION
+from .recipes import RECIPES
 
-RECIPES = ("rtn", "ptq", "upq", "ntp", "distill")
-SCALE_INITS = ("max", "mse")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-BACKENDS = (None, "torch", "triton", "cpu")
+PTQ_LOSSES = ("token", "mse", "channel")
+MIXED_PRECISIONS = ("auto", "bf16", "no")
+BACKENDS = (None, *backends.BACKENDS)
 
 
 class UPQConfig(QuantizationConfigMixin):
-    """Configuration of a UPQ quantization.
+    r"""Configuration of a UPQ quantization.
 
     Args:
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
         group_size: input columns sharing one scale; ``None`` for one scale per output row.
-        recipe: how the codes are found: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
-            ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"`` (INT2 next-token QAT, ParetoQ's
-            recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
+        recipe: how the codes are found, a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to
+            nearest), ``"ptq"`` (block-wise PTQ), ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"``
+            (INT2 next-token QAT, ParetoQ's recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
         scale_init: initial scales: ``"max"`` (max |w|, ParetoQ) or ``"mse"`` (error-minimising search).
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
@@ -34,6 +38,12 @@ class UPQConfig(QuantizationConfigMixin):
         backend: force the forward path: ``"torch"`` (the reference: dequantize, then matmul),
             ``"triton"`` (the Triton kernels) or ``"cpu"`` (torch's INT4 CPU kernel). Default: Triton on
             CUDA, ``"cpu"`` on CPU where torch has the kernel, else ``"torch"`` (see upq_hf/backends.py).
+        module_bits: mixed precision, per-module overrides by name pattern: ``{pattern: bits}`` or
+            ``{pattern: {"bits": b, "group_size": g}}``; a pattern is a regular expression searched in the
+            layer's full name (``r"\.(k|v)_proj$"``, ``r"layers\.(0|29)\.mlp\.down_proj"``); the first
+            pattern that matches decides, and a layer no pattern matches takes ``bits``/``group_size``. An
+            override to INT4 without a group size takes ``int4_group_size``. Saved with the checkpoint, so a
+            mixed model reloads with plain ``from_pretrained``.
 
     Data and PTQ (recipes ``ptq`` and ``upq``):
         dataset: calibration/training text: ``"self"`` (the model's own answers to built-in prompts,
@@ -71,12 +81,16 @@ class UPQConfig(QuantizationConfigMixin):
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn",
                  scale_init: str = "mse", scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
+                 module_bits: dict[str, Any] | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
-                 nsamples: int = 32, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
-                 int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
-                 int2_scale_init: str = "max", train_steps: int = 60, train_batch_size: int = 4,
-                 train_seqlen: int = 128, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
-                 beta: float = 0.0, temperature: float = 1.0, train_norms: bool = True,
+                 nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 6,
+                 ptq_batch_size: int = 8, ptq_loss: str = "token", ptq_holdout: float = 0.125,
+                 int4_group_size: int | None = 64, int4_ptq_epochs: int = 1, int4_checkpoint: str | None = None,
+                 int2_ptq: bool = True, int2_scale_init: str = "max", train_steps: int = 30,
+                 train_batch_size: int = 16, train_seqlen: int = 128, train_samples: int | None = 128,
+                 learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
+                 beta: float = 0.0, temperature: float = 1.0, teacher_topk: int = 64, train_norms: bool = True,
+                 mixed_precision: str = "auto",
                  work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
@@ -88,6 +102,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
+        self.module_bits = (dict(module_bits) if isinstance(module_bits, dict) else module_bits) or None
         self.format_version = format_version
         self.dataset = dataset
         self.self_prompts = self_prompts
@@ -95,6 +110,10 @@ class UPQConfig(QuantizationConfigMixin):
         self.seqlen = seqlen
         self.ptq_algorithm = ptq_algorithm
         self.ptq_epochs = ptq_epochs
+        self.ptq_batch_size = ptq_batch_size
+        self.ptq_loss = ptq_loss
+        self.ptq_holdout = ptq_holdout
+        self.int4_ptq_epochs = int4_ptq_epochs
         self.int4_group_size = int4_group_size
         self.int4_checkpoint = int4_checkpoint
         self.int2_ptq = int2_ptq
@@ -102,6 +121,9 @@ class UPQConfig(QuantizationConfigMixin):
         self.train_steps = train_steps
         self.train_batch_size = train_batch_size
         self.train_seqlen = train_seqlen
+        self.train_samples = train_samples
+        self.teacher_topk = teacher_topk
+        self.mixed_precision = mixed_precision
         self.learning_rate = learning_rate
         self.scale_learning_rate = scale_learning_rate
         self.beta = beta
@@ -117,8 +139,10 @@ class UPQConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
-            raise ValueError(f"UPQConfig: bits must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}")
+        try:
+            check_bits(self.bits)
+        except ValueError as error:
+            raise ValueError(f"UPQConfig: {error}") from None
         if self.group_size is not None and (
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0
         ):
@@ -134,21 +158,88 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"UPQConfig: backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in ("nsamples", "seqlen", "ptq_epochs", "train_steps", "train_batch_size", "train_seqlen"):
+        for name in ("nsamples", "seqlen", "ptq_epochs", "ptq_batch_size", "int4_ptq_epochs", "train_steps",
+                     "train_batch_size", "train_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"UPQConfig: {name} must be a positive integer, got {value!r}")
+        if self.train_samples is not None and (not isinstance(self.train_samples, int)
+                                               or isinstance(self.train_samples, bool) or self.train_samples <= 0):
+            raise ValueError(f"UPQConfig: train_samples must be a positive integer or None, got {self.train_samples!r}")
+        if self.ptq_loss not in PTQ_LOSSES:
+            raise ValueError(f"UPQConfig: ptq_loss must be one of {list(PTQ_LOSSES)}, got {self.ptq_loss!r}")
+        if not isinstance(self.ptq_holdout, (int, float)) or isinstance(self.ptq_holdout, bool) \
+                or not 0.0 <= self.ptq_holdout < 1.0:
+            raise ValueError(f"UPQConfig: ptq_holdout is the share of calibration sequences held out, in [0, 1), "
+                             f"got {self.ptq_holdout!r}")
+        if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
+            raise ValueError(f"UPQConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
+                             f"training), got {self.teacher_topk!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"UPQConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
         if float(self.temperature) <= 0:
             raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
         if self.int2_scale_init not in SCALE_INITS:
             raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
+        self._check_module_bits()
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses UPQ storage format version {self.format_version!r}, but the installed "
                 f"upq_hf reads versions up to {FORMAT_VERSION}: upgrade upq_hf (pip install -U upq_hf)"
             )
+
+    def _check_module_bits(self) -> None:
+        if self.module_bits is None:
+            return
+        if not isinstance(self.module_bits, dict):
+            raise ValueError(f"UPQConfig: module_bits must map name patterns to bits, got {self.module_bits!r}")
+        for pattern, spec in self.module_bits.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} is not a regular expression: {error}") \
+                    from None
+            bits, group_size = self._override(spec)
+            try:
+                check_bits(bits)
+            except ValueError as error:
+                raise ValueError(f"UPQConfig: module_bits[{pattern!r}]: {error}") from None
+            if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                           or group_size <= 0):
+                raise ValueError(f"UPQConfig: module_bits[{pattern!r}]: group_size must be a positive integer or "
+                                 f"None, got {group_size!r}")
+
+    def _override(self, spec) -> tuple[Any, Any]:
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"bits", "group_size"}
+            if unknown or "bits" not in spec:
+                raise ValueError(f"UPQConfig: a module_bits entry is bits or {{'bits': b, 'group_size': g}}, got {spec!r}")
+            bits = spec["bits"]
+            default = self.group_size if bits == self.bits else self.int4_group_size
+            return bits, spec.get("group_size", default)
+        bits = spec
+        return bits, self.group_size if bits == self.bits else self.int4_group_size
+
+    def layer_format(self, name: str) -> tuple[int, int | None]:
+        """``(bits, group_size)`` of the quantized layer called ``name`` (see ``module_bits``)."""
+        for pattern, spec in (self.module_bits or {}).items():
+            if re.search(pattern, name):
+                return self._override(spec)
+        return self.bits, self.group_size
+
+    def layer_formats(self, names) -> dict[str, tuple[int, int | None]]:
+        """``{name: (bits, group_size)}`` for the layers among ``names`` that ``module_bits`` sets apart; raises
+        if a pattern matches none of them (a typo would otherwise quantize everything at ``bits``)."""
+        names = list(names)
+        for pattern in self.module_bits or {}:
+            if not any(re.search(pattern, name) for name in names):
+                example = names[0] if names else "(none)"
+                raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} matches none of the {len(names)} layers "
+                                 f"to quantize (their names look like {example!r})")
+        return {name: fmt for name in names if (fmt := self.layer_format(name)) != (self.bits, self.group_size)}
 
     @property
     def torch_scale_dtype(self):
@@ -158,11 +249,9 @@ class UPQConfig(QuantizationConfigMixin):
 
     def check_device(self) -> None:
         """A GPU-only option on a machine without a GPU: say so before any work starts."""
-        import torch
+        from .models import check_device
 
-        if self.device is not None and str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"UPQConfig(device={self.device!r}) needs a CUDA GPU and none is visible "
-                               "(torch.cuda.is_available() is False): use device='cpu' or leave it unset")
+        check_device(self.device, f"UPQConfig(device={self.device!r})", "use device='cpu' or leave it unset")
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}

@@ -75,6 +75,75 @@ def chunked_jsd(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, stud
     return total
 
 
+def topk_log_probs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The student's log-probabilities coarsened onto a cached teacher's support: ``(T, k + 1)``, the ``k``
+    tokens ``topk_ids`` ``(T, k)`` and, last, the tail bucket holding the rest of the vocabulary (computed
+    exactly, as a log-sum-exp over the logits outside the top k, not as ``1 - sum``)."""
+    logits = student_logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = logits.gather(-1, topk_ids) - norm
+    tail = torch.logsumexp(logits.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True) - norm
+    return torch.cat([top, tail], dim=-1)
+
+
+def _chunk_topk_sum(s_hidden, s_weight, topk_ids, teacher_logp, beta, temperature):
+    s_logits = F.linear(s_hidden, s_weight)
+    if temperature != 1.0:
+        s_logits = s_logits / temperature
+    student = topk_log_probs(s_logits, topk_ids)
+    return generalized_jsd(student, teacher_logp.float(), beta, 1.0).sum()
+
+
+def chunked_topk_jsd(student_hidden: torch.Tensor, student_head: torch.Tensor, topk_ids: torch.Tensor,
+                     teacher_logp: torch.Tensor, beta: float = 0.0, temperature: float = 1.0,
+                     chunk_size: int = 512) -> torch.Tensor:
+    """Sum over ``(T, H)`` hidden states of the generalized JSD between the teacher's cached distribution,
+    coarsened to its top k tokens plus a tail bucket (``teacher_logp`` ``(T, k + 1)``, the tail last, see
+    :func:`teacher_topk`), and the student's distribution coarsened the same way. The divergence of the
+    coarsened pair is a lower bound of the full one (it ignores how each side spreads its tail); with
+    ``k = 0`` nothing but the tail is left. ``temperature`` applies to the student here; the teacher's was
+    applied when its distribution was cached."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        args = (student_hidden[start:start + chunk_size], student_head, topk_ids[start:start + chunk_size],
+                teacher_logp[start:start + chunk_size].to(student_hidden.device), beta, temperature)
+        if args[0].requires_grad:
+            total = total + checkpoint(_chunk_topk_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_topk_sum(*args)
+    return total
+
+
+@torch.no_grad()
+def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int = 64, temperature: float = 1.0,
+                 batch_size: int = 8, attention_mask: torch.Tensor | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's next-token distributions over ``input_ids`` ``(N, L)``, cached once so that training
+    runs no teacher forward pass: ``(ids, logp)``, the ``k`` most likely tokens per position ``(N, L, k)``
+    (int32) and their log-probabilities followed by the log of the remaining mass ``(N, L, k + 1)``
+    (float32). Position ``t`` holds the distribution of token ``t + 1`` (the last position is kept
+    for simplicity; the loss never reads it)."""
+    from tqdm.auto import tqdm
+
+    device = next(teacher.parameters()).device
+    n, length = input_ids.shape
+    ids = torch.empty(n, length, k, dtype=torch.int32)
+    logp = torch.empty(n, length, k + 1, dtype=torch.float32)
+    was_training = teacher.training
+    teacher.eval()
+    for start in tqdm(range(0, n, batch_size), desc="teacher distributions", unit="batch", disable=not progress):
+        rows = input_ids[start:start + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        out = teacher(input_ids=rows, attention_mask=mask, use_cache=False)
+        log_probs = F.log_softmax(out.logits.float() / temperature, dim=-1)
+        top_logp, top_ids = log_probs.topk(k, dim=-1)
+        rest = torch.logsumexp(log_probs.scatter(-1, top_ids, float("-inf")), dim=-1, keepdim=True)
+        ids[start:start + len(rows)] = top_ids.to("cpu", torch.int32)
+        logp[start:start + len(rows)] = torch.cat([top_logp, rest], dim=-1).cpu()
+    teacher.train(was_training)
+    return ids, logp
+
+
 def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
                           chunk_size: int = 512) -> torch.Tensor:
     """Sum of next-token cross-entropy over ``(T, H)`` hidden states and their ``(T,)`` labels."""
@@ -86,15 +155,48 @@ def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tens
     return total
 
 
+TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_logp")
+
+
+class TeacherTargetsDataset(torch.utils.data.Dataset):
+    """A token-block dataset (items ``{"input_ids", "attention_mask", "labels"}``) with the teacher's cached
+    top-k distributions (:func:`teacher_topk`) added to every item, so that ``UPQDistillTrainer`` trains
+    without running the teacher."""
+
+    has_teacher = True
+
+    def __init__(self, blocks, topk_ids: torch.Tensor, topk_logp: torch.Tensor):
+        if len(blocks) != len(topk_ids) or len(topk_ids) != len(topk_logp):
+            raise ValueError(f"{len(blocks)} blocks but teacher targets for {len(topk_ids)} / {len(topk_logp)}")
+        self.blocks, self.topk_ids, self.topk_logp = blocks, topk_ids, topk_logp
+
+    @classmethod
+    def build(cls, blocks, teacher: nn.Module, k: int = 64, temperature: float = 1.0, batch_size: int = 8,
+              progress: bool = False) -> "TeacherTargetsDataset":
+        ids, logp = teacher_topk(teacher, blocks.input_ids, k=k, temperature=temperature, batch_size=batch_size,
+                                 progress=progress)
+        return cls(blocks, ids, logp)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.blocks[index])
+        item["teacher_topk_ids"] = self.topk_ids[index]
+        item["teacher_topk_logp"] = self.topk_logp[index]
+        return item
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def freeze_all_but_quantized(model: nn.Module, train_norms: bool = False) -> int:
+def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
     """Train only the quantized layers' latent weights, scales and zero points (embeddings and the output
-    head stay as the teacher has them), and with ``train_norms`` the normalisation layers' weights too
-    (a few thousand parameters that let each block rescale what the quantized layers give it).
-    Returns the number of trainable parameters."""
+    head stay as the teacher has them; everything else gets ``requires_grad=False``), and with
+    ``train_norms`` the normalisation layers' weights too (a few thousand parameters that let each block
+    rescale what the quantized layers give it). Returns the number of trainable parameters. (Not to be
+    confused with :func:`upq_hf.qat.freeze_model`, which packs QAT layers into integers.)"""
     from .qat import QATLinear
 
     model.requires_grad_(False)
@@ -112,6 +214,10 @@ def freeze_all_but_quantized(model: nn.Module, train_norms: bool = False) -> int
                 param.requires_grad_(True)
                 count += param.numel()
     return count
+
+
+#: the old name, kept as an alias (the README's examples used it)
+freeze_all_but_quantized = select_trainable
 
 
 def _final_hidden(model, input_ids, attention_mask):
@@ -147,8 +253,9 @@ class UPQDistillTrainer(Trainer):
                  teacher_device: str | torch.device | None = None, **kwargs):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if objective == "jsd" and teacher_model is None:
-            raise ValueError("objective='jsd' needs a teacher_model")
+        if objective == "jsd" and teacher_model is None and not getattr(kwargs.get("train_dataset"), "has_teacher", False):
+            raise ValueError("objective='jsd' needs a teacher_model (or a dataset of cached teacher distributions, "
+                             "upq_hf.distill.TeacherTargetsDataset)")
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.beta = beta
@@ -162,6 +269,14 @@ class UPQDistillTrainer(Trainer):
             self.teacher.requires_grad_(False)
             device = teacher_device if teacher_device is not None else self.args.device
             self.teacher.to(device)
+
+    def _set_signature_columns_if_needed(self):
+        # the cached teacher distributions are inputs of the loss, not of the model's forward: keep them when the
+        # Trainer drops the batch keys that the forward signature does not name (remove_unused_columns)
+        super()._set_signature_columns_if_needed()
+        for key in TEACHER_KEYS:
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
 
     # -------------------------------------------------------------- optimiser: weights and scales apart
     def create_optimizer(self, model=None):
@@ -221,6 +336,11 @@ class UPQDistillTrainer(Trainer):
         head = _unwrap(model).get_output_embeddings().weight
         if self.objective == "ntp":
             loss_sum = chunked_cross_entropy(student_hidden, head, target[count_mask], self.chunk_size)
+        elif "teacher_topk_ids" in inputs:  # cached teacher distributions (UPQDistillDataset): no teacher pass
+            topk_ids = inputs["teacher_topk_ids"][:, :-1][count_mask].long()
+            teacher_logp = inputs["teacher_topk_logp"][:, :-1][count_mask]
+            loss_sum = chunked_topk_jsd(student_hidden, head, topk_ids, teacher_logp, self.beta, self.temperature,
+                                        self.chunk_size)
         else:
             teacher_device = next(self.teacher.parameters()).device
             with torch.no_grad():

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+SUPPORTED_BITS = (2, 4)
 SEQ_EPS = 0.01
 SEQ_OFFSET = 1.5
 SCALE_INITS = ("max", "mse")
@@ -32,6 +33,19 @@ class QuantizedWeight(NamedTuple):
     zero: torch.Tensor | None
     bits: int
     group_size: int | None
+
+
+def check_bits(bits) -> int:
+    """``bits`` if it is a supported width (2: SEQ INT2, 4: INT4), else ``ValueError``."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
+    return bits
+
+
+def effective_group_size(in_features: int, group_size: int | None) -> int | None:
+    """The group size a layer stores: ``None`` (one scale per output row) also when one group spans the
+    whole row (``group_size == in_features``)."""
+    return None if group_size in (None, in_features) else group_size
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
@@ -74,19 +88,26 @@ def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 # SEQ INT2
 # ----------------------------------------------------------------------------------------------
 
-def seq_ratio_and_level(wg: torch.Tensor, s: torch.Tensor, eps: float = SEQ_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SEQ rounding rule on grouped weights ``wg`` ``(N, G, gs)`` and scales ``s`` ``(N, G, 1)``:
-    ``r = w / (2 s)`` before clipping (inside the clipping range where ``|r| <= 1 - eps``) and the level
-    ``k - 1.5`` in ``{-1.5, -0.5, 0.5, 1.5}`` it rounds to (no gradient)."""
-    r = wg / (2 * s)
-    level = torch.round(2 * r.clamp(-1 + eps, 1 - eps) - 0.5) + 0.5
-    return r, level
+def seq_clip(eps: float = SEQ_EPS) -> float:
+    """The clipping bound of ``w / s``: ``2 (1 - eps)`` (ParetoQ's ``|w / Delta| <= 1 - eps``, ``Delta = 2 s``)."""
+    return 2 * (1 - eps)
+
+
+def seq_level(ratio: torch.Tensor, eps: float = SEQ_EPS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The SEQ rounding rule: the level ``k - 1.5`` in ``{-1.5, -0.5, 0.5, 1.5}`` that ``ratio = w / s`` rounds
+    to, ``round(clip(w / s, -2 (1 - eps), 2 (1 - eps)) - 0.5) + 0.5`` (no gradient). The weight is inside the
+    clipping range (and passes a straight-through gradient) where ``|w / s| <= 2 (1 - eps)``.
+
+    ``out=ratio`` computes it in place. Every operation after the clip is in place: on a CPU, allocating
+    weight-sized temporaries costs more than the arithmetic (fresh pages from the kernel)."""
+    bound = seq_clip(eps)
+    return torch.clamp(ratio, -bound, bound, out=out).sub_(0.5).round_().add_(0.5)
 
 
 def seq_codes(w: torch.Tensor, scale: torch.Tensor, group_size: int | None, eps: float = SEQ_EPS) -> torch.Tensor:
     """Round-to-nearest SEQ codes of ``w`` for a given ``(N, G)`` scale ``s = Delta / 2``."""
-    _, level = seq_ratio_and_level(_grouped(w.float(), group_size), scale.float().unsqueeze(-1), eps)
-    return (level + 1.5).reshape(w.shape).to(torch.uint8)
+    ratio = _grouped(w.float(), group_size) / scale.float().unsqueeze(-1)
+    return seq_level(ratio, eps, out=ratio).add_(1.5).reshape(w.shape).to(torch.uint8)
 
 
 def seq_init_scale(w: torch.Tensor, group_size: int | None, scale_init: str = "max",
@@ -229,8 +250,14 @@ def fake_quant_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     wg = _grouped(w, group_size)
     s = scale.unsqueeze(-1).to(w.dtype)
     z = zero.unsqueeze(-1).to(w.dtype)
-    codes = torch.clamp(round_ste(wg / s) + round_ste(z), 0, INT4_MAX)
+    codes = int4_code_rule(wg / s, z, round_ste)
     return ((codes - round_ste(z)) * s).reshape(n_out, n_in)
+
+
+def int4_code_rule(w_over_s: torch.Tensor, zero: torch.Tensor, rounding=torch.round) -> torch.Tensor:
+    """The INT4 codes of fake-quant and of freezing a QAT layer: ``clamp(round(w / s) + round(z), 0, 15)``,
+    in that order (ties included); ``rounding`` is :func:`round_ste` where gradients flow."""
+    return torch.clamp(rounding(w_over_s) + rounding(zero), 0, INT4_MAX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,12 +267,11 @@ def fake_quant_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 def quantize(w: torch.Tensor, bits: int, group_size: int | None, scale_init: str = "max",
              scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Round-to-nearest quantization of a ``(N, K)`` weight to INT2 SEQ or INT4."""
+    check_bits(bits)
     check_group_size(w.shape[1], group_size)
     if bits == 2:
         return quantize_seq(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype)
-    if bits == 4:
-        return quantize_int4(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype)
-    raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+    return quantize_int4(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -43,8 +43,6 @@ that read the base weight (PiSSA, OLoRA, LoftQ, CorDA, ...), which raise a clear
 
 from __future__ import annotations
 
-import importlib
-import sys
 import warnings
 from typing import Any
 
@@ -61,16 +59,8 @@ try:
     from peft.utils import PeftType
 except ImportError as _err:  # peft is a dependency of upq_hf; keep ``import upq_hf`` alive without it
     _PEFT_IMPORT_ERROR: ImportError | None = _err
-    if "peft" in sys.modules:
-        # upq_hf was imported from inside peft's own import (e.g. from a source checkout's root, where the
-        # repository's ``kernels/`` folder is what transformers finds when peft makes it probe for the Hub
-        # ``kernels`` package): peft is half-initialised, registration has to wait
-        warnings.warn("upq_hf was imported while peft was still being imported, so LoRA support for UPQ layers is "
-                      "not registered yet: call upq_hf.lora.register_peft() after importing peft, or import "
-                      "upq_hf before peft.", stacklevel=2)
 else:
     _PEFT_IMPORT_ERROR = None
-
 
 
 class UPQMergeError(ValueError):
@@ -297,14 +287,6 @@ def register_peft(config=None):
     ``PeftModel.from_pretrained(model, path, config=register_peft(LoraConfig.from_pretrained(path)))``).
     Returns the config.
     """
-    if _PEFT_IMPORT_ERROR is not None and "peft" in sys.modules:
-        # peft was half-imported when this module loaded (see the import above): load this module again now
-        # that peft is complete (the reload registers); if peft is still importing, say so
-        try:
-            importlib.import_module("peft.tuners.lora")
-        except ImportError as err:
-            raise ImportError("register_peft() needs peft fully imported; call it after `import peft`") from err
-        return importlib.reload(sys.modules[__name__]).register_peft(config)
     if config is not None:
         _require_peft()
         config._register_custom_module({UPQLinear: UPQLoraLinear})

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_path
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME, f"HuggingFaceTB/{BUNDLED_NAME}")
@@ -57,18 +57,50 @@ def bundled_model_dir() -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = f"HuggingFaceTB/{BUNDLED_NAME}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}-", dir=target.parent))
-    try:
+    with atomic_path(target, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def check_device(device: str | None, asked: str, instead: str) -> None:
+    """Before any work starts: a ``RuntimeError`` when ``device`` is a CUDA device and no GPU is visible.
+    ``asked`` says how the user asked for it (``"--device cuda"``), ``instead`` what to do."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{asked} needs a CUDA GPU and none is visible (torch.cuda.is_available() is False): "
+                           f"{instead}")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 matrix products
+    run about 2.5x faster than fp32 (measured on the project's 2-core AMD EPYC); elsewhere they are emulated."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(device, mixed_precision: str = "auto"):
+    """The dtype training runs its matrix products in under ``torch.autocast`` (``None``: float32).
+
+    ``"auto"``: bf16 on a GPU that supports it and on a CPU with native bf16 (:func:`cpu_has_fast_bf16`),
+    float32 elsewhere; ``"bf16"``: bf16 wherever asked; ``"no"``: float32."""
+    import torch
+
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
 def resolve_model(name_or_path: str | None) -> str:

@@ -20,12 +20,12 @@ class UPQLinear(nn.Module):
                  group_size: int | None = None, scale_dtype: torch.dtype = torch.float16,
                  dtype: torch.dtype | None = None, device=None, backend: str | None = None):
         super().__init__()
-        packing.codes_per_word(bits)  # validates bits
+        formats.check_bits(bits)
         formats.check_group_size(in_features, group_size)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
-        self.group_size = None if group_size in (None, in_features) else group_size
+        self.group_size = formats.effective_group_size(in_features, group_size)
         self.backend = backend
         n_groups = formats.num_groups(in_features, self.group_size)
         self.register_buffer("weight", torch.zeros(packing.packed_shape(out_features, in_features, bits),

@@ -96,10 +96,12 @@ class StepAdam(torch.optim.Optimizer):
                 m, v, t = state["m"], state["v"], state["step"]
                 m.lerp_(param.grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(group["eps"]))
+                # one temporary per parameter (weight-sized allocations cost more than the arithmetic on a CPU)
+                update = torch.div(v, 1 - beta2 ** t).sqrt_().add_(group["eps"])
+                torch.div(m, update, out=update)
                 if unit is not None:
                     update = self._apply_unit(update, unit)
-                param.add_(update, alpha=-group["lr"])
+                param.add_(update, alpha=-group["lr"] / (1 - beta1 ** t))
         return loss
 
 

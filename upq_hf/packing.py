@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from .formats import check_bits, effective_group_size, num_groups
+
 FORMAT_VERSION = 1
-SUPPORTED_BITS = (2, 4)
 
 
 def codes_per_word(bits: int) -> int:
     """How many ``bits``-wide codes one int32 word holds."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return 32 // bits
+    return 32 // check_bits(bits)
 
 
 def packed_shape(out_features: int, in_features: int, bits: int) -> tuple[int, int]:
@@ -84,8 +83,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_bytes: int = 2,
                     has_zero: bool | None = None) -> float:
     """Storage cost of one quantized weight: code bits plus the amortised scale (and zero)."""
-    per_row = group_size is None or group_size == in_features
-    n_groups = 1 if per_row else in_features // group_size
+    n_groups = num_groups(in_features, effective_group_size(in_features, group_size))
     if has_zero is None:
         has_zero = bits == 4
     extra = n_groups * scale_bytes * 8 * (2 if has_zero else 1)

@@ -1,15 +1,22 @@
-"""Writing a quantized model out: an atomic ``save_pretrained`` (and, later, the model card and push).
+"""Writing a quantized model out: an atomic ``save_pretrained``, the model card, the push to the Hub.
 
-Writes go to a hidden temporary folder beside the target, which is renamed into place only once
-everything is written: an interrupted or failed run never leaves a half-written checkpoint.
+* :func:`save_atomic`: ``save_pretrained`` (and the tokenizer's) into a temporary folder renamed into place
+  only once everything is written (:mod:`upq_hf.atomic`): an interrupted or failed run never leaves a
+  half-written checkpoint;
+* :func:`model_card` / :func:`write_model_card`: README.md with YAML metadata (base model, format, recipe,
+  data, training budget, measured numbers from ``upq_report.json``) and a load snippet;
+* :func:`push_folder`: one Hub commit with every file of a saved checkpoint (and its card);
+* :func:`install_card_hooks`: a UPQ model's ``save_pretrained`` / ``push_to_hub`` write the card too.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from .atomic import atomic_path
+from .recipes import RECIPES
 
 
 class CheckpointExistsError(FileExistsError):
@@ -31,23 +38,12 @@ def save_atomic(model, out: str | os.PathLike, tokenizer=None, overwrite: bool =
                 extra_files: dict[str, str] | None = None) -> Path:
     """``save_pretrained`` into ``out`` through a temporary folder renamed into place at the end."""
     target = prepare_target(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_path(target, folder=True) as tmp:
         for name, text in (extra_files or {}).items():  # first: the model card reads upq_report.json
             (tmp / name).write_text(text)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -71,7 +67,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     recipe = config.get("recipe", "rtn")
     groups = "one scale per output row" if group is None else f"one scale per {group} input columns"
     fmt = "SEQ INT2 (levels (k - 1.5) * s, no zero level)" if bits == 2 else "asymmetric INT4 (scale and zero point)"
-    training = recipe in ("upq", "ntp", "distill")
+    known = RECIPES.get(recipe)
+    training = known is not None and known.trains
     tokens = config.get("train_steps", 0) * config.get("train_batch_size", 0) * config.get("train_seqlen", 0)
     meta = ["---", "library_name: transformers", f"tags: {_yaml_value(['upq', f'int{bits}', 'quantized', 'upq_hf'])}"]
     if base_model:
@@ -92,7 +89,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
         f"# {base_model.split('/')[-1] if base_model else 'Model'} - UPQ INT{bits}",
         "",
         f"Weight-only {fmt}, {groups}, made with [upq_hf](https://github.com/upq-hf/upq_hf) "
-        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe."
+        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe"
+        + (f" ({known.description})." if known else ".")
         + (f" Base model: `{base_model}`." if base_model else ""),
         "",
         "| | |",

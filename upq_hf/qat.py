@@ -51,8 +51,7 @@ def init_quant_params(weight: torch.Tensor, bits: int, group_size: int | None, s
     (``zero`` is None for SEQ INT2). Computed a few hundred rows at a time: the ``"mse"`` search makes
     some thirty passes over the weight, and row blocks that stay in cache make it about twice as fast
     on a CPU, with identical results (groups never span rows)."""
-    if bits not in (2, 4):
-        raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+    formats.check_bits(bits)
     w = weight.detach().float()
     scales, zeros = [], []
     for start in range(0, w.shape[0], _INIT_ROWS):
@@ -100,29 +99,35 @@ class _SEQLinear(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, group_size, eps):
         ctx.save_for_backward(x, weight, scale)
         ctx.group_size, ctx.eps, ctx.has_bias = group_size, eps, bias is not None
-        wq = formats.fake_quant_seq(weight, scale, group_size, eps).to(x.dtype)
+        s = scale.unsqueeze(-1).to(weight.dtype)
+        ratio = formats._grouped(weight, group_size) / s
+        wq = formats.seq_level(ratio, eps, out=ratio).mul_(s).reshape(weight.shape).to(x.dtype)
         return F.linear(x, wq, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scale = ctx.saved_tensors
         n_out, n_in = weight.shape
-        wg = formats._grouped(weight, ctx.group_size)
         s = scale.unsqueeze(-1).to(weight.dtype)
-        r, level = formats.seq_ratio_and_level(wg, s, ctx.eps)
-        inside = (r >= -1 + ctx.eps) & (r <= 1 - ctx.eps)  # where the clipping passes the gradient
+        # every weight-sized temporary is computed in place where it can be (see formats.seq_level)
+        ratio = formats._grouped(weight, ctx.group_size) / s  # w / s
+        level = formats.seq_level(ratio, ctx.eps)
+        bound = formats.seq_clip(ctx.eps)
+        inside = (ratio >= -bound) & (ratio <= bound)  # where the clipping passes the gradient
         grad_x = grad_w = grad_s = grad_b = None
+        if ctx.needs_input_grad[2]:
+            # dq/ds = (k - 1.5) - w / s inside the clipping range, k - 1.5 outside
+            ds = ratio.mul_(inside).neg_().add_(level)
         # under autocast the forward matmul ran in the autocast dtype (that of grad_out), which x may not have
         g2 = grad_out.reshape(-1, n_out)
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ (s * level).reshape(n_out, n_in).to(g2.dtype)).reshape(x.shape).to(x.dtype)
+            grad_x = (g2 @ level.mul_(s).reshape(n_out, n_in).to(g2.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gq = formats._grouped((g2.t() @ x.reshape(-1, n_in).to(g2.dtype)).to(weight.dtype), ctx.group_size)
-            if ctx.needs_input_grad[1]:
-                grad_w = (gq * inside).reshape(n_out, n_in)
             if ctx.needs_input_grad[2]:
-                # dq/ds = (k - 1.5) - w / s inside the clipping range, k - 1.5 outside
-                grad_s = (gq * torch.where(inside, level - 2 * r, level)).sum(-1).to(scale.dtype)
+                grad_s = ds.mul_(gq).sum(-1).to(scale.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = gq.mul_(inside).reshape(n_out, n_in)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_s, grad_b, None, None
@@ -145,14 +150,13 @@ class QATLinear(nn.Module):
                  bias: torch.Tensor | None, bits: int, group_size: int | None,
                  scale_dtype: torch.dtype = torch.float16):
         super().__init__()
-        if bits not in (2, 4):
-            raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        formats.check_bits(bits)
         if (zero is None) != (bits == 2):
             raise ValueError("INT4 needs a zero point and INT2 (SEQ) takes none")
         self.out_features, self.in_features = weight.shape
         formats.check_group_size(self.in_features, group_size)
         self.bits = bits
-        self.group_size = None if group_size in (None, self.in_features) else group_size
+        self.group_size = formats.effective_group_size(self.in_features, group_size)
         self.scale_dtype = scale_dtype
         n_groups = formats.num_groups(self.in_features, self.group_size)
         if tuple(scale.shape) != (self.out_features, n_groups):
@@ -236,8 +240,7 @@ class QATLinear(nn.Module):
             return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), None, 2, self.group_size)
         zero = torch.round(self.weight_zero.detach().float())
         wg = formats._grouped(w, self.group_size)
-        # round(w / s) + round(z), then clamp: the order of formats.fake_quant_int4 (ties included)
-        codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, formats.INT4_MAX)
+        codes = formats.int4_code_rule(wg / scale.unsqueeze(-1), zero.unsqueeze(-1))  # as fake_quant_int4
         codes = codes.reshape(w.shape).to(torch.uint8)
         return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), zero.to(self.scale_dtype), 4,
                                        self.group_size)
@@ -268,7 +271,8 @@ class QATLinear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = None, scale_init: str = "mse",
-           scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None) -> list[str]:
+           scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None,
+           layer_formats: dict[str, tuple[int, int | None]] | None = None) -> list[str]:
     """Swap every ``UPQLinear`` of ``model`` for a ``QATLinear``, in place; returns the names swapped.
 
     ``bits=None``: each layer keeps its format, codes and scales (:meth:`QATLinear.from_upq_exact`), so
@@ -277,8 +281,9 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
     (:meth:`QATLinear.from_upq`; the INT4 -> INT2 step). A model without any ``UPQLinear`` needs ``bits``:
     its linear layers (the output embedding excepted, see :func:`upq_hf.convert.linear_layers`) start
     from their dense weights (:meth:`QATLinear.from_linear`).
+    sets the format of the layers that differ from ``bits``/``group_size`` (mixed precision).
     """
-    from .convert import _skipped
+    from .convert import _format, _skipped
 
     skip = tuple(modules_to_not_convert or ())
     upq = {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear) and not _skipped(name, skip)}
@@ -287,7 +292,8 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
             if bits is None:
                 new = QATLinear.from_upq_exact(module)
             else:
-                new = QATLinear.from_upq(module, bits, group_size, scale_init, scale_dtype)
+                new = QATLinear.from_upq(module, *_format(name, bits, group_size, layer_formats), scale_init,
+                                         scale_dtype)
             replace_module(model, name, new)
         return list(upq)
     if bits is None:
@@ -295,8 +301,8 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
                          "dense linear layers")
     dense = linear_layers(model, skip)
     for name, linear in dense.items():
-        replace_module(model, name, QATLinear.from_linear(linear, bits, group_size, scale_init,
-                                                          scale_dtype or torch.float16))
+        replace_module(model, name, QATLinear.from_linear(linear, *_format(name, bits, group_size, layer_formats),
+                                                          scale_init, scale_dtype or torch.float16))
     return list(dense)
 
 

@@ -2,10 +2,14 @@
 
 Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, and
 runs the configured recipe after a dense checkpoint loads. The work lives in :mod:`upq_hf.convert`
-and :mod:`upq_hf.recipes`.
+and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in memory),
+:func:`attach` (mark a model quantized) and :func:`save_checkpoint`, the save a recipe is handed for
+``upq``'s INT4 restart checkpoint.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from torch import nn
@@ -13,10 +17,10 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from . import convert, recipes
-from .checkpoint import expected_upq_tensors, validate_checkpoint
+from .checkpoint import IN_FEATURES_KEY, expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
-from .publish import install_card_hooks
+from .publish import install_card_hooks, save_atomic
 
 QUANT_METHOD = "upq"
 
@@ -56,17 +60,19 @@ class UPQHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
-                                    config.modules_to_not_convert, config.backend)
+                                    config.modules_to_not_convert, config.backend,
+                                    layer_formats=convert.model_layer_formats(model, config))
             files = kwargs.get("checkpoint_files")
             if files:
                 validate_checkpoint(files, expected_upq_tensors(model))
         else:  # fail before spending time on loading weights
-            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
+            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
+                                 convert.model_layer_formats(model, config))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            recipes.apply_recipe(model, self.quantization_config, progress=True)
+            recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
         install_card_hooks(model)
         return model
 
@@ -86,7 +92,9 @@ class UPQHfQuantizer(HfQuantizer):
         return True  # the Triton path is a torch.library custom op with a fake implementation
 
     def get_state_dict_and_metadata(self, model):
-        return None, {"upq_format_version": str(FORMAT_VERSION)}
+        # in_features is recorded because the packed shape cannot tell it (K = 90 and K = 96 pack alike)
+        return None, {"upq_format_version": str(FORMAT_VERSION),
+                      IN_FEATURES_KEY: json.dumps({name: m.in_features for name, m in convert.upq_layers(model).items()})}
 
     def _dequantize(self, model, dtype=None):
         convert.dequantize_layers(model, dtype or torch.float32)
@@ -104,6 +112,49 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config._is_quantized = True
     return model
+
+
+_MISSING = object()
+
+
+def _swapped_back(objects_and_names):
+    """The current values of ``(object, attribute names)`` pairs (from ``__dict__``), and a function that
+    puts them back, removing the attributes that were not set."""
+    saved = [(obj, {name: obj.__dict__.get(name, _MISSING) for name in names}) for obj, names in objects_and_names]
+
+    def restore():
+        for obj, values in saved:
+            for name, value in values.items():
+                if value is _MISSING:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = value
+
+    return restore
+
+
+def save_checkpoint(model: nn.Module, config: UPQConfig, path, tokenizer=None):
+    """Save ``model`` atomically into ``path`` as a UPQ checkpoint of ``config``, then leave the model marked
+    as it was (its quantizer, ``config.quantization_config``): the ``save_int4`` of the ``upq`` recipe, which
+    saves the INT4 model in the middle of quantizing to INT2."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
+    restore = _swapped_back([(model, ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained",
+                                      "push_to_hub"))]
+                            + [(c, ("quantization_config", "_is_quantized")) for c in configs.values()])
+    attach(model, config)
+    try:
+        return save_atomic(model, path, tokenizer=tokenizer, overwrite=True)
+    finally:
+        restore()
+
+
+def quantize_model(model, config: UPQConfig, tokenizer=None, progress: bool = True, callbacks=None):
+    """Quantize an already-loaded dense model in place following ``config`` and mark it quantized,
+    so that ``save_pretrained``/``push_to_hub`` write a UPQ checkpoint. Returns the model.
+    ``callbacks`` (``transformers.TrainerCallback``) reach the trainer of the training recipes."""
+    recipes.apply_recipe(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
+                         save_int4=save_checkpoint)
+    return attach(model, config)
 
 
 def register() -> None:

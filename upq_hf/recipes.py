@@ -10,6 +10,13 @@
 
 Data (``config.dataset``) comes from :mod:`upq_hf.data`; the default ``"self"`` is the teacher's own
 answers to built-in prompts, so every recipe runs offline and uses no private data.
+
+:data:`RECIPES` maps each name to its function and a one-line description (torchao-style registry):
+``UPQConfig``'s valid recipes, the CLI's ``--recipe`` choices and the model card read it. A recipe
+quantizes the model in place and returns it; it writes nothing itself: ``upq``'s INT4 restart checkpoint
+(``UPQConfig.int4_checkpoint``) is saved by the ``save_int4`` function its caller passes
+(:func:`upq_hf.quantizer.save_checkpoint`), so this module imports neither the quantizer nor
+:mod:`upq_hf.publish`.
 """
 
 from __future__ import annotations
@@ -18,12 +25,37 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import convert
-from .config import UPQConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered recipe: ``apply(model, config, *, tokenizer, progress, callbacks, save_int4)``
+    quantizes ``model`` in place and returns it; ``trains``: it runs (Distill-)QAT."""
+
+    name: str
+    apply: Callable[..., nn.Module]
+    description: str
+    trains: bool = False
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, description: str, trains: bool = False):
+    """Decorator: add a recipe function to :data:`RECIPES` under ``name``."""
+
+    def decorate(function):
+        RECIPES[name] = Recipe(name, function, description, trains)
+        return function
+
+    return decorate
 
 
 def _log(message: str) -> None:
@@ -40,28 +72,32 @@ def _tokenizer_for(model, tokenizer):
     return load_tokenizer(getattr(model, "name_or_path", None) or model.config._name_or_path)
 
 
-def _device(config: UPQConfig, model: nn.Module) -> torch.device:
+def _device(config, model: nn.Module) -> torch.device:
     return torch.device(config.device) if config.device else next(model.parameters()).device
 
 
-def _calibration(model, tokenizer, config: UPQConfig) -> torch.Tensor:
+def _calibration(model, tokenizer, config) -> torch.Tensor:
     from .data import calibration_data
 
     return calibration_data(config.dataset, tokenizer, model=model, nsamples=config.nsamples, seqlen=config.seqlen,
                             seed=config.seed, **_self_kwargs(config))
 
 
-def _self_kwargs(config: UPQConfig) -> dict:
+def _self_kwargs(config) -> dict:
     return {"n_prompts": config.self_prompts} if config.dataset == "self" and config.self_prompts else {}
 
 
-def _ptq(model, calibration, config: UPQConfig, bits: int, group_size, progress: bool, **options):
+def _ptq(model, calibration, config, bits: int, group_size, progress: bool, epochs: int | None = None, **options):
+    from .models import autocast_dtype
     from .ptq import blockwise_ptq
 
+    device = _device(config, model)
     report = blockwise_ptq(model, calibration, bits, group_size, algorithm=config.ptq_algorithm,
-                           epochs=config.ptq_epochs, scale_init=config.scale_init,
+                           epochs=config.ptq_epochs if epochs is None else epochs, batch_size=config.ptq_batch_size,
+                           loss=config.ptq_loss, holdout=int(config.ptq_holdout * len(calibration)),
+                           autocast=autocast_dtype(device, config.mixed_precision), scale_init=config.scale_init,
                            scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
-                           device=_device(config, model), backend=config.backend, seed=config.seed, progress=progress,
+                           device=device, backend=config.backend, seed=config.seed, progress=progress,
                            **options)
     _log(str(report).splitlines()[0] if str(report) else "PTQ done")
     return report
@@ -84,21 +120,57 @@ def load_int4_into(model: nn.Module, path: str) -> None:
         convert.replace_module(model, name, module.to(device))
 
 
-def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progress: bool, callbacks=None):
+LATENTS_FILE = "upq_latent_weights.safetensors"
+
+
+def save_latents(folder: str, latents: dict[str, torch.Tensor]) -> None:
+    """Keep the INT4 stage's latent weights beside its checkpoint (float32, ``LATENTS_FILE``; transformers
+    does not read it), so that a restart starts the INT2 stage from exactly where a straight run does."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    with atomic_path(os.path.join(folder, LATENTS_FILE)) as tmp:
+        save_file({name: tensor.detach().float().cpu().contiguous() for name, tensor in latents.items()}, str(tmp))
+
+
+def load_latents(folder: str) -> dict[str, torch.Tensor] | None:
+    """The latent weights :func:`save_latents` kept, or None (an INT4 checkpoint saved without them)."""
+    path = os.path.join(folder, LATENTS_FILE)
+    if not os.path.isfile(path):
+        _log(f"{folder} has no {LATENTS_FILE}: the INT2 stage starts from the dithered INT4 weights")
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _train(student, teacher, tokenizer, config, objective: str, progress: bool, callbacks=None):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``. ``teacher`` is
     the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``."""
     from transformers import TrainingArguments
 
     from .data import TokenBlockDataset
-    from .distill import UPQDistillTrainer, freeze_all_but_quantized
+    from .distill import UPQDistillTrainer, select_trainable
 
-    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
-                                            nsamples=config.train_steps * config.train_batch_size,
+    nsamples = config.train_samples or config.train_steps * config.train_batch_size
+    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher, nsamples=nsamples,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
-    trainable = freeze_all_but_quantized(student, train_norms=config.train_norms)
+    if objective == "jsd" and config.teacher_topk:
+        from .distill import TeacherTargetsDataset
+
+        started = time.time()
+        dataset = TeacherTargetsDataset.build(dataset, teacher, k=config.teacher_topk, temperature=config.temperature,
+                                              progress=progress)
+        _log(f"cached the teacher's top-{config.teacher_topk} distributions on {nsamples} x {config.train_seqlen} "
+             f"tokens in {time.time() - started:.0f} s")
+    trainable = select_trainable(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
+    from .models import autocast_dtype
+
+    bf16 = autocast_dtype(device, config.mixed_precision) is not None
     args = TrainingArguments(
         output_dir=os.path.join(work_dir, "trainer"), max_steps=config.train_steps,
         per_device_train_batch_size=config.train_batch_size, learning_rate=config.learning_rate,
@@ -106,14 +178,16 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
         max_grad_norm=1.0, logging_steps=max(1, config.train_steps // 20), report_to=[], seed=config.seed,
         save_strategy="steps" if save else "no", save_steps=max(1, config.train_steps // 4), save_total_limit=2,
         use_cpu=device.type == "cpu", disable_tqdm=not progress, dataloader_num_workers=0,
-        remove_unused_columns=False,
+        remove_unused_columns=False, bf16=bf16,
     )
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if objective == "jsd" else None, args=args,
+    live_teacher = objective == "jsd" and not getattr(dataset, "has_teacher", False)
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if live_teacher else None, args=args,
                                 train_dataset=dataset,
                                 objective=objective, beta=config.beta, temperature=config.temperature,
                                 scale_learning_rate=config.scale_learning_rate, callbacks=callbacks)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {config.train_steps} steps x "
-         f"{config.train_batch_size} x {config.train_seqlen} tokens")
+         f"{config.train_batch_size} x {config.train_seqlen} tokens ({nsamples} distinct sequences"
+         f"{', bf16 autocast' if bf16 else ''})")
     resume = None
     if save and config.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -121,6 +195,8 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
         resume = get_last_checkpoint(args.output_dir)
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
+    # mixed precision wrapped the model's forward in autocast: the quantized model must not keep that wrapper
+    trainer.accelerator.unwrap_model(student, keep_fp32_wrapper=False)
     elapsed = time.time() - started
     tokens = config.train_steps * config.train_batch_size * config.train_seqlen
     _log(f"trained in {elapsed:.0f} s ({tokens / max(elapsed, 1e-9):.0f} tokens/s)")
@@ -128,67 +204,125 @@ def _train(student, teacher, tokenizer, config: UPQConfig, objective: str, progr
     return trainer
 
 
-def apply_recipe(model: nn.Module, config: UPQConfig, tokenizer=None, progress: bool = False,
-                 callbacks=None) -> nn.Module:
-    """Quantize ``model`` in place following ``config.recipe``; returns the model. ``callbacks`` go to the
-    trainer of the training recipes (``transformers.TrainerCallback`` objects)."""
-    from .qat import freeze_model, to_qat
-
-    recipe = config.recipe
+def apply_recipe(model: nn.Module, config, tokenizer=None, progress: bool = False, callbacks=None,
+                 save_int4: Callable | None = None) -> nn.Module:
+    """Quantize ``model`` in place following ``config.recipe`` (a ``UPQConfig``); returns the model.
+    ``callbacks`` go to the trainer of the training recipes (``transformers.TrainerCallback`` objects);
+    ``save_int4(model, int4_config, path, tokenizer)`` saves ``upq``'s INT4 restart checkpoint."""
+    recipe = RECIPES.get(config.recipe)
+    if recipe is None:
+        raise ValueError(f"unknown recipe {config.recipe!r}: one of {list(RECIPES)}")
     config.check_device()
-    if recipe == "rtn":
-        convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
-                                     config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
-                                     progress=progress)
-        return model
-    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size)
+    return recipe.apply(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
+                        save_int4=save_int4)
+
+
+def _prepared(model: nn.Module, config, tokenizer):
+    """Check every layer before any is touched; the tokenizer for the data; the model in eval mode."""
+    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
+                         convert.model_layer_formats(model, config))
     tokenizer = _tokenizer_for(model, tokenizer)
     model.eval()
-    if recipe == "ptq":
-        _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress)
-        return model
+    return tokenizer
+
+
+def _int2_start(model: nn.Module, config, tokenizer):
+    """The INT2 recipes' start: the prepared model and a frozen copy of it as the teacher."""
+    tokenizer = _prepared(model, config, tokenizer)
     if config.bits != 2:
-        raise ValueError(f"recipe {recipe!r} produces INT2: use bits=2 (or recipe='ptq' for INT4)")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if recipe in ("ntp", "distill"):
-        to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
-               scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert)
-        _train(model, teacher, tokenizer, config, "ntp" if recipe == "ntp" else "jsd", progress, callbacks)
-        freeze_model(model, config.torch_scale_dtype, backend=config.backend)
-        return model
-    if recipe != "upq":
-        raise ValueError(f"unknown recipe {recipe!r}")
+        raise ValueError(f"recipe {config.recipe!r} produces INT2: use bits=2 (or recipe='ptq' for INT4)")
+    return tokenizer, copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@register_recipe("rtn", "round to nearest (no data)")
+def rtn(model: nn.Module, config, *, progress: bool = False, **unused) -> nn.Module:
+    convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
+                                 config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
+                                 progress=progress, layer_formats=convert.model_layer_formats(model, config))
+    return model
+
+
+@register_recipe("ptq", "block-wise PTQ at `bits`")
+def ptq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, **unused) -> nn.Module:
+    tokenizer = _prepared(model, config, tokenizer)
+    _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress,
+         layer_formats=convert.model_layer_formats(model, config))
+    return model
+
+
+@register_recipe("upq", "block-wise PTQ to INT4, then INT2 Distill-QAT from the INT4 model", trains=True)
+def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None,
+        save_int4: Callable | None = None, **unused) -> nn.Module:
+    from .qat import freeze_model, qat_layers, to_qat
+
+    if config.int4_checkpoint and save_int4 is None:
+        raise ValueError("UPQConfig(int4_checkpoint=...) needs save_int4, the function that saves the INT4 model: "
+                         "run the recipe through upq_hf.quantize_model or from_pretrained, or pass "
+                         "save_int4=upq_hf.quantizer.save_checkpoint")
+    tokenizer, teacher = _int2_start(model, config, tokenizer)
     # 1. FP -> INT4 by block-wise PTQ (or restart from a saved INT4 checkpoint)
     calibration = _calibration(teacher, tokenizer, config)
     if config.int4_checkpoint and os.path.isfile(os.path.join(config.int4_checkpoint, "config.json")):
         _log(f"restarting from the INT4 checkpoint {config.int4_checkpoint}")
         load_int4_into(model, config.int4_checkpoint)
+        latents = load_latents(config.int4_checkpoint)
     else:
-        _ptq(model, calibration, config, 4, config.int4_group_size, progress)
+        _ptq(model, calibration, config, 4, config.int4_group_size, progress, epochs=config.int4_ptq_epochs,
+             keep_qat=True)
+        latents = {name: layer.weight.detach().clone() for name, layer in qat_layers(model).items()}
+        freeze_model(model, config.torch_scale_dtype, backend=config.backend)
         if config.int4_checkpoint:
-            from .publish import save_atomic
-            from .quantizer import attach
-
-            int4 = copy.copy(config.to_dict())
-            int4.update(bits=4, group_size=config.int4_group_size, recipe="ptq")
-            attach(model, UPQConfig(**int4))
-            save_atomic(model, config.int4_checkpoint, tokenizer=tokenizer, overwrite=True)
+            int4 = type(config)(**{**config.to_dict(), "bits": 4, "group_size": config.int4_group_size,
+                                   "recipe": "ptq", "module_bits": None})
+            save_int4(model, int4, config.int4_checkpoint, tokenizer)
+            save_latents(config.int4_checkpoint, latents)
             _log(f"kept the INT4 model in {config.int4_checkpoint}")
-    # 2. INT4 -> INT2: latent weights = the dequantized INT4 weights
+    # 2. INT4 -> INT2: the INT2 student starts from the INT4 model's latent weights (those its codes round) and
+    #    is reconstructed block-wise against its own dense blocks (the latent weights are the teacher's weights
+    #    moved by the INT4 stage by a fraction of an INT4 step). Measured on the bundled model
+    #    (validation prompts, INT2 g64, 80 steps per block): from the latent weights top-1 0.327 / KL 2.64, the
+    #    same as from the unquantized weights (0.327 / 2.63); from the packed INT4 weights 0.248 / 3.89 (INT4's
+    #    grid point 0 lies on SEQ's decision boundary at 0: all those weights round up), 0.295 / 2.91 with
+    #    dithering (the fallback when an INT4 checkpoint has no latent weights).
     if config.int2_ptq:
-        convert.dequantize_layers(model)
-        # start from the INT4 weights and reconstruct the INT4 model's blocks. Reconstructing the unquantized
-        # teacher's blocks instead (``reference=teacher``) measured worse on the bundled model (KL 9.43 vs
-        # 8.74 at the start of distillation). The latent weights stay on the INT2 grid (codes and scales
-        # exactly as packed): keeping the reconstruction's latent weights (``keep_qat``) puts many next to a
-        # rounding boundary, where the first Adam updates flip them by gradient sign (KL 8.7 -> 22 in five
-        # steps, against 8.7 -> 8.65 from the grid).
-        _ptq(model, calibration, config, 2, config.group_size, progress)
+        dither = None if latents else torch.Generator().manual_seed(config.seed)
+        convert.dequantize_layers(model, weights=latents, dither=dither)
+        _ptq(model, calibration, config, 2, config.group_size, progress,
+             layer_formats=convert.model_layer_formats(model, config))
         to_qat(model)
     else:
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.int2_scale_init,
-               scale_dtype=config.torch_scale_dtype)
+               scale_dtype=config.torch_scale_dtype, layer_formats=_layer_formats_of_upq(model, config))
     # 3. Distill-QAT against the unquantized teacher, then pack
     _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
+
+
+def _layer_formats_of_upq(model: nn.Module, config) -> dict:
+    """``module_bits`` resolved against the packed layers of ``model`` (the INT4 stage's)."""
+    return config.layer_formats(convert.upq_layers(model)) if config.module_bits else {}
+
+
+def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbacks, objective: str) -> nn.Module:
+    from .qat import freeze_model, to_qat
+
+    tokenizer, teacher = _int2_start(model, config, tokenizer)
+    to_qat(model, bits=2, group_size=config.group_size, scale_init=config.scale_init,
+           scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
+           layer_formats=convert.model_layer_formats(model, config))
+    _train(model, teacher, tokenizer, config, objective, progress, callbacks)
+    freeze_model(model, config.torch_scale_dtype, backend=config.backend)
+    return model
+
+
+@register_recipe("ntp", "INT2 QAT from the unquantized weights, next-token loss (ParetoQ's recipe)", trains=True)
+def ntp(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None, **unused) -> nn.Module:
+    return _qat_from_dense(model, config, tokenizer, progress, callbacks, "ntp")
+
+
+@register_recipe("distill", "INT2 Distill-QAT (JSD to the teacher) from the unquantized weights, no INT4 stage",
+                 trains=True)
+def distill(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None,
+            **unused) -> nn.Module:
+    return _qat_from_dense(model, config, tokenizer, progress, callbacks, "jsd")

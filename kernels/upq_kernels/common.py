@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from upq_hf.formats import SEQ_OFFSET, check_group_size, num_groups
+from upq_hf.formats import SEQ_OFFSET, check_bits, check_group_size, effective_group_size, num_groups
 from upq_hf.packing import codes_per_word, packed_shape
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported.
@@ -129,6 +129,15 @@ def dot_k_range(x_ptr, packed_ptr, scale_ptr, zero_ptr, offs_m, offs_n, M, N, K,
 
 
 @triton.jit
+def split_k_blocks(K, split, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K blocks ``[start, end)`` that split ``split`` of ``SPLIT_K`` reduces (trailing splits may be empty)."""
+    num_blocks = tl.cdiv(K, BLOCK_K)
+    blocks_per_split = tl.cdiv(num_blocks, SPLIT_K)
+    block_start = split * blocks_per_split
+    return block_start, tl.minimum(block_start + blocks_per_split, num_blocks)
+
+
+@triton.jit
 def store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, split,
                HAS_BIAS: tl.constexpr):
     """Store ``acc`` cast to the output's dtype, masked; split 0 of a split-K reduction adds the bias."""
@@ -176,9 +185,9 @@ class PackedWeight(NamedTuple):
     def checked(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                 group_size: int | None, in_features: int) -> "PackedWeight":
         """Validated shapes and dtypes; ``group_size == in_features`` becomes None, as in ``UPQLinear``."""
-        codes_per_word(bits)
+        check_bits(bits)
         check_group_size(in_features, group_size)
-        group_size = None if group_size == in_features else group_size
+        group_size = effective_group_size(in_features, group_size)
         N, groups = packed.shape[-1], num_groups(in_features, group_size)
         if packed.dtype != torch.int32 or tuple(packed.shape) != packed_shape(N, in_features, bits):
             raise ValueError(f"packed codes must be int32 of shape {packed_shape(N, in_features, bits)}, "
@@ -190,6 +199,21 @@ class PackedWeight(NamedTuple):
         if zero is not None and tuple(zero.shape) != (groups, N):
             raise ValueError(f"zero must have shape {(groups, N)}, got {tuple(zero.shape)}")
         return cls(packed, scale, zero, bits, group_size, in_features)
+
+
+def kernel_operands(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor) -> tuple:
+    """The arguments every fused kernel starts with: ``x, packed, scale, zero, bias, out`` pointers, ``M, N,
+    K``, then the strides of ``x``, of the packed codes, of the scales and of the zero points."""
+    zero, stride_zg, stride_zn = weight.zero_args()
+    return (x, weight.packed, weight.scale, zero, bias, out, x.shape[0], weight.out_features, weight.in_features,
+            x.stride(0), x.stride(1), weight.packed.stride(0), weight.packed.stride(1),
+            weight.scale.stride(0), weight.scale.stride(1), stride_zg, stride_zn)
+
+
+def kernel_flags(weight: PackedWeight, bias: torch.Tensor | None) -> dict:
+    """The layout constexprs every fused kernel takes: ``BITS``, ``GROUP_SIZE``, ``HAS_ZERO``, ``HAS_BIAS``."""
+    return dict(BITS=weight.bits, GROUP_SIZE=weight.group_size_arg, HAS_ZERO=weight.zero is not None,
+                HAS_BIAS=bias is not None)
 
 
 def next_power_of_2(n: int) -> int:

@@ -1,4 +1,20 @@
-"""The public API of ``upq_kernels`` (re-exported by the package)."""
+"""Triton kernels for UPQ INT2/INT4 linear layers: the package ``upq_kernels``.
+
+Its source root is the repository's ``kernels/`` folder, which holds this package and nothing else
+importable (no ``__init__.py``): ``kernels`` is the name of Hugging Face's package, which transformers
+probes for, and a bare folder of that name reads to it as "not installed".
+
+Public API:
+
+* :func:`upq_linear` ``(x, module)``: the forward of a ``UPQLinear`` through the ``upq::linear``
+  custom op (any leading shape, bias added, result in ``x.dtype``);
+* :func:`upq_matmul`: the same on raw tensors for a 2-D ``x``, with ``variant``/``config``/``out``
+  to force a kernel, its block sizes and its output buffer;
+* :func:`dequantize_packed`: the dense ``(out_features, in_features)`` weight, by a Triton kernel;
+* ``RULES``: the row-count thresholds between the variants; ``VARIANTS``: the kernel modules.
+
+See ``kernels/README.md`` (the source root) for the variants, the dispatch rules and the interpreter.
+"""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from upq_hf.atomic import write_text
+
 from .common import INTERPRETER, next_power_of_2
 
 CACHE_ENV = "UPQ_KERNEL_CACHE"
@@ -77,10 +79,7 @@ class ConfigStore:
         configs[key] = config
         path = cache_path(gpu_name)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps({"gpu": gpu_name, "configs": configs}, indent=1, sort_keys=True))
-            os.replace(scratch, path)
+            write_text(path, json.dumps({"gpu": gpu_name, "configs": configs}, indent=1, sort_keys=True))
         except OSError as error:
             warnings.warn(f"could not save UPQ kernel configs to {path}: {error}", stacklevel=3)
 

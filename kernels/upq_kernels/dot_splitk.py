@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import (TORCH_TO_TRITON, PackedWeight, dot_k_range, dot_precision, launch_options, reduce_split_k,
-                     split_k_target, store_tile)
+from .common import (TORCH_TO_TRITON, PackedWeight, dot_k_range, dot_precision, kernel_flags, kernel_operands,
+                     launch_options, reduce_split_k, split_k_blocks, split_k_target, store_tile)
 
 NAME = "splitk"
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16
@@ -55,10 +55,7 @@ def dot_splitk_kernel(
     split = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    num_blocks = tl.cdiv(K, BLOCK_K)
-    blocks_per_split = tl.cdiv(num_blocks, SPLIT_K)
-    block_start = split * blocks_per_split
-    block_end = tl.minimum(block_start + blocks_per_split, num_blocks)
+    block_start, block_end = split_k_blocks(K, split, BLOCK_K, SPLIT_K)
     acc = dot_k_range(x_ptr, packed_ptr, scale_ptr, zero_ptr, offs_m, offs_n, M, N, K, block_start, block_end,
                       stride_xm, stride_xk, stride_pk, stride_pn, stride_sg, stride_sn, stride_zg, stride_zn,
                       BITS, GROUP_SIZE, HAS_ZERO, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, DOT_PRECISION)
@@ -76,16 +73,10 @@ def launch(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, out
     """``out = x @ W.T (+ bias)`` for a fitted ``config``, ``tl.dot`` operands in ``compute_dtype``."""
     M, N = out.shape
     target, stride_split = split_k_target(out, config["SPLIT_K"])
-    zero, stride_zg, stride_zn = weight.zero_args()
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, config["BLOCK_M"]), config["SPLIT_K"])
     dot_splitk_kernel[grid](
-        x, weight.packed, weight.scale, zero, bias, target,
-        M, N, weight.in_features,
-        x.stride(0), x.stride(1), weight.packed.stride(0), weight.packed.stride(1),
-        weight.scale.stride(0), weight.scale.stride(1), stride_zg, stride_zn,
-        stride_split, target.stride(-2), target.stride(-1),
-        BITS=weight.bits, GROUP_SIZE=weight.group_size_arg, HAS_ZERO=weight.zero is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        *kernel_operands(x, weight, bias, target), stride_split, target.stride(-2), target.stride(-1),
+        **kernel_flags(weight, bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_K=config["BLOCK_K"], SPLIT_K=config["SPLIT_K"],
         COMPUTE_DTYPE=TORCH_TO_TRITON[compute_dtype], DOT_PRECISION=dot_precision(compute_dtype),
         **launch_options(config),

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import TORCH_TO_TRITON, PackedWeight, dot_k_range, dot_precision, launch_options, store_tile
+from .common import (TORCH_TO_TRITON, PackedWeight, dot_k_range, dot_precision, kernel_flags, kernel_operands,
+                     launch_options, store_tile)
 
 NAME = "tiled"
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16
@@ -73,16 +74,10 @@ def launch(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, out
            config: dict, compute_dtype: torch.dtype) -> None:
     """``out = x @ W.T (+ bias)`` for a fitted ``config``, ``tl.dot`` operands in ``compute_dtype``."""
     M, N = out.shape
-    zero, stride_zg, stride_zn = weight.zero_args()
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     dot_tiled_kernel[grid](
-        x, weight.packed, weight.scale, zero, bias, out,
-        M, N, weight.in_features,
-        x.stride(0), x.stride(1), weight.packed.stride(0), weight.packed.stride(1),
-        weight.scale.stride(0), weight.scale.stride(1), stride_zg, stride_zn,
-        out.stride(0), out.stride(1),
-        BITS=weight.bits, GROUP_SIZE=weight.group_size_arg, HAS_ZERO=weight.zero is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        *kernel_operands(x, weight, bias, out), out.stride(0), out.stride(1),
+        **kernel_flags(weight, bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         COMPUTE_DTYPE=TORCH_TO_TRITON[compute_dtype], DOT_PRECISION=dot_precision(compute_dtype),
         **launch_options(config),

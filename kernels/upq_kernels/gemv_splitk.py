@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import (PackedWeight, codes_to_float, launch_options, next_power_of_2, reduce_split_k, scale_group,
-                     split_k_target, store_tile)
+from .common import (PackedWeight, codes_to_float, kernel_flags, kernel_operands, launch_options, next_power_of_2,
+                     reduce_split_k, scale_group, split_k_blocks, split_k_target, store_tile)
 
 NAME = "gemv"
 MAX_BLOCK_M = 4  # rows per program; more rows run as more programs
@@ -60,10 +60,7 @@ def gemv_splitk_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     num_words = tl.cdiv(K, CODES_PER_WORD)
-    num_blocks = tl.cdiv(K, BLOCK_K)
-    blocks_per_split = tl.cdiv(num_blocks, SPLIT_K)
-    block_start = split * blocks_per_split
-    block_end = tl.minimum(block_start + blocks_per_split, num_blocks)
+    block_start, block_end = split_k_blocks(K, split, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # one scale per row: sum(x) over the range
@@ -104,16 +101,10 @@ def launch(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, out
     """``out = x @ W.T (+ bias)`` for a fitted ``config``; the arithmetic is fp32 whatever ``compute_dtype``."""
     M, N = out.shape
     target, stride_split = split_k_target(out, config["SPLIT_K"])
-    zero, stride_zg, stride_zn = weight.zero_args()
     grid = (triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"], triton.cdiv(M, config["BLOCK_M"]))
     gemv_splitk_kernel[grid](
-        x, weight.packed, weight.scale, zero, bias, target,
-        M, N, weight.in_features,
-        x.stride(0), x.stride(1), weight.packed.stride(0), weight.packed.stride(1),
-        weight.scale.stride(0), weight.scale.stride(1), stride_zg, stride_zn,
-        stride_split, target.stride(-2), target.stride(-1),
-        BITS=weight.bits, GROUP_SIZE=weight.group_size_arg, HAS_ZERO=weight.zero is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        *kernel_operands(x, weight, bias, target), stride_split, target.stride(-2), target.stride(-1),
+        **kernel_flags(weight, bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_K=config["BLOCK_K"], SPLIT_K=config["SPLIT_K"], **launch_options(config),
     )
     reduce_split_k(target, out)

@@ -1,0 +1,87 @@
+"""Mixed bits per module (``UPQConfig(module_bits=...)``): resolution, errors, and every path of a mixed model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import upq_hf  # noqa: F401  registers quant_method "upq"
+from upq_hf import UPQConfig, quantize_model
+from upq_hf.checkpoint import checkpoint_info
+from upq_hf.convert import upq_layers
+from upq_hf.packing import bits_per_weight
+
+from helpers import tiny_llama
+
+KV4 = {r"\.(k|v)_proj$": 4}
+IDS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 3]])
+
+
+def test_layer_format_first_matching_pattern_decides():
+    config = UPQConfig(bits=2, group_size=32, int4_group_size=16,
+                       module_bits={r"layers\.0\.mlp\.down_proj": {"bits": 2, "group_size": 16}, "down_proj": 4,
+                                    r"\.v_proj$": {"bits": 4, "group_size": 32}})
+    assert config.layer_format("model.layers.0.mlp.down_proj") == (2, 16)  # first pattern wins
+    assert config.layer_format("model.layers.1.mlp.down_proj") == (4, 16)  # INT4 without a group: int4_group_size
+    assert config.layer_format("model.layers.1.self_attn.v_proj") == (4, 32)
+    assert config.layer_format("model.layers.1.self_attn.q_proj") == (2, 32)  # no pattern: the default
+
+
+@pytest.mark.parametrize("module_bits, match", [
+    ({"(": 4}, "not a regular expression"),
+    ({"k_proj": 3}, "bits must be one of"),
+    ({"k_proj": {"bits": 4, "group": 32}}, "is bits or"),
+    ({"k_proj": {"bits": 4, "group_size": 0}}, "group_size must be a positive integer"),
+    (["k_proj"], "must map name patterns"),
+])
+def test_bad_module_bits_are_refused_at_once(module_bits, match):
+    with pytest.raises(ValueError, match=match):
+        UPQConfig(module_bits=module_bits)
+
+
+def test_a_pattern_that_matches_no_layer_is_an_error():
+    with pytest.raises(ValueError, match="matches none of the 14 layers.*model.layers.0.self_attn.q_proj"):
+        quantize_model(tiny_llama(), UPQConfig(bits=2, group_size=16, module_bits={"kv_proj": 4}))
+
+
+def test_mixed_model_saves_reloads_bit_identical_and_reports_its_bits(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, module_bits=KV4))
+    layers = upq_layers(model)
+    assert {name: (m.bits, m.group_size) for name, m in layers.items() if m.bits == 4} == {
+        f"model.layers.{i}.self_attn.{p}_proj": (4, 32) for i in range(2) for p in "kv"}
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["module_bits"] == KV4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n: m.bits for n, m in upq_layers(reloaded).items()} == {n: m.bits for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, logits)
+    info = checkpoint_info(str(tmp_path))
+    assert sorted(e["bits"] for e in info["layers"].values()) == [2] * 10 + [4] * 4
+    # hidden 64, kv out 32: INT4 layers 64 x 32 at g32 (scale + zero), INT2 layers at g16 (scale)
+    n4, n2 = 4 * 64 * 32, info["quantized_weights"] - 4 * 64 * 32
+    expected = (n4 * bits_per_weight(4, 32, 64) + n2 * bits_per_weight(2, 16, 64)) / (n4 + n2)
+    assert info["bits_per_weight"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_mixed_quantize_on_load(tiny_llama_dir, tmp_path):
+    config = UPQConfig(bits=2, group_size=16, module_bits={"down_proj": {"bits": 4, "group_size": 32}})
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    assert {n: (m.bits, m.group_size) for n, m in upq_layers(model).items() if "down_proj" in n} == {
+        "model.layers.0.mlp.down_proj": (4, 32), "model.layers.1.mlp.down_proj": (4, 32)}
+    assert all(m.bits == 2 for n, m in upq_layers(model).items() if "down_proj" not in n)
+
+
+def test_mixed_recipe_ptq_trains_each_layer_in_its_format():
+    from upq_hf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)  # the bundled model's
+    texts = [f"Note {i}: the level of the tank is {i * 7 % 13} units today." for i in range(16)]
+    config = UPQConfig(bits=2, group_size=16, recipe="ptq", dataset=texts, nsamples=4, seqlen=16, ptq_epochs=1,
+                       module_bits=KV4)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    quantize_model(model, config, tokenizer=tokenizer, progress=False)
+    assert sorted({(m.bits, m.group_size) for m in upq_layers(model).values()}) == [(2, 16), (4, None)]
