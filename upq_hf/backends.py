@@ -62,5 +62,7 @@ def linear_forward(x: torch.Tensor, module) -> torch.Tensor:
 
         return upq_linear(x, module)
     if backend == "cpu":
-        return int4pack.linear(x, module)
+        y = int4pack.linear(x, module)
+        if y is not None:
+            return y
     return torch_linear(x, module)

@@ -164,14 +164,21 @@ def drop_cache(module) -> None:
     module.__dict__.pop(CACHE_ATTRIBUTE, None)
 
 
+def is_packed_layer(module) -> bool:
+    """Whether ``module`` has a ``UPQLinear``'s packed form (int32 ``weight`` codes, ``weight_scale``,
+    ``codes()``): matched by that interface, since this module sits below :mod:`upq_hf.nn` in the import
+    order (``nn`` -> ``backends`` -> ``int4pack``) and cannot import the class."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dtype == torch.int32
+            and isinstance(getattr(module, "weight_scale", None), torch.Tensor) and callable(getattr(module, "codes", None)))
+
+
 def prepare(model) -> int:
     """Repack every ``UPQLinear`` of ``model`` that the kernel takes now rather than on its first
     forward. Returns the bytes the repacked weights hold."""
-    from .nn import UPQLinear
-
     total = 0
     for module in model.modules():
-        if isinstance(module, UPQLinear):
+        if is_packed_layer(module):
             pack = cached_pack(module)
             total += 0 if pack is None else pack.nbytes
     return total
@@ -192,16 +199,15 @@ _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _mm = torch.ops.aten._weight_int4pack_mm_for_cpu if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
 
 
-def linear(x: torch.Tensor, module) -> torch.Tensor:
-    """``module(x)`` on the kernel; falls back to the reference path where the kernel does not apply."""
+def linear(x: torch.Tensor, module) -> torch.Tensor | None:
+    """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
+    :func:`upq_hf.backends.linear_forward`, then runs the reference path)."""
     if x.device.type != "cpu":
         raise RuntimeError(f"UPQ backend 'cpu' runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
     pack = cached_pack(module) if takes(x, module) else None
     if pack is None:
-        from .backends import torch_linear
-
-        return torch_linear(x, module)
+        return None
     rows = x.reshape(-1, module.in_features)
     if rows.dtype != COMPUTE_DTYPE:
         rows = rows.to(COMPUTE_DTYPE)

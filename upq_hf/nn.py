@@ -92,7 +92,8 @@ class UPQLinear(nn.Module):
         return self
 
     def __getstate__(self):
-        # pickling and deepcopy leave the CPU backend's repacked copy behind (it holds weak references)
+        # pickling and deepcopy leave the CPU backend's repacked copy behind: it is derived from the buffers
+        # and rebuilt on the copy's first forward, not worth its bytes in a pickle
         state = super().__getstate__()
         state = dict(state)
         state.pop(int4pack.CACHE_ATTRIBUTE, None)
