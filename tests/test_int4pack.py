@@ -295,6 +295,76 @@ def test_cache_is_not_state_and_holds_no_float_weight():
     assert torch.equal(run(clone, torch.ones(1, 512), "cpu"), run(module, torch.ones(1, 512), "cpu"))
 
 
+def test_mixed_bits_model_each_layer_on_its_own_format(tmp_path, monkeypatch):
+    """Mixed bits (UPQConfig.module_bits): each layer is repacked with its own bits and group size, a layer
+    the kernel cannot take (group 16) runs on the reference path beside the others; every layer is within the
+    derived bound on its real inputs, the whole model closer to the fp32 reference than a bf16 run of it,
+    and a save/reload gives the same formats and the same output."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_llama
+    from upq_hf.convert import upq_layers
+
+    monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    model = tiny_llama()
+    formats_by_pattern = {r"\.(k|v)_proj$": 4,  # int4_group_size 32
+                          r"layers\.0\.mlp\.down_proj$": {"bits": 2, "group_size": 16},  # no kernel group fits
+                          r"layers\.1\.mlp\.up_proj$": {"bits": 4, "group_size": None},  # per row
+                          r"layers\.1\.self_attn\.o_proj$": {"bits": 2, "group_size": None}}
+    upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, int4_group_size=32,
+                                           module_bits=formats_by_pattern), progress=False)
+    layers = upq_layers(model)
+    expected = {"model.layers.0.self_attn.k_proj": (4, 32, 32), "model.layers.1.self_attn.v_proj": (4, 32, 32),
+                "model.layers.0.mlp.down_proj": (2, 16, None), "model.layers.1.mlp.up_proj": (4, None, 64),
+                "model.layers.1.self_attn.o_proj": (2, None, 64), "model.layers.0.self_attn.q_proj": (2, 32, 32)}
+    for name, (bits, group, kernel_group) in expected.items():
+        module = layers[name]
+        assert (module.bits, module.group_size) == (bits, group)
+        assert int4pack.kernel_group_size(module.in_features, module.group_size) == kernel_group
+    # every layer's call on real activations (recorded on the reference path), cpu against the bound
+    inputs = {}
+
+    def record(name):
+        def hook(module, args):
+            inputs[name] = args[0].detach()
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2]])
+    monkeypatch.setenv("UPQ_BACKEND", "torch")
+    with torch.no_grad():
+        reference = model(ids).logits
+    for hook in hooks:
+        hook.remove()
+    monkeypatch.delenv("UPQ_BACKEND")
+    calls = []
+    monkeypatch.setattr(int4pack, "_mm", lambda *args: calls.append(args[0].shape) or
+                        torch.ops.aten._weight_int4pack_mm_for_cpu(*args))
+    for name, module in layers.items():
+        x = inputs[name]
+        y = run(module, x, None)  # auto: the cpu backend where the layer fits
+        assert (y - run(module, x, "torch")).abs().le(tolerance(module, x)).all(), name
+        module.backend = None
+    assert len(calls) == len(layers) - 1  # all but the group-16 layer ran on the kernel
+    assert int4pack.cached_pack(layers["model.layers.0.mlp.down_proj"]) is None
+    with torch.no_grad():
+        logits = model(ids).logits  # the whole mixed model on the auto choice
+    # the whole model: closer to the fp32 reference than the same model run in bf16 on the reference path
+    # (the kernel rounds only the layers' inputs and scales, fp32 inside)
+    monkeypatch.setenv("UPQ_BACKEND", "torch")
+    with torch.no_grad():
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)(ids).logits.float()
+    monkeypatch.delenv("UPQ_BACKEND")
+    assert (logits - reference).abs().max() < (bf16 - reference).abs().max()
+    # save and reload: the mixed model comes back with the same formats and the same cpu-backend output
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n: (m.bits, m.group_size) for n, m in upq_layers(reloaded).items()} == \
+        {n: (m.bits, m.group_size) for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
 def test_save_pretrained_is_unchanged_by_the_cache(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
