@@ -231,7 +231,7 @@ def part_prefill(args, dense, tokenizer) -> list[dict]:
 def part_crossover(args) -> list[dict]:
     from torch import nn
 
-    from upq_hf import UPQLinear
+    from upq_hf import UPQLinear, int4pack
     from upq_hf.backends import torch_linear
 
     rows = []
@@ -239,8 +239,6 @@ def part_crossover(args) -> list[dict]:
         for K, N in ((576, 576), (576, 1536), (1536, 576), (4096, 4096)):
             layer = UPQLinear.from_linear(nn.Linear(K, N, bias=False), 2, 64, scale_init="max")
             layer.backend = "cpu"
-            from upq_hf import int4pack
-
             pack = int4pack.cached_pack(layer)
             for M in (32, 64, 128, 256, 512):
                 x = torch.randn(M, K, dtype=torch.bfloat16)
@@ -326,8 +324,9 @@ def main(argv=None) -> int:
     print()
     print(markdown(report))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+        from upq_hf.atomic import write_text
+
+        write_text(args.json, json.dumps(report, indent=1))
     return 0
 
 

@@ -564,10 +564,10 @@ def main() -> int:
         lines += [f"## {name}: FAILED", "", "```", error.strip(), "```", ""]
     for name in report["skipped"]:
         lines += [f"## {name}: skipped (past the time budget)", ""]
-    with open(os.path.join(ARGS.out, "gpu_check.md"), "w") as handle:
-        handle.write("\n".join(lines))
-    with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as handle:
-        json.dump(report, handle, indent=1, default=str)
+    from upq_hf.atomic import write_text
+
+    write_text(os.path.join(ARGS.out, "gpu_check.md"), "\n".join(lines))
+    write_text(os.path.join(ARGS.out, "gpu_check.json"), json.dumps(report, indent=1, default=str))
     print("\n".join(lines))
     correctness = report["parts"].get("correctness")
     return 1 if report["errors"] or (correctness and correctness["failed"]) else 0

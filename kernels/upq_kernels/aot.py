@@ -40,6 +40,7 @@ import torch
 
 from . import dequant, dot_splitk, dot_tiled, gemv_splitk
 from .common import INTERPRETER, PackedWeight, compute_dtype
+from upq_hf.atomic import write_text
 from upq_hf.packing import packed_shape
 
 ARCHS = (80, 90)
@@ -372,7 +373,8 @@ def run_parallel(case_set: str, archs, jobs: int) -> list[Result]:
             output, _ = process.communicate()
             if not os.path.exists(path):
                 raise RuntimeError(f"AOT compile shard failed (exit {process.returncode}):\n{output[-4000:]}")
-            results += [result_from_json(item) for item in json.load(open(path))["results"]]
+            with open(path) as handle:
+                results += [result_from_json(item) for item in json.load(handle)["results"]]
     return results
 
 
@@ -428,9 +430,8 @@ def main(argv=None) -> int:
     if args.json:
         import triton
 
-        with open(args.json, "w") as handle:
-            json.dump({"triton": triton.__version__, "seconds": time.perf_counter() - start,
-                       "results": [r.to_json() for r in results]}, handle, indent=1)
+        write_text(args.json, json.dumps({"triton": triton.__version__, "seconds": time.perf_counter() - start,
+                                          "results": [r.to_json() for r in results]}, indent=1))
     failed = [r for r in results if not r.ok]
     if not args.quiet:
         if args.markdown:
