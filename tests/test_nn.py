@@ -1,4 +1,5 @@
-"""UPQLinear: built from nn.Linear, exact torch forward, no dequantized weight kept alive."""
+"""UPQLinear: built from nn.Linear, exact torch (reference) forward, no dequantized weight kept alive.
+The CPU backend's agreement with this reference is tested in test_int4pack.py."""
 
 import gc
 import weakref
@@ -16,7 +17,7 @@ from upq_hf import UPQLinear, formats
 def test_forward_equals_linear_on_dequantized_weight(bits, group, dtype):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=True)
-    layer = UPQLinear.from_linear(linear, bits, group, scale_init="mse").to(dtype)
+    layer = UPQLinear.from_linear(linear, bits, group, scale_init="mse", backend="torch").to(dtype)
     x = torch.randn(3, 5, 96, dtype=dtype)
     expected = F.linear(x, layer.dequantize(dtype), layer.bias)
     assert torch.equal(layer(x), expected)
@@ -47,7 +48,7 @@ def test_to_dtype_keeps_codes_and_scales():
 
 def test_no_dequantized_weight_survives_the_call():
     torch.manual_seed(2)
-    layer = UPQLinear.from_linear(nn.Linear(64, 32), 2, None)
+    layer = UPQLinear.from_linear(nn.Linear(64, 32), 2, None, backend="torch")
     refs = []
     original = layer.dequantize
 

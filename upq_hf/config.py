@@ -35,7 +35,9 @@ class UPQConfig(QuantizationConfigMixin):
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
             and tied embeddings are always kept.
-        backend: force the ``"torch"`` or ``"triton"`` forward path (default: Triton on CUDA).
+        backend: force the forward path: ``"torch"`` (the reference: dequantize, then matmul),
+            ``"triton"`` (the Triton kernels) or ``"cpu"`` (torch's INT4 CPU kernel). Default: Triton on
+            CUDA, ``"cpu"`` on CPU where torch has the kernel, else ``"torch"`` (see upq_hf/backends.py).
         module_bits: mixed precision, per-module overrides by name pattern: ``{pattern: bits}`` or
             ``{pattern: {"bits": b, "group_size": g}}``; a pattern is a regular expression searched in the
             layer's full name (``r"\.(k|v)_proj$"``, ``r"layers\.(0|29)\.mlp\.down_proj"``); the first

@@ -2,8 +2,9 @@
 
 Buffers (see :mod:`upq_hf.packing` for the layout): ``weight`` (packed int32 codes),
 ``weight_scale`` and, for INT4, ``weight_zero``; ``bias`` stays a floating parameter. The forward
-pass dequantizes into a temporary that dies with the call (torch backend) or runs a Triton kernel
-(see :mod:`upq_hf.backends`): no dequantized copy of the weight is kept between calls.
+pass dequantizes into a temporary that dies with the call (torch backend), runs a Triton kernel, or
+runs torch's INT4 CPU kernel on a 4-bit copy of the codes made once (see :mod:`upq_hf.backends` and
+:mod:`upq_hf.int4pack`): no dequantized copy of the weight is kept between calls.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import formats, packing
+from . import formats, int4pack, packing
 
 
 class UPQLinear(nn.Module):
@@ -81,13 +82,22 @@ class UPQLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # ``model.to(dtype)`` / ``.half()`` must not round the stored scales: they keep their dtype
-        # and only follow the device of the codes.
+        # and only follow the device of the codes. The CPU backend's repacked copy is dropped.
+        int4pack.drop_cache(self)
         scale, zero = self.weight_scale, self.weight_zero
         super()._apply(fn, recurse)
         self.weight_scale = scale.to(self.weight.device)
         if zero is not None:
             self.weight_zero = zero.to(self.weight.device)
         return self
+
+    def __getstate__(self):
+        # pickling and deepcopy leave the CPU backend's repacked copy behind: it is derived from the buffers
+        # and rebuilt on the copy's first forward, not worth its bytes in a pickle
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop(int4pack.CACHE_ATTRIBUTE, None)
+        return state
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,12 @@ class UPQHfQuantizer(HfQuantizer):
 
             if not triton_available():
                 raise ImportError("UPQConfig(backend='triton') needs Triton (pip install triton)")
+        if self.quantization_config.backend == "cpu":
+            from .backends import cpu_kernel_available
+
+            if not cpu_kernel_available():
+                raise ImportError("UPQConfig(backend='cpu') needs torch.ops.aten._weight_int4pack_mm_for_cpu, "
+                                  "which this torch build lacks or cannot run: use backend='torch'")
 
     def update_dtype(self, dtype):
         return dtype

@@ -20,20 +20,21 @@ from .common import (TORCH_TO_TRITON, PackedWeight, dot_k_range, dot_precision, 
 NAME = "splitk"
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16
 
-# Candidate configurations, tuned per shape on a GPU (kept as data: see tuning.py).
+# Candidate configurations, tuned per shape on a GPU (kept as data: see tuning.py). Each fits the 163 KiB of
+# shared memory of an sm_80 block (checked ahead of time by upq_kernels.aot).
 CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=4),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, SPLIT_K=4, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, SPLIT_K=4, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=8, num_stages=2),
 ]
 # modest tiles: it must compile on every GPU (it runs untuned under CUDA-graph capture or UPQ_AUTOTUNE=0)
 DEFAULT_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=2)

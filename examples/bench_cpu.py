@@ -1,0 +1,334 @@
+"""CPU inference speed of UPQ models: the ``cpu`` backend (torch's INT4 kernel) against the dense model and
+against the reference ``torch`` backend (dequantize + matmul, the path before the ``cpu`` backend existed).
+
+    python examples/bench_cpu.py [--threads 2] [--tokens 64] [--runs 5] [--json out.json]
+                                 [--parts decode,layer,prefill,crossover,profile]
+
+* decode: greedy decoding of ``--tokens`` new tokens (``min_new_tokens`` = ``max_new_tokens``, so every
+  model writes the same number) after a chat prompt, with the bundled SmolLM2-135M-Instruct: dense fp32,
+  dense bf16, INT2 g64 and INT4 g64 (round to nearest: decode speed does not depend on how the codes were
+  found) in bf16 and in fp32 (the rest of each model in the same dtype as the dense model it is compared
+  with), and INT2 g64 on the reference backend. Tokens/s = new tokens / wall time of ``generate``
+  (prefill of the short prompt included); the models run in turn, one generation each per round, for
+  ``--runs`` rounds after a warm-up round (so that load from other processes falls on all alike): median and
+  best run.
+* layer: a 4096 x 4096 layer, group 64, M = 1 and 8: ``F.linear`` on the bf16 weight against the
+  ``UPQLinear`` forward (INT2 and INT4) on the ``cpu`` backend, and the reference backend at M = 1.
+* prefill: one forward of a 512-token prompt through the bundled INT2 g64 model (bf16 and fp32):
+  ``cpu`` backend (which hands calls of more than ``int4pack.MAX_ROWS`` rows to the reference path),
+  reference backend, dense model.
+* crossover: kernel against dequantize + matmul per layer shape and row count (where ``MAX_ROWS`` comes from).
+* profile (not in the default parts): where decode time goes, per op, dense bf16 against INT2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def set_backend(model, backend: str | None) -> None:
+    from upq_hf import UPQLinear
+
+    for module in model.modules():
+        if isinstance(module, UPQLinear):
+            module.backend = backend
+
+
+def bundled():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from upq_hf.models import bundled_model_dir
+
+    folder = bundled_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def quantized(dense, bits: int, dtype: torch.dtype, backend: str | None):
+    from upq_hf.convert import quantize_linears_rtn
+
+    model = copy.deepcopy(dense)
+    quantize_linears_rtn(model, bits, 64, scale_init="max")
+    model = model.to(dtype)
+    set_backend(model, backend)
+    return model
+
+
+def interleaved_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Run each callable once per round, in turn, for ``rounds`` rounds (after ``warmup`` rounds), so that
+    load from other processes falls on every candidate alike; per callable (median, best) milliseconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
+
+
+def part_decode(args, dense, tokenizer) -> list[dict]:
+    from upq_hf import int4pack
+
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id)
+    models = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16)}
+    for bits in (2, 4):
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            models[f"INT{bits} g64 {name}, cpu backend"] = quantized(dense, bits, dtype, "cpu")
+    repack = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        nbytes = int4pack.prepare(model)
+        if nbytes:
+            repack[name] = (time.perf_counter() - start, nbytes / 2 ** 20)
+
+    def generate(model):
+        return lambda: model.generate(ids, **settings)
+
+    with torch.no_grad():
+        timings = interleaved_ms({name: generate(model) for name, model in models.items()}, args.runs)
+        reference = quantized(dense, 2, torch.bfloat16, "torch")  # today's path: slow, timed apart, fewer runs
+        timings["INT2 g64 bf16, torch backend (reference)"] = interleaved_ms(
+            {"reference": generate(reference)}, max(1, args.runs // 3))["reference"]
+    rows = []
+    for name, (median, best) in timings.items():
+        row = dict(model=name, tokens_per_s=args.tokens / (median / 1e3), best_tokens_per_s=args.tokens / (best / 1e3))
+        if name in repack:
+            row["repack_s"], row["repacked_mib"] = repack[name]
+        rows.append(row)
+        print(f"  {name}: {row['tokens_per_s']:.1f} tokens/s (best run {row['best_tokens_per_s']:.1f})"
+              + (f", repacked in {row['repack_s']:.2f} s, {row['repacked_mib']:.1f} MiB" if name in repack else ""),
+              flush=True)
+    by_name = {r["model"]: r for r in rows}
+    for r in rows:
+        for base in ("dense bf16", "dense fp32"):
+            key = "vs_" + base.replace(" ", "_")
+            r[key] = r["tokens_per_s"] / by_name[base]["tokens_per_s"]
+            r["best_" + key] = r["best_tokens_per_s"] / by_name[base]["best_tokens_per_s"]
+    return rows
+
+
+def part_profile(args, dense, tokenizer) -> list[dict]:
+    """Where decode time goes: self CPU time per op class during ``--tokens`` greedy tokens (torch.profiler),
+    dense bf16 against INT2 g64 bf16 on the cpu backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids
+    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id)
+    rows = []
+    for name, model in (("dense bf16", copy.deepcopy(dense).to(torch.bfloat16)),
+                        ("INT2 g64 bf16, cpu backend", quantized(dense, 2, torch.bfloat16, "cpu"))):
+        with torch.no_grad():
+            model.generate(ids, **settings)
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.generate(ids, **settings)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        lm_head = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm")  # the only dense mm left in INT2
+        linears = sum(e.self_cpu_time_total for e in events if e.key in ("aten::_weight_int4pack_mm_for_cpu",))
+        attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+        row = dict(model=name, wall_ms_per_token=wall * 1e3 / args.tokens,
+                   ops_ms_per_token=total / 1e3 / args.tokens, mm_ms_per_token=lm_head / 1e3 / args.tokens,
+                   int4pack_ms_per_token=linears / 1e3 / args.tokens,
+                   attention_ms_per_token=attention / 1e3 / args.tokens,
+                   top=[(e.key, e.self_cpu_time_total / 1e3 / args.tokens, e.count // args.tokens)
+                        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]])
+        rows.append(row)
+        print(f"  {name}: {row['wall_ms_per_token']:.1f} ms/token under the profiler, ops {row['ops_ms_per_token']:.1f}"
+              f" (aten::mm {row['mm_ms_per_token']:.1f}, int4pack {row['int4pack_ms_per_token']:.1f}, attention "
+              f"{row['attention_ms_per_token']:.1f})", flush=True)
+        for key, ms, count in row["top"]:
+            print(f"      {key:55s} {ms:7.2f} ms/token  {count} calls/token", flush=True)
+        del model
+    return rows
+
+
+def part_layer(args) -> list[dict]:
+    from torch import nn
+
+    from upq_hf import UPQLinear
+
+    torch.manual_seed(0)
+    K = N = 4096
+    linear = nn.Linear(K, N, bias=False)
+    dense = linear.weight.detach().to(torch.bfloat16)
+    layers = {bits: UPQLinear.from_linear(linear, bits, 64, scale_init="max", backend="cpu") for bits in (2, 4)}
+    reference = UPQLinear.from_linear(linear, 2, 64, scale_init="max", backend="torch")
+    rows = []
+    with torch.no_grad():
+        for M in (1, 8):
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            t = interleaved_ms({"dense": lambda: F.linear(x, dense), "int2": lambda: layers[2](x),
+                                "int4": lambda: layers[4](x)}, 30 * args.runs, warmup=5)
+            row = dict(M=M, dense_bf16_ms=t["dense"][0], best_dense_bf16_ms=t["dense"][1])
+            for bits in (2, 4):
+                row[f"int{bits}_cpu_ms"], row[f"best_int{bits}_cpu_ms"] = t[f"int{bits}"]
+                row[f"int{bits}_speedup"] = row["dense_bf16_ms"] / row[f"int{bits}_cpu_ms"]
+                row[f"best_int{bits}_speedup"] = row["best_dense_bf16_ms"] / row[f"best_int{bits}_cpu_ms"]
+            if M == 1:
+                row["int2_torch_ms"] = median_ms(lambda: reference(x), 3)
+            rows.append(row)
+            print(f"  M={M}: dense bf16 {row['dense_bf16_ms']:.2f} ms, INT2 cpu {row['int2_cpu_ms']:.2f} ms "
+                  f"(x{row['int2_speedup']:.2f}; best runs x{row['best_int2_speedup']:.2f}), INT4 cpu "
+                  f"{row['int4_cpu_ms']:.2f} ms (x{row['int4_speedup']:.2f}; best x{row['best_int4_speedup']:.2f})"
+                  + (f", INT2 torch {row['int2_torch_ms']:.1f} ms" if "int2_torch_ms" in row else ""), flush=True)
+    return rows
+
+
+def part_prefill(args, dense, tokenizer) -> list[dict]:
+    torch.manual_seed(0)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 512))
+    rows = []
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cpu_model = quantized(dense, 2, dtype, "cpu")
+        torch_model = quantized(dense, 2, dtype, "torch")
+        dense_model = copy.deepcopy(dense).to(dtype)
+        with torch.no_grad():
+            t = interleaved_ms({"cpu": lambda: cpu_model(ids), "torch": lambda: torch_model(ids),
+                                "dense": lambda: dense_model(ids)}, args.runs)
+        row = dict(dtype=name, cpu_ms=t["cpu"][0], torch_ms=t["torch"][0], dense_ms=t["dense"][0],
+                   best_cpu_ms=t["cpu"][1], best_torch_ms=t["torch"][1], best_dense_ms=t["dense"][1])
+        row["cpu_vs_torch"] = row["torch_ms"] / row["cpu_ms"]
+        row["best_cpu_vs_torch"] = row["best_torch_ms"] / row["best_cpu_ms"]
+        rows.append(row)
+        print(f"  {name}: cpu backend {row['cpu_ms']:.0f} ms, torch backend {row['torch_ms']:.0f} ms "
+              f"(x{row['cpu_vs_torch']:.2f}; best runs x{row['best_cpu_vs_torch']:.2f}), dense {row['dense_ms']:.0f} ms",
+              flush=True)
+        del cpu_model, torch_model, dense_model
+    return rows
+
+
+def part_crossover(args) -> list[dict]:
+    from torch import nn
+
+    from upq_hf import UPQLinear, int4pack
+    from upq_hf.backends import torch_linear
+
+    rows = []
+    with torch.no_grad():
+        for K, N in ((576, 576), (576, 1536), (1536, 576), (4096, 4096)):
+            layer = UPQLinear.from_linear(nn.Linear(K, N, bias=False), 2, 64, scale_init="max")
+            layer.backend = "cpu"
+            pack = int4pack.cached_pack(layer)
+            for M in (32, 64, 128, 256, 512):
+                x = torch.randn(M, K, dtype=torch.bfloat16)
+                runs = args.runs if K * N < 4096 * 4096 else 2
+                kernel_ms = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, pack.packed, pack.group_size, pack.scales_and_zeros), runs)
+                reference_ms = median_ms(lambda: torch_linear(x, layer), runs)
+                rows.append(dict(K=K, N=N, M=M, kernel_ms=kernel_ms, reference_ms=reference_ms))
+                print(f"  {K}x{N} M={M}: kernel {kernel_ms:.2f} ms, dequantize + matmul {reference_ms:.2f} ms", flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['machine']}; torch {report['torch']}, {report['threads']} threads; load average before "
+             f"{report['load_before']}, after {report['load_after']}; {report['date']}", ""]
+    if "decode" in report:
+        lines += [f"Decode, bundled SmolLM2-135M-Instruct, {report['tokens']} greedy tokens (median of interleaved runs; "
+                  "best run in brackets):", "",
+                  "| model | tokens/s | vs dense bf16 | vs dense fp32 |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['tokens_per_s']:.1f} ({r['best_tokens_per_s']:.1f}) | "
+                  f"{r['vs_dense_bf16']:.2f}x ({r['best_vs_dense_bf16']:.2f}x) | "
+                  f"{r['vs_dense_fp32']:.2f}x ({r['best_vs_dense_fp32']:.2f}x) |" for r in report["decode"]]
+        lines.append("")
+    if "layer" in report:
+        lines += ["Layer 4096 x 4096, group 64, bf16 activations, `UPQLinear` forward (ms per call, median of interleaved "
+                  "calls; best call in brackets):", "",
+                  "| M | dense bf16 | INT2 cpu | speed-up | INT4 cpu | speed-up | INT2 torch (reference) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['M']} | {r['dense_bf16_ms']:.2f} ({r['best_dense_bf16_ms']:.2f}) | {r['int2_cpu_ms']:.2f} "
+                  f"({r['best_int2_cpu_ms']:.2f}) | {r['int2_speedup']:.2f}x ({r['best_int2_speedup']:.2f}x) | "
+                  f"{r['int4_cpu_ms']:.2f} ({r['best_int4_cpu_ms']:.2f}) | {r['int4_speedup']:.2f}x "
+                  f"({r['best_int4_speedup']:.2f}x) | "
+                  + (f"{r['int2_torch_ms']:.1f} |" if "int2_torch_ms" in r else "- |") for r in report["layer"]]
+        lines.append("")
+    if "prefill" in report:
+        lines += ["Prefill, 512-token prompt, bundled INT2 g64 model (ms per forward, median of interleaved runs; best "
+                  "in brackets):", "",
+                  "| model dtype | cpu backend | torch backend (today's path) | cpu vs torch | dense |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['dtype']} | {r['cpu_ms']:.0f} ({r['best_cpu_ms']:.0f}) | {r['torch_ms']:.0f} ({r['best_torch_ms']:.0f}) "
+                  f"| {r['cpu_vs_torch']:.2f}x ({r['best_cpu_vs_torch']:.2f}x) | {r['dense_ms']:.0f} ({r['best_dense_ms']:.0f}) |"
+                  for r in report["prefill"]]
+        lines.append("")
+    if "crossover" in report:
+        lines += ["Kernel against dequantize + matmul, bf16, INT2 g64 (ms per call):", "",
+                  "| K x N | M | kernel | dequantize + matmul |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel_ms']:.2f} | {r['reference_ms']:.2f} |"
+                  for r in report["crossover"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--parts", default="decode,layer,prefill,crossover")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    report = dict(machine=f"CPU, {os.cpu_count()} cores", torch=torch.__version__, threads=args.threads,
+                  tokens=args.tokens, date=time.strftime("%Y-%m-%d %H:%M"),
+                  load_before=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    dense = tokenizer = None
+    if {"decode", "prefill", "profile"} & set(parts):
+        dense, tokenizer = bundled()
+    for part in parts:
+        print(f"== {part}", flush=True)
+        if part == "decode":
+            report["decode"] = part_decode(args, dense, tokenizer)
+        elif part == "layer":
+            report["layer"] = part_layer(args)
+        elif part == "prefill":
+            report["prefill"] = part_prefill(args, dense, tokenizer)
+        elif part == "crossover":
+            report["crossover"] = part_crossover(args)
+        elif part == "profile":
+            report["profile"] = part_profile(args, dense, tokenizer)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+    report["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print()
+    print(markdown(report))
+    if args.json:
+        from upq_hf.atomic import write_text
+
+        write_text(args.json, json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
