@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, clean_stale
 from .recipes import RECIPES
 
 
@@ -24,8 +24,11 @@ class CheckpointExistsError(FileExistsError):
 
 
 def prepare_target(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that ``out`` can be written (before any expensive work starts)."""
+    """Check that ``out`` can be written (before any expensive work starts). What a killed earlier run left
+    beside it is handled first (:func:`upq_hf.atomic.clean_stale`): its temporaries go, and a checkpoint it
+    had moved aside to replace comes back."""
     target = Path(out)
+    clean_stale(target)
     if target.exists() and not overwrite:
         raise CheckpointExistsError(f"{target} already exists: choose another --out or pass --overwrite")
     if target.exists() and not target.is_dir():
