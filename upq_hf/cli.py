@@ -58,6 +58,7 @@ def cmd_quantize(args) -> int:
     from . import UPQConfig, quantize_model
     from .models import default_device, load_model, load_tokenizer
     from .publish import REPORT_FILE, save_atomic
+    from .quantizer import attach
 
     training = RECIPES[args.recipe].trains
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
@@ -85,9 +86,13 @@ def cmd_quantize(args) -> int:
         print(f"upq: warning: no tokenizer loaded from {source}; the checkpoint is saved without one",
               file=sys.stderr)
         tokenizer = None
-    model = load_model(source, dtype="float32")
-    model.to(config.device)
-    quantize_model(model, config, tokenizer=tokenizer, progress=True)
+    if config.recipe == "rtn":  # quantized tensor by tensor as the weights load, no dense copy (upq_hf.streaming)
+        model = attach(load_model(source, dtype="float32", quantization_config=config, device_map=config.device),
+                       config)
+    else:  # the other recipes need the dense model (calibration through its blocks, the teacher)
+        model = load_model(source, dtype="float32")
+        model.to(config.device)
+        quantize_model(model, config, tokenizer=tokenizer, progress=True)
     save_dtype = getattr(torch, args.dtype)
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
