@@ -57,7 +57,7 @@ def cmd_quantize(args) -> int:
 
     from . import UPQConfig, quantize_model
     from .models import default_device, load_model, load_tokenizer
-    from .publish import REPORT_FILE, save_atomic
+    from .publish import REPORT_FILE, base_model_of, save_atomic
     from .quantizer import attach
 
     training = RECIPES[args.recipe].trains
@@ -97,7 +97,7 @@ def cmd_quantize(args) -> int:
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
     model.config.dtype = args.dtype
-    report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+    report = {"base_model": base_model_of(args.model or "bundled"),
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
         report["metrics"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
