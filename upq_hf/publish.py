@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -236,7 +237,10 @@ def record_report(folder: str | os.PathLike, **entries) -> Path:
 
 def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload UPQ checkpoint"):
-    """Upload a saved UPQ checkpoint folder (with its model card, written if missing) to the Hub."""
+    """Upload a saved UPQ checkpoint folder (with its model card, written if missing) to the Hub. Raises
+    :class:`~upq_hf.errors.HubAuthError` without a token or when the Hub refuses it,
+    :class:`~upq_hf.errors.HubUnreachableError` when the Hub cannot be reached and
+    :class:`~upq_hf.errors.HubError` for any other refusal, each with a one-line message."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
@@ -247,9 +251,49 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
                   for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     if not (folder / "README.md").is_file():
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=folder_card(folder).encode()))
+    token = token or _stored_token()
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)  # a CommitInfo
+    with hub_errors(repo_id, api.endpoint, folder):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.create_commit(repo_id, operations=operations, commit_message=commit_message)  # a CommitInfo
+
+
+def _stored_token() -> str:
+    from huggingface_hub import get_token
+
+    from .errors import HubAuthError
+
+    token = get_token()
+    if not token:
+        raise HubAuthError("no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token")
+    return token
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, endpoint: str, folder=None):
+    """Turn what ``huggingface_hub`` raises when the Hub is out of reach or refuses a request into one-line
+    :mod:`upq_hf.errors` errors."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .errors import HubAuthError, HubError, HubUnreachableError, transport_errors
+
+    unchanged = f"; nothing was uploaded{f' and {folder} is unchanged' if folder else ''}"
+    try:
+        yield
+    except HfHubHTTPError as error:
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        reason = getattr(response, "reason_phrase", "") or ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if status in (401, 403):
+            raise HubAuthError(f"the Hugging Face Hub refused the token for {repo_id} ({status} {reason}".rstrip()
+                               + f"): log in with `hf auth login` with a token that can write to {repo_id}, "
+                                 f"or pass --token{unchanged}") from None
+        raise HubError(f"the Hugging Face Hub refused to push {repo_id}: {first}{unchanged}") from None
+    except transport_errors() as error:
+        raise HubUnreachableError(f"could not reach the Hugging Face Hub at {endpoint} to push {repo_id} "
+                                  f"({type(error).__name__}: {error}): check the network (or HF_ENDPOINT)"
+                                  f"{unchanged}") from None
 
 
 # ------------------------------------------------------------------------------------------------ hooks
