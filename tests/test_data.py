@@ -450,4 +450,4 @@ def test_calibration_size_has_no_default_outside_the_config(tok):
         calibration_data(["some text"] * 4, tok)
     with pytest.raises(TypeError, match="nsamples"):
         TokenBlockDataset.from_source(["some text"] * 4, tok)
-    assert (UPQConfig().nsamples, UPQConfig().seqlen) == (32, 128)
+    assert (UPQConfig().nsamples, UPQConfig().seqlen) == (128, 128)

@@ -241,3 +241,86 @@ def test_norm_weights_move_relative_to_their_size(tmp_path):
         assert moved.max() > 0, name
         torch.testing.assert_close(moved[moved > 0], expected.expand_as(moved[moved > 0]), rtol=1e-3, atol=0,
                                    msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ cached teacher
+
+def test_topk_log_probs_coarsen_exactly():
+    from upq_hf.distill import topk_log_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11) * 3
+    ids = logits.topk(3, dim=-1).indices
+    coarse = topk_log_probs(logits, ids)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(coarse[:, :3].exp(), probs.gather(-1, ids))
+    torch.testing.assert_close(coarse[:, 3].exp(), 1 - probs.gather(-1, ids).sum(-1))  # the tail bucket
+    torch.testing.assert_close(coarse.exp().sum(-1), torch.ones(5))
+    # a confident row whose tail is far below float32's resolution of 1 - p: still finite and exact
+    sharp = torch.tensor([[30.0, 0.0, 0.0, 0.0]])
+    tail = topk_log_probs(sharp, torch.tensor([[0]]))[0, 1].item()
+    assert tail == pytest.approx(math.log(3) - 30 - math.log1p(3 * math.exp(-30)), abs=1e-5)
+
+
+def test_teacher_topk_caches_the_teacher_distribution():
+    from upq_hf.distill import teacher_topk
+
+    teacher = tiny_llama(seed=0, initializer_range=0.1)
+    ids = torch.randint(0, 128, (3, 10))
+    top_ids, top_logp = teacher_topk(teacher, ids, k=8, batch_size=2)
+    assert top_ids.shape == (3, 10, 8) and top_ids.dtype == torch.int32 and top_logp.shape == (3, 10, 9)
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(ids).logits.float(), -1)
+    expected, expected_ids = full.topk(8, dim=-1)
+    assert torch.equal(top_ids.long(), expected_ids)
+    torch.testing.assert_close(top_logp[..., :8], expected)
+    rest = 1 - expected.exp().sum(-1)
+    torch.testing.assert_close(top_logp[..., 8].exp(), rest, atol=1e-6, rtol=1e-4)
+
+
+def test_topk_jsd_is_the_divergence_of_the_coarsened_pair_and_a_lower_bound():
+    from upq_hf.distill import chunked_topk_jsd, topk_log_probs
+
+    torch.manual_seed(0)
+    head = torch.randn(50, 16)
+    s_hidden, t_hidden = torch.randn(9, 16, requires_grad=True), torch.randn(9, 16)
+    t_logits = t_hidden @ head.t()
+    t_logp = torch.log_softmax(t_logits, -1)
+    ids = t_logp.topk(6, -1).indices
+    cached = torch.cat([t_logp.gather(-1, ids), torch.logsumexp(t_logp.scatter(-1, ids, float("-inf")), -1,
+                                                                    keepdim=True)], -1)
+    for beta in (0.0, 0.5, 1.0):
+        got = chunked_topk_jsd(s_hidden, head, ids, cached, beta=beta, chunk_size=4)
+        coarse_s = topk_log_probs(s_hidden @ head.t(), ids)
+        expected = generalized_jsd(coarse_s, cached, beta).sum()  # log-probs are their own logits
+        torch.testing.assert_close(got, expected)
+        full = generalized_jsd(s_hidden @ head.t(), t_logits, beta).sum()
+        assert got.item() <= full.item() + 1e-5  # coarsening never adds divergence
+    got.backward()
+    assert s_hidden.grad is not None and torch.isfinite(s_hidden.grad).all()
+
+
+def test_trainer_on_cached_teacher_matches_the_live_teacher(tmp_path):
+    """Top-k over the whole vocabulary but one token: the cached loss is the live loss (one tail token is the
+    same as itself), and training needs no teacher model."""
+    from upq_hf.distill import TeacherTargetsDataset
+
+    student, teacher = student_and_teacher()
+    blocks = random_blocks(n=8)
+    cached = TeacherTargetsDataset.build(blocks, teacher, k=127, batch_size=4)
+    batch = {k: torch.stack([cached[i][k] for i in range(8)]) for k in cached[0]}
+    live = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=blocks)
+    offline = UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=cached)  # no teacher_model
+    with torch.no_grad():
+        plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        torch.testing.assert_close(offline.compute_loss(student, batch), live.compute_loss(student, plain),
+                                   rtol=1e-4, atol=1e-5)
+    before = offline.compute_loss(student, batch).item()
+    offline.train()
+    assert offline.compute_loss(student, batch).item() < 0.9 * before
+
+
+def test_jsd_without_teacher_or_cache_is_refused(tmp_path):
+    student, _ = student_and_teacher()
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=random_blocks())

@@ -167,3 +167,73 @@ def test_reference_model_gives_the_targets(tiny):
     shallow.model.layers = shallow.model.layers[:1]
     with pytest.raises(ValueError, match="decoder blocks"):
         blockwise_ptq(copy.deepcopy(model), calibration, 2, 32, steps=1, reference=shallow, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ losses, hold-out
+
+def test_reconstruction_losses_match_hand_computed_values():
+    from upq_hf.ptq import _loss_weights, reconstruction_loss
+
+    target = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])  # two tokens: mean squares 12.5 and 0.5
+    y = torch.tensor([[[4.0, 4.0], [0.0, 0.0]]])  # errors: (1, 0) and (0, 1)
+    assert reconstruction_loss(y, target, "mse").item() == pytest.approx(0.5)  # (1 + 1) / 4
+    # each token's squared error over its target's mean square: (1 / 12.5 + 0 + 0 + 1 / 0.5) / 4
+    assert reconstruction_loss(y, target, "token").item() == pytest.approx((0.08 + 2.0) / 4)
+    weights = _loss_weights(target, "channel", batch_size=1)  # channel mean squares 4.5 and 8.5
+    inverse = torch.tensor([1 / 4.5, 1 / 8.5])
+    torch.testing.assert_close(weights, inverse / inverse.mean())
+    assert reconstruction_loss(y, target, "channel", weights).item() == pytest.approx(
+        float(weights[0] + weights[1]) / 4)
+    assert _loss_weights(target, "token", 1) is None
+    with pytest.raises(ValueError, match="loss must be one of"):
+        reconstruction_loss(y, target, "l1")
+
+
+def test_token_loss_ignores_the_size_of_massive_activations():
+    from upq_hf.ptq import reconstruction_loss
+
+    target = torch.randn(1, 4, 8)
+    y = target + 0.1 * torch.randn(1, 4, 8)
+    big_target, big_y = target.clone(), y.clone()
+    big_target[0, 0] *= 1000  # one token with massive activations, its error scaled alike
+    big_y[0, 0] = big_target[0, 0] + 1000 * (y[0, 0] - target[0, 0])
+    assert reconstruction_loss(big_y, big_target, "token").item() == pytest.approx(
+        reconstruction_loss(y, target, "token").item(), rel=1e-4)
+    assert reconstruction_loss(big_y, big_target, "mse").item() > 1e4 * reconstruction_loss(y, target, "mse").item()
+
+
+def test_holdout_keeps_each_block_at_its_best_held_out_state(tiny, monkeypatch):
+    """With a hold-out, a block ends in the state of its lowest held-out loss: training that only gets worse
+    (a learning rate far too high) leaves every block at its round-to-nearest start, exactly."""
+    model, calibration, held_out, reference = tiny
+    rtn = copy.deepcopy(model)
+    quantize_linears_rtn(rtn, 2, 16, scale_init="mse")
+    wrecked = copy.deepcopy(model)
+    report = blockwise_ptq(wrecked, calibration, 2, 16, steps=6, lr=50.0, scale_lr=5.0, holdout=4, eval_every=2,
+                           progress=False)
+    assert all(b.reverted for b in report.blocks)
+    for name, layer in rtn.named_modules():
+        if isinstance(layer, UPQLinear):
+            other = wrecked.get_submodule(name)
+            assert torch.equal(layer.weight, other.weight) and torch.equal(layer.weight_scale, other.weight_scale)
+    good = copy.deepcopy(model)
+    report = blockwise_ptq(good, calibration, 2, 16, epochs=4, holdout=4, loss="token", progress=False)
+    assert not any(b.reverted for b in report.blocks)
+    assert _logits_error(good, held_out, reference) < _logits_error(rtn, held_out, reference)
+
+
+def test_holdout_must_leave_data_to_train_on(tiny):
+    model, calibration, _, _ = tiny
+    with pytest.raises(ValueError, match="holdout must leave"):
+        blockwise_ptq(copy.deepcopy(model), calibration, 2, 16, holdout=16, progress=False)
+
+
+def test_autocast_bf16_trains_and_packs(tiny):
+    model, calibration, held_out, reference = tiny
+    rtn = copy.deepcopy(model)
+    quantize_linears_rtn(rtn, 2, 16, scale_init="mse")
+    ptq = copy.deepcopy(model)
+    blockwise_ptq(ptq, calibration, 2, 16, epochs=4, autocast=torch.bfloat16, progress=False)
+    assert all(isinstance(ptq.get_submodule(f"model.layers.0.self_attn.{p}"), UPQLinear) for p in ("q_proj", "k_proj"))
+    assert next(ptq.parameters()).dtype == torch.float32  # autocast changes the compute, not the model
+    assert _logits_error(ptq, held_out, reference) < _logits_error(rtn, held_out, reference)

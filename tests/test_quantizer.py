@@ -97,6 +97,12 @@ def test_modules_to_not_convert_overrides_but_keeps_output_embedding(tiny_llama_
     (dict(bits=2, group_size=0), "group_size must be a positive integer"),
     (dict(bits=4, group_size=-64), "group_size must be a positive integer"),
     (dict(recipe="magic"), "recipe must be one of"),
+    (dict(ptq_loss="l1"), "ptq_loss must be one of"),
+    (dict(ptq_holdout=1.0), r"ptq_holdout is the share .* in \[0, 1\)"),
+    (dict(ptq_batch_size=0), "ptq_batch_size must be a positive integer"),
+    (dict(train_samples=0), "train_samples must be a positive integer or None"),
+    (dict(teacher_topk=-1), "teacher_topk must be a non-negative integer"),
+    (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -31,10 +31,15 @@ def model_for(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
 
 
-@pytest.mark.parametrize("recipe", ["ptq", "ntp", "distill"])
-def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe):
+@pytest.mark.parametrize("recipe, mixed_precision", [("ptq", "auto"), ("ntp", "auto"), ("distill", "no"),
+                                                     ("distill", "bf16")])
+def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe, mixed_precision):
+    """The quantized model in memory is the one that reloads: bf16 autocast (accelerate wraps the model's
+    forward in it for training) must not stay on the model after training."""
     model = model_for(tokenizer)
-    upq_hf.quantize_model(model, small(recipe=recipe), tokenizer=tokenizer, progress=False)
+    upq_hf.quantize_model(model, small(recipe=recipe, mixed_precision=mixed_precision), tokenizer=tokenizer,
+                          progress=False)
+    assert "_original_forward" not in model.__dict__
     layers = upq_layers(model)
     assert len(layers) == 14 and all(m.bits == 2 and m.group_size == 32 for m in layers.values())
     ids = torch.randint(0, len(tokenizer), (1, 12))
@@ -130,3 +135,30 @@ def test_recipe_saves_nothing_itself(tokenizer, tmp_path):
         recipes.apply_recipe(model_for(tokenizer), small(recipe="upq", int4_checkpoint=str(tmp_path / "int4")),
                              tokenizer=tokenizer)
     assert not (tmp_path / "int4").exists()
+
+
+def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_path):
+    """A restart from the kept INT4 checkpoint reads the INT4 stage's latent weights and makes the same INT2
+    model, code for code, as the run that made the checkpoint; without them it falls back to dithering."""
+    from upq_hf import recipes
+
+    int4_dir = tmp_path / "int4"
+    cfg = dict(recipe="upq", int4_checkpoint=str(int4_dir), train_steps=1, mixed_precision="no")
+    straight = model_for(tokenizer)
+    upq_hf.quantize_model(straight, small(**cfg), tokenizer=tokenizer, progress=False)
+    assert (int4_dir / recipes.LATENTS_FILE).is_file()
+    latents = recipes.load_latents(str(int4_dir))
+    assert set(latents) == set(upq_layers(straight)) and all(t.dtype == torch.float32 for t in latents.values())
+
+    again = model_for(tokenizer)
+    upq_hf.quantize_model(again, small(**cfg), tokenizer=tokenizer, progress=False)
+    first, second = upq_layers(straight), upq_layers(again)
+    for name in first:
+        assert torch.equal(first[name].weight, second[name].weight), name
+        assert torch.equal(first[name].weight_scale, second[name].weight_scale), name
+
+    (int4_dir / recipes.LATENTS_FILE).unlink()
+    assert recipes.load_latents(str(int4_dir)) is None
+    third = model_for(tokenizer)
+    upq_hf.quantize_model(third, small(**cfg), tokenizer=tokenizer, progress=False)
+    assert all(m.bits == 2 for m in upq_layers(third).values())

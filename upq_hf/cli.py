@@ -33,6 +33,18 @@ def _group_size(text: str):
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'row', got {text!r}") from None
 
 
+def _module_bits(text: str) -> tuple[str, object]:
+    """``--module-bits PATTERN=BITS[:GROUP]``: one mixed-precision override (``UPQConfig.module_bits``)."""
+    pattern, sep, spec = text.rpartition("=")
+    bits, _, group = spec.partition(":")
+    if not sep or not pattern or not bits.isdigit():
+        raise argparse.ArgumentTypeError(f"--module-bits takes PATTERN=BITS or PATTERN=BITS:GROUP (e.g. "
+                                         f"'k_proj=4', 'v_proj=4:32'), got {text!r}")
+    if not group:
+        return pattern, int(bits)
+    return pattern, {"bits": int(bits), "group_size": _group_size(group)}
+
+
 _NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
@@ -72,7 +84,11 @@ def cmd_quantize(args) -> int:
                    learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
                    train_norms=False if args.no_train_norms else None,
                    temperature=args.temperature, work_dir=work_dir, resume=args.resume,
-                   device=args.device or default_device(), seed=args.seed)
+                   device=args.device or default_device(), seed=args.seed, ptq_loss=args.ptq_loss,
+                   ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
+                   train_samples=args.train_samples, teacher_topk=args.teacher_topk,
+                   mixed_precision=args.mixed_precision,
+                   module_bits=dict(args.module_bits) if args.module_bits else None)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
     source = _check_before_work(args, config)
     start = time.time()
@@ -100,7 +116,7 @@ def cmd_quantize(args) -> int:
     report = {"base_model": base_model_of(args.model or "bundled"),
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
-        report["metrics"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
+        report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     # the saved config records the recipe, not where this run kept its scratch files
     config.work_dir = config.resume = config.device = None
@@ -131,15 +147,18 @@ def _check_before_work(args, config) -> str:
     return source
 
 
-def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> dict:
-    """The model card's fidelity numbers: :func:`upq_hf.evaluation.measure_fidelity` against ``source``."""
+def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
+    """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``) and the
+    quantized model's greedy answers to the same held-out prompts."""
     from .evaluation import measure_fidelity
     from .models import load_model
 
     teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
-    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True)
-    return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
-            "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"]}
+    scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
+    metrics = {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+               "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
+               "answers_non_empty": scores["non_empty"], "answers_prompts": scores["prompts"]}
+    return metrics, scores["answers"]
 
 
 def cmd_push(args) -> int:
@@ -210,7 +229,7 @@ def one_line(error: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .config import UPQConfig
+    from .config import MIXED_PRECISIONS, PTQ_LOSSES, UPQConfig
     from .ptq import ALGORITHMS
 
     default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
@@ -234,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seqlen", type=int, default=None, help=f"PTQ calibration length (default {default['seqlen']})")
     ptq = q.add_argument_group("block-wise PTQ")
     ptq.add_argument("--ptq-algorithm", default=None, choices=ALGORITHMS)
-    ptq.add_argument("--ptq-epochs", type=int, default=None)
+    ptq.add_argument("--ptq-epochs", type=int, default=None,
+                     help=f"passes over the calibration data per block (default {default['ptq_epochs']})")
+    ptq.add_argument("--ptq-batch-size", type=int, default=None,
+                     help=f"calibration sequences per step (default {default['ptq_batch_size']})")
+    ptq.add_argument("--ptq-loss", default=None, choices=PTQ_LOSSES,
+                     help=f"block reconstruction error (default {default['ptq_loss']})")
+    ptq.add_argument("--int4-ptq-epochs", type=int, default=None,
+                     help=f"epochs of upq's INT4 stage (default {default['int4_ptq_epochs']})")
     ptq.add_argument("--int4-group-size", type=_group_size, default=default["int4_group_size"],
                      help="group size of the INT4 stage (upq)")
     ptq.add_argument("--keep-int4", default=None, help="where upq keeps the INT4 model (default OUT-int4); "
@@ -251,9 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-train-norms", action="store_true",
                        help="keep the normalisation layers frozen (default: trained with the quantized layers)")
     train.add_argument("--temperature", type=float, default=None)
+    train.add_argument("--train-samples", type=int, default=None,
+                       help=f"distinct training sequences, cycled for several epochs (default {default['train_samples']})")
+    train.add_argument("--teacher-topk", type=int, default=None,
+                       help=f"cache the teacher's top-k distributions once (default {default['teacher_topk']}; "
+                            "0: run the teacher at every step)")
+    train.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS,
+                       help=f"autocast of PTQ and QAT (default {default['mixed_precision']}: bf16 where the device "
+                            "multiplies bf16 natively)")
     train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
     train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
     train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")
+    q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
+                   help="mixed precision: layers whose name matches the regular expression PATTERN get BITS "
+                        "(and GROUP); repeatable, the first match decides (e.g. --module-bits '(k|v)_proj=4')")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--fidelity-prompts", type=int, default=16,
                    help="held-out prompts for the fidelity numbers in the model card (0: skip)")

@@ -17,6 +17,8 @@ from .packing import FORMAT_VERSION
 from .recipes import RECIPES
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+PTQ_LOSSES = ("token", "mse", "channel")
+MIXED_PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = (None, *backends.BACKENDS)
 
 
@@ -79,11 +81,14 @@ class UPQConfig(QuantizationConfigMixin):
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
                  module_bits: dict[str, Any] | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
-                 nsamples: int = 32, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 2,
-                 int4_group_size: int | None = 64, int4_checkpoint: str | None = None, int2_ptq: bool = True,
-                 int2_scale_init: str = "max", train_steps: int = 60, train_batch_size: int = 4,
-                 train_seqlen: int = 128, learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
-                 beta: float = 0.0, temperature: float = 1.0, train_norms: bool = True,
+                 nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 6,
+                 ptq_batch_size: int = 8, ptq_loss: str = "token", ptq_holdout: float = 0.125,
+                 int4_group_size: int | None = 64, int4_ptq_epochs: int = 1, int4_checkpoint: str | None = None,
+                 int2_ptq: bool = True, int2_scale_init: str = "max", train_steps: int = 30,
+                 train_batch_size: int = 16, train_seqlen: int = 128, train_samples: int | None = 128,
+                 learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
+                 beta: float = 0.0, temperature: float = 1.0, teacher_topk: int = 64, train_norms: bool = True,
+                 mixed_precision: str = "auto",
                  work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
@@ -103,6 +108,10 @@ class UPQConfig(QuantizationConfigMixin):
         self.seqlen = seqlen
         self.ptq_algorithm = ptq_algorithm
         self.ptq_epochs = ptq_epochs
+        self.ptq_batch_size = ptq_batch_size
+        self.ptq_loss = ptq_loss
+        self.ptq_holdout = ptq_holdout
+        self.int4_ptq_epochs = int4_ptq_epochs
         self.int4_group_size = int4_group_size
         self.int4_checkpoint = int4_checkpoint
         self.int2_ptq = int2_ptq
@@ -110,6 +119,9 @@ class UPQConfig(QuantizationConfigMixin):
         self.train_steps = train_steps
         self.train_batch_size = train_batch_size
         self.train_seqlen = train_seqlen
+        self.train_samples = train_samples
+        self.teacher_topk = teacher_topk
+        self.mixed_precision = mixed_precision
         self.learning_rate = learning_rate
         self.scale_learning_rate = scale_learning_rate
         self.beta = beta
@@ -144,10 +156,26 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"UPQConfig: backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in ("nsamples", "seqlen", "ptq_epochs", "train_steps", "train_batch_size", "train_seqlen"):
+        for name in ("nsamples", "seqlen", "ptq_epochs", "ptq_batch_size", "int4_ptq_epochs", "train_steps",
+                     "train_batch_size", "train_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"UPQConfig: {name} must be a positive integer, got {value!r}")
+        if self.train_samples is not None and (not isinstance(self.train_samples, int)
+                                               or isinstance(self.train_samples, bool) or self.train_samples <= 0):
+            raise ValueError(f"UPQConfig: train_samples must be a positive integer or None, got {self.train_samples!r}")
+        if self.ptq_loss not in PTQ_LOSSES:
+            raise ValueError(f"UPQConfig: ptq_loss must be one of {list(PTQ_LOSSES)}, got {self.ptq_loss!r}")
+        if not isinstance(self.ptq_holdout, (int, float)) or isinstance(self.ptq_holdout, bool) \
+                or not 0.0 <= self.ptq_holdout < 1.0:
+            raise ValueError(f"UPQConfig: ptq_holdout is the share of calibration sequences held out, in [0, 1), "
+                             f"got {self.ptq_holdout!r}")
+        if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
+            raise ValueError(f"UPQConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
+                             f"training), got {self.teacher_topk!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"UPQConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
         if float(self.temperature) <= 0:

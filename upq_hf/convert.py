@@ -107,11 +107,26 @@ def upq_layers(model: nn.Module) -> dict[str, UPQLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear)}
 
 
-def dequantize_layers(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace every ``UPQLinear`` by an ``nn.Linear`` holding its dequantized weight, in place."""
+def dequantize_layers(model: nn.Module, dtype: torch.dtype = torch.float32, *,
+                      weights: dict[str, torch.Tensor] | None = None,
+                      dither: torch.Generator | None = None) -> list[str]:
+    """Replace every ``UPQLinear`` by an ``nn.Linear`` holding its dequantized weight, in place.
+
+    ``weights``: for the layers it names, that weight instead (e.g. the latent weights QAT left, which the
+    packed codes round). ``dither``: add uniform noise of one quantization step (``U(-s/2, s/2)``, from this
+    generator) to the dequantized weights, which keeps each weight in its own rounding cell but spreads
+    the weights that sit exactly on a grid point. Re-quantizing to a coarser grid needs that: INT4's grid
+    point 0 lies exactly on a SEQ INT2 decision boundary, where every such weight would round one way."""
     layers = upq_layers(model)
     for name, module in layers.items():
-        weight = module.dequantize(dtype)
+        if weights is not None and name in weights:
+            weight = weights[name].to(module.weight.device, dtype)
+        else:
+            weight = module.dequantize(torch.float32)
+            if dither is not None:
+                step = formats._expand(module.weight_scale.t().float(), module.group_size, module.in_features)
+                weight = weight + (torch.rand(weight.shape, generator=dither) - 0.5).to(weight.device) * step
+            weight = weight.to(dtype)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            device=weight.device, dtype=dtype)
         with torch.no_grad():

@@ -155,6 +155,9 @@ def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tens
     return total
 
 
+TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_logp")
+
+
 class TeacherTargetsDataset(torch.utils.data.Dataset):
     """A token-block dataset (items ``{"input_ids", "attention_mask", "labels"}``) with the teacher's cached
     top-k distributions (:func:`teacher_topk`) added to every item, so that ``UPQDistillTrainer`` trains
@@ -266,6 +269,14 @@ class UPQDistillTrainer(Trainer):
             self.teacher.requires_grad_(False)
             device = teacher_device if teacher_device is not None else self.args.device
             self.teacher.to(device)
+
+    def _set_signature_columns_if_needed(self):
+        # the cached teacher distributions are inputs of the loss, not of the model's forward: keep them when the
+        # Trainer drops the batch keys that the forward signature does not name (remove_unused_columns)
+        super()._set_signature_columns_if_needed()
+        for key in TEACHER_KEYS:
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
 
     # -------------------------------------------------------------- optimiser: weights and scales apart
     def create_optimizer(self, model=None):

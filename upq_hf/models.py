@@ -77,6 +77,34 @@ def check_device(device: str | None, asked: str, instead: str) -> None:
                            f"{instead}")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 matrix products
+    run about 2.5x faster than fp32 (measured on the project's 2-core AMD EPYC); elsewhere they are emulated."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(device, mixed_precision: str = "auto"):
+    """The dtype training runs its matrix products in under ``torch.autocast`` (``None``: float32).
+
+    ``"auto"``: bf16 on a GPU that supports it and on a CPU with native bf16 (:func:`cpu_has_fast_bf16`),
+    float32 elsewhere; ``"bf16"``: bf16 wherever asked; ``"no"``: float32."""
+    import torch
+
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
 def check_backend(backend: str | None, asked: str, instead: str) -> None:
     """Before any work starts: the Triton backend needs a CUDA GPU (its kernels run on CUDA tensors; the CPU
     interpreter the kernel tests use is no way to run a model) and Triton itself."""

@@ -340,4 +340,11 @@ EVAL_PROMPTS: tuple[str, ...] = (
     "If you could add one new rule to tennis, what would it be and why?",
 )
 
-__all__ = ["SEED_PROMPTS", "EVAL_PROMPTS"]
+#: the report split: the first 16 held-out prompts, scored by ``upq quantize``'s report, the demo and the
+#: numbers in docs/BENCHMARKS.md
+REPORT_PROMPTS: tuple[str, ...] = EVAL_PROMPTS[:16]
+#: the validation split: the other 24 held-out prompts, on which the defaults (loss, steps, learning rates,
+#: budget split) were chosen, so that the report split measures them without having picked them
+VALIDATION_PROMPTS: tuple[str, ...] = EVAL_PROMPTS[16:]
+
+__all__ = ["SEED_PROMPTS", "EVAL_PROMPTS", "REPORT_PROMPTS", "VALIDATION_PROMPTS"]

@@ -87,13 +87,17 @@ def _self_kwargs(config) -> dict:
     return {"n_prompts": config.self_prompts} if config.dataset == "self" and config.self_prompts else {}
 
 
-def _ptq(model, calibration, config, bits: int, group_size, progress: bool, **options):
+def _ptq(model, calibration, config, bits: int, group_size, progress: bool, epochs: int | None = None, **options):
+    from .models import autocast_dtype
     from .ptq import blockwise_ptq
 
+    device = _device(config, model)
     report = blockwise_ptq(model, calibration, bits, group_size, algorithm=config.ptq_algorithm,
-                           epochs=config.ptq_epochs, scale_init=config.scale_init,
+                           epochs=config.ptq_epochs if epochs is None else epochs, batch_size=config.ptq_batch_size,
+                           loss=config.ptq_loss, holdout=int(config.ptq_holdout * len(calibration)),
+                           autocast=autocast_dtype(device, config.mixed_precision), scale_init=config.scale_init,
                            scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
-                           device=_device(config, model), backend=config.backend, seed=config.seed, progress=progress,
+                           device=device, backend=config.backend, seed=config.seed, progress=progress,
                            **options)
     _log(str(report).splitlines()[0] if str(report) else "PTQ done")
     return report
@@ -116,6 +120,31 @@ def load_int4_into(model: nn.Module, path: str) -> None:
         convert.replace_module(model, name, module.to(device))
 
 
+LATENTS_FILE = "upq_latent_weights.safetensors"
+
+
+def save_latents(folder: str, latents: dict[str, torch.Tensor]) -> None:
+    """Keep the INT4 stage's latent weights beside its checkpoint (float32, ``LATENTS_FILE``; transformers
+    does not read it), so that a restart starts the INT2 stage from exactly where a straight run does."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    with atomic_path(os.path.join(folder, LATENTS_FILE)) as tmp:
+        save_file({name: tensor.detach().float().cpu().contiguous() for name, tensor in latents.items()}, str(tmp))
+
+
+def load_latents(folder: str) -> dict[str, torch.Tensor] | None:
+    """The latent weights :func:`save_latents` kept, or None (an INT4 checkpoint saved without them)."""
+    path = os.path.join(folder, LATENTS_FILE)
+    if not os.path.isfile(path):
+        _log(f"{folder} has no {LATENTS_FILE}: the INT2 stage starts from the dithered INT4 weights")
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 def _train(student, teacher, tokenizer, config, objective: str, progress: bool, callbacks=None):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``. ``teacher`` is
     the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``."""
@@ -124,13 +153,24 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
     from .data import TokenBlockDataset
     from .distill import UPQDistillTrainer, select_trainable
 
-    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher,
-                                            nsamples=config.train_steps * config.train_batch_size,
+    nsamples = config.train_samples or config.train_steps * config.train_batch_size
+    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher, nsamples=nsamples,
                                             seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
+    if objective == "jsd" and config.teacher_topk:
+        from .distill import TeacherTargetsDataset
+
+        started = time.time()
+        dataset = TeacherTargetsDataset.build(dataset, teacher, k=config.teacher_topk, temperature=config.temperature,
+                                              progress=progress)
+        _log(f"cached the teacher's top-{config.teacher_topk} distributions on {nsamples} x {config.train_seqlen} "
+             f"tokens in {time.time() - started:.0f} s")
     trainable = select_trainable(student, train_norms=config.train_norms)
     work_dir = config.work_dir or tempfile.mkdtemp(prefix="upq-train-")
     save = bool(config.work_dir)
     device = _device(config, student)
+    from .models import autocast_dtype
+
+    bf16 = autocast_dtype(device, config.mixed_precision) is not None
     args = TrainingArguments(
         output_dir=os.path.join(work_dir, "trainer"), max_steps=config.train_steps,
         per_device_train_batch_size=config.train_batch_size, learning_rate=config.learning_rate,
@@ -138,14 +178,16 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
         max_grad_norm=1.0, logging_steps=max(1, config.train_steps // 20), report_to=[], seed=config.seed,
         save_strategy="steps" if save else "no", save_steps=max(1, config.train_steps // 4), save_total_limit=2,
         use_cpu=device.type == "cpu", disable_tqdm=not progress, dataloader_num_workers=0,
-        remove_unused_columns=False,
+        remove_unused_columns=False, bf16=bf16,
     )
-    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if objective == "jsd" else None, args=args,
+    live_teacher = objective == "jsd" and not getattr(dataset, "has_teacher", False)
+    trainer = UPQDistillTrainer(model=student, teacher_model=teacher if live_teacher else None, args=args,
                                 train_dataset=dataset,
                                 objective=objective, beta=config.beta, temperature=config.temperature,
                                 scale_learning_rate=config.scale_learning_rate, callbacks=callbacks)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {config.train_steps} steps x "
-         f"{config.train_batch_size} x {config.train_seqlen} tokens")
+         f"{config.train_batch_size} x {config.train_seqlen} tokens ({nsamples} distinct sequences"
+         f"{', bf16 autocast' if bf16 else ''})")
     resume = None
     if save and config.resume:
         from .resume import last_complete_checkpoint  # not get_last_checkpoint: a killed save leaves a partial one
@@ -155,6 +197,8 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
              f"nothing to resume in {args.output_dir} (no complete trainer checkpoint): training from the start")
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
+    # mixed precision wrapped the model's forward in autocast: the quantized model must not keep that wrapper
+    trainer.accelerator.unwrap_model(student, keep_fp32_wrapper=False)
     elapsed = time.time() - started
     tokens = config.train_steps * config.train_batch_size * config.train_seqlen
     _log(f"trained in {elapsed:.0f} s ({tokens / max(elapsed, 1e-9):.0f} tokens/s)")
@@ -211,7 +255,7 @@ def ptq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, **u
 @register_recipe("upq", "block-wise PTQ to INT4, then INT2 Distill-QAT from the INT4 model", trains=True)
 def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None,
         save_int4: Callable | None = None, **unused) -> nn.Module:
-    from .qat import freeze_model, to_qat
+    from .qat import freeze_model, qat_layers, to_qat
 
     if config.int4_checkpoint and save_int4 is None:
         raise ValueError("UPQConfig(int4_checkpoint=...) needs save_int4, the function that saves the INT4 model: "
@@ -223,22 +267,28 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
     if config.int4_checkpoint and os.path.isfile(os.path.join(config.int4_checkpoint, "config.json")):
         _log(f"restarting from the INT4 checkpoint {config.int4_checkpoint}")
         load_int4_into(model, config.int4_checkpoint)
+        latents = load_latents(config.int4_checkpoint)
     else:
-        _ptq(model, calibration, config, 4, config.int4_group_size, progress)
+        _ptq(model, calibration, config, 4, config.int4_group_size, progress, epochs=config.int4_ptq_epochs,
+             keep_qat=True)
+        latents = {name: layer.weight.detach().clone() for name, layer in qat_layers(model).items()}
+        freeze_model(model, config.torch_scale_dtype, backend=config.backend)
         if config.int4_checkpoint:
             int4 = type(config)(**{**config.to_dict(), "bits": 4, "group_size": config.int4_group_size,
-                                   "recipe": "ptq"})
+                                   "recipe": "ptq", "module_bits": None})
             save_int4(model, int4, config.int4_checkpoint, tokenizer)
+            save_latents(config.int4_checkpoint, latents)
             _log(f"kept the INT4 model in {config.int4_checkpoint}")
-    # 2. INT4 -> INT2: latent weights = the dequantized INT4 weights
+    # 2. INT4 -> INT2: the INT2 student starts from the INT4 model's latent weights (those its codes round) and
+    #    is reconstructed block-wise against its own dense blocks (the latent weights are the teacher's weights
+    #    moved by the INT4 stage by a fraction of an INT4 step). Measured on the bundled model
+    #    (validation prompts, INT2 g64, 80 steps per block): from the latent weights top-1 0.327 / KL 2.64, the
+    #    same as from the unquantized weights (0.327 / 2.63); from the packed INT4 weights 0.248 / 3.89 (INT4's
+    #    grid point 0 lies on SEQ's decision boundary at 0: all those weights round up), 0.295 / 2.91 with
+    #    dithering (the fallback when an INT4 checkpoint has no latent weights).
     if config.int2_ptq:
-        convert.dequantize_layers(model)
-        # start from the INT4 weights and reconstruct the INT4 model's blocks. Reconstructing the unquantized
-        # teacher's blocks instead (``reference=teacher``) measured worse on the bundled model (KL 9.43 vs
-        # 8.74 at the start of distillation). The latent weights stay on the INT2 grid (codes and scales
-        # exactly as packed): keeping the reconstruction's latent weights (``keep_qat``) puts many next to a
-        # rounding boundary, where the first Adam updates flip them by gradient sign (KL 8.7 -> 22 in five
-        # steps, against 8.7 -> 8.65 from the grid).
+        dither = None if latents else torch.Generator().manual_seed(config.seed)
+        convert.dequantize_layers(model, weights=latents, dither=dither)
         _ptq(model, calibration, config, 2, config.group_size, progress,
              layer_formats=convert.model_layer_formats(model, config))
         to_qat(model)

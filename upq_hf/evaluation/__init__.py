@@ -11,10 +11,10 @@
 lm-eval is imported only inside functions: importing this package never needs it.
 """
 
-from .fidelity import FidelityReference, fidelity, held_out_prompts, measure_fidelity, token_divergences
+from .fidelity import FidelityReference, answer_texts, fidelity, held_out_prompts, measure_fidelity, token_divergences
 from .harness import EvalSetupError
 from .instructions import INSTRUCTION_CHECKS, instruction_following
 from .runner import evaluate_model, summary_table
 
-__all__ = ["FidelityReference", "fidelity", "held_out_prompts", "measure_fidelity", "token_divergences",
+__all__ = ["FidelityReference", "answer_texts", "fidelity", "held_out_prompts", "measure_fidelity", "token_divergences",
            "EvalSetupError", "INSTRUCTION_CHECKS", "instruction_following", "evaluate_model", "summary_table"]

@@ -100,12 +100,28 @@ def held_out_prompts(limit: int | float | None = None) -> list[str]:
 
 
 def measure_fidelity(student, teacher, tokenizer, limit: int | float | None = None, *, max_new_tokens: int = 64,
-                     batch_size: int = 8, progress: bool = False) -> dict:
+                     batch_size: int = 8, progress: bool = False, answers: bool = False) -> dict:
     """Top-1 agreement, KL and JSD of ``student`` to ``teacher`` on :func:`held_out_prompts` ``(limit)``,
-    with the numbers of answer tokens and prompts scored and the teacher's answer length."""
+    with the numbers of answer tokens and prompts scored and the teacher's answer length. ``answers``: also
+    the student's own greedy answers to those prompts (``"answers"``, text, up to ``max_new_tokens``) and how
+    many are not empty (``"non_empty"``): teacher-forced scores do not show a model that ends every answer
+    at once."""
     prompts = held_out_prompts(limit)
     reference = FidelityReference.build(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, progress=progress)
     scores = fidelity(student, teacher, reference, batch_size=batch_size)
-    return {"top1": scores["top1"], "kl": scores["kl"], "jsd": scores["jsd"], "tokens": scores["tokens"],
-            "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    out = {"top1": scores["top1"], "kl": scores["kl"], "jsd": scores["jsd"], "tokens": scores["tokens"],
+           "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    if answers:
+        texts = answer_texts(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress)
+        out.update(answers=dict(zip(prompts, texts)), non_empty=sum(bool(t) for t in texts))
+    return out
+
+
+def answer_texts(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size: int = 8,
+                 progress: bool = False) -> list[str]:
+    """``model``'s greedy answers to chat ``prompts``, decoded (special tokens dropped, whitespace stripped)."""
+    ids = generate_answers(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, desc="student answers")
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
