@@ -165,6 +165,18 @@ def pattern_matching_no_layer(ctx):
     return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(ctx.tiny, quantization_config=config))
 
 
+def module_bits_malformed(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--module-bits", "k_proj", "--out", ctx.out())
+
+
+def unknown_ptq_loss(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--recipe", "ptq", "--ptq-loss", "l1", "--out", ctx.out())
+
+
+def negative_teacher_topk(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--teacher-topk", "-1", model=ctx.tinytok)
+
+
 def missing_model_path(ctx):
     return quantize(ctx, "--bits", "2", model="/nonexistent/model")
 
@@ -379,7 +391,8 @@ def interrupted(ctx):
 
 def resume_with_nothing(ctx):
     outcome = quantize(ctx, "--bits", "2", "--recipe", "distill", "--dataset", ctx.shared["texts"],
-                       "--train-steps", "1", "--train-batch-size", "1", "--train-seqlen", "16", "--fidelity-prompts",
+                       "--train-steps", "1", "--train-batch-size", "1", "--train-seqlen", "16", "--train-samples", "2",
+                       "--fidelity-prompts",
                        "0", "--resume", model=ctx.tinytok, OUT=ctx.out())
     assert (Path(ctx.out()) / "model.safetensors").is_file()
     return outcome
@@ -412,6 +425,11 @@ CASES: dict[str, Case] = {
     "a `module_bits` pattern that is no regular expression": Case(python_error(lambda: UPQConfig(module_bits={"(": 4}))),
     "a `module_bits` width not 2 or 4": Case(python_error(lambda: UPQConfig(module_bits={"k_proj": 3}))),
     "a `module_bits` pattern that matches no layer": Case(pattern_matching_no_layer),
+    "a `--module-bits` that is not PATTERN=BITS[:GROUP]": Case(module_bits_malformed, before_work=True),
+    "an unknown PTQ loss": Case(unknown_ptq_loss, before_work=True),
+    "a negative `--teacher-topk`": Case(negative_teacher_topk, before_work=True),
+    "a `train_samples` that is not positive": Case(python_error(lambda: UPQConfig(train_samples=0))),
+    "a `ptq_holdout` outside [0, 1)": Case(python_error(lambda: UPQConfig(ptq_holdout=1.0))),
     "a model path that does not exist": Case(missing_model_path, before_work=True),
     "a folder that is not a saved model": Case(folder_without_model, before_work=True),
     "a file where the model folder should be": Case(file_instead_of_folder, before_work=True),

@@ -52,7 +52,7 @@ def quantize_argv(model_dir: Path, out: Path) -> list[str]:
     return ["quantize", str(model_dir), "--bits", "2", "--group-size", "32", "--recipe", "upq",
             "--dataset", str(model_dir.parent / "texts.txt"), "--nsamples", "4", "--seqlen", "32", "--ptq-epochs", "1",
             "--int4-group-size", "32", "--train-steps", str(STEPS), "--train-batch-size", "2", "--train-seqlen", "32",
-            "--fidelity-prompts", "0", "--device", "cpu", "--out", str(out)]
+            "--train-samples", "8", "--fidelity-prompts", "0", "--device", "cpu", "--out", str(out)]
 
 
 def start(argv: list[str], **env) -> subprocess.Popen:
