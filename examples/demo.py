@@ -15,6 +15,7 @@ chat prompts) and one sample answer from each model. Runs offline on a CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,8 +27,8 @@ from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
 from upq_hf.chat import generate_answers
 from upq_hf.evaluation import measure_fidelity
-from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
-from upq_hf.publish import save_atomic
+from upq_hf.models import BUNDLED_NAME, bundled_model_dir, load_model, load_tokenizer
+from upq_hf.publish import REPORT_FILE, record_report, save_atomic
 from upq_hf.recipes import RECIPES
 
 SAMPLE_PROMPT = "Give me three tips for staying focused while studying."
@@ -80,7 +81,9 @@ def main() -> int:
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
         param.data = param.data.to(torch.bfloat16)
-    save_atomic(student, args.out, tokenizer=tokenizer, overwrite=True)
+    report = {"base_model": f"HuggingFaceTB/{BUNDLED_NAME}", "quantize_seconds": round(time.time() - start, 1)}
+    save_atomic(student, args.out, tokenizer=tokenizer, overwrite=True,
+                extra_files={REPORT_FILE: json.dumps(report, indent=2)})
     del student
 
     print("[2/4] reloading the saved checkpoint with plain from_pretrained", file=sys.stderr)
@@ -89,6 +92,12 @@ def main() -> int:
     print(f"[3/4] fidelity on {args.prompts} held-out chat prompts", file=sys.stderr)
     scores = measure_fidelity(student, teacher, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
                               progress=True, answers=True)
+    # the numbers go into the checkpoint's upq_report.json and model card, as `upq quantize` records them
+    record_report(args.out, metrics={"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+                                     "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
+                                     "fidelity_prompts": args.prompts, "answers_non_empty": scores["non_empty"],
+                                     "answers_prompts": scores["prompts"]},
+                  answers=scores["answers"])
 
     print("[4/4] sample answers", file=sys.stderr)
     teacher_answer = answer(teacher, tokenizer, SAMPLE_PROMPT)

@@ -116,3 +116,20 @@ def test_info_reports_the_true_in_features_of_a_padded_layer(tmp_path, capsys, r
     assert info["quantized_weights"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 90 * 64) == 59136
     code, stdout, _ = run(capsys, "info", str(tmp_path), "--layers")
     assert f"{down:48s} INT2     64 x 90     groups 1" in stdout
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_quantize_device_defaults_to_cuda_where_a_gpu_is_visible(tiny_llama_dir, tmp_path, monkeypatch, visible):
+    seen = {}
+
+    def stop(args, config):
+        seen["device"] = config.device
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+    monkeypatch.setattr(cli, "_check_before_work", stop)
+    assert cli.main(["quantize", tiny_llama_dir, "--bits", "2", "--out", str(tmp_path / "q")]) == 130
+    assert seen["device"] == ("cuda" if visible else "cpu")
+    monkeypatch.setattr(cli, "_check_before_work", stop)
+    cli.main(["quantize", tiny_llama_dir, "--bits", "2", "--device", "cpu", "--out", str(tmp_path / "q")])
+    assert seen["device"] == "cpu"  # what the user says wins

@@ -112,7 +112,11 @@ def checkpoint_info(path: str) -> dict:
     for name in sorted(os.listdir(path)):
         if not name.endswith(".safetensors"):
             continue
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
+        try:
+            handle = safe_open(os.path.join(path, name), framework="pt")
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise CorruptCheckpointError(f"corrupt UPQ checkpoint file {os.path.join(path, name)}: {error}") from None
+        with handle:
             recorded.update(json.loads((handle.metadata() or {}).get(IN_FEATURES_KEY, "{}")))
             for key in handle.keys():
                 tensor_slice = handle.get_slice(key)

@@ -68,8 +68,9 @@ def cmd_quantize(args) -> int:
     import torch
 
     from . import UPQConfig, quantize_model
-    from .models import check_device, load_model, load_tokenizer, resolve_model
-    from .publish import REPORT_FILE, prepare_target, save_atomic
+    from .models import default_device, load_model, load_tokenizer
+    from .publish import REPORT_FILE, base_model_of, save_atomic
+    from .quantizer import attach
 
     training = RECIPES[args.recipe].trains
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
@@ -82,17 +83,17 @@ def cmd_quantize(args) -> int:
                    train_batch_size=args.train_batch_size, train_seqlen=args.train_seqlen,
                    learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
                    train_norms=False if args.no_train_norms else None,
-                   temperature=args.temperature, work_dir=work_dir, resume=args.resume, device=args.device,
-                   seed=args.seed, ptq_loss=args.ptq_loss, ptq_batch_size=args.ptq_batch_size,
-                   int4_ptq_epochs=args.int4_ptq_epochs, train_samples=args.train_samples,
-                   teacher_topk=args.teacher_topk, mixed_precision=args.mixed_precision,
+                   temperature=args.temperature, work_dir=work_dir, resume=args.resume,
+                   device=args.device or default_device(), seed=args.seed, ptq_loss=args.ptq_loss,
+                   ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
+                   train_samples=args.train_samples, teacher_topk=args.teacher_topk,
+                   mixed_precision=args.mixed_precision,
                    module_bits=dict(args.module_bits) if args.module_bits else None)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
-    check_device(args.device, f"--device {args.device}", "use --device cpu")
-    prepare_target(args.out, args.overwrite)  # fail before any expensive work
+    source = _check_before_work(args, config)
     start = time.time()
-    source = resolve_model(args.model)
-    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source})", file=sys.stderr)
+    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source}) on {config.device}",
+          file=sys.stderr)
     try:
         tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as error:  # a bare weights folder: round-to-nearest needs no tokenizer
@@ -101,14 +102,18 @@ def cmd_quantize(args) -> int:
         print(f"upq: warning: no tokenizer loaded from {source}; the checkpoint is saved without one",
               file=sys.stderr)
         tokenizer = None
-    model = load_model(source, dtype="float32")
-    model.to(args.device or "cpu")
-    quantize_model(model, config, tokenizer=tokenizer, progress=True)
+    if config.recipe == "rtn":  # quantized tensor by tensor as the weights load, no dense copy (upq_hf.streaming)
+        model = attach(load_model(source, dtype="float32", quantization_config=config, device_map=config.device),
+                       config)
+    else:  # the other recipes need the dense model (calibration through its blocks, the teacher)
+        model = load_model(source, dtype="float32")
+        model.to(config.device)
+        quantize_model(model, config, tokenizer=tokenizer, progress=True)
     save_dtype = getattr(torch, args.dtype)
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
     model.config.dtype = args.dtype
-    report = {"base_model": args.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+    report = {"base_model": base_model_of(args.model or "bundled"),
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
         report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
@@ -121,6 +126,25 @@ def cmd_quantize(args) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"saved {target} in {time.time() - start:.0f} s", file=sys.stderr)
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
+
+
+def _check_before_work(args, config) -> str:
+    """Everything that can be checked before any expensive work: a GPU-only option without a GPU, the output,
+    the model's source (a folder, or a Hub id within reach), its tokenizer, every layer against the format
+    (on the architecture built without weights). Returns what to load the model from."""
+    from .models import check_backend, check_device, check_layers_of, check_source, has_tokenizer
+    from .publish import prepare_target
+
+    check_device(config.device, f"--device {config.device}", "use --device cpu")
+    check_backend(args.backend, f"--backend {args.backend}", "leave --backend unset (the torch backend)")
+    prepare_target(args.out, args.overwrite)
+    source = check_source(args.model)
+    if config.recipe != "rtn" and not has_tokenizer(source):
+        raise ValueError(f"recipe {config.recipe!r} needs the model's tokenizer and {source} has none (no "
+                         f"tokenizer.json or tokenizer_config.json): save it into the folder "
+                         f"(tokenizer.save_pretrained) or use --recipe rtn")
+    check_layers_of(source, config)
+    return source
 
 
 def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
@@ -191,13 +215,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"upq: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
     from .config import MIXED_PRECISIONS, PTQ_LOSSES, UPQConfig
     from .ptq import ALGORITHMS
 
     default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
-    parser = argparse.ArgumentParser(prog="upq", description="Unified Progressive Quantization for transformers")
+    parser = _Parser(prog="upq", description="Unified Progressive Quantization for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint")
@@ -261,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scale-init", default=default["scale_init"], choices=SCALE_INITS)
     q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors left unquantized in the saved checkpoint")
-    q.add_argument("--device", default=None, help="where to run the quantization (cpu, cuda, cuda:1; default cpu)")
+    q.add_argument("--device", default=None,
+                   help="where to run the quantization (cpu, cuda, cuda:1; default cuda if a GPU is visible, else cpu)")
     q.add_argument("--backend", default=None, choices=BACKENDS)
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -325,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print("upq: interrupted; no checkpoint was written", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError, OSError) as error:
-        print(f"upq: error: {error}", file=sys.stderr)
+        print(f"upq: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -248,10 +248,12 @@ class UPQConfig(QuantizationConfigMixin):
         return getattr(torch, self.scale_dtype)
 
     def check_device(self) -> None:
-        """A GPU-only option on a machine without a GPU: say so before any work starts."""
-        from .models import check_device
+        """A GPU-only option (``device="cuda"``, ``backend="triton"``) on a machine without a GPU: say so before
+        any work starts."""
+        from .models import check_backend, check_device
 
         check_device(self.device, f"UPQConfig(device={self.device!r})", "use device='cpu' or leave it unset")
+        check_backend(self.backend, f"UPQConfig(backend={self.backend!r})", "leave backend unset (torch)")
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from .atomic import atomic_path
+from .errors import HubUnreachableError, ModelNotFoundError
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME, f"HuggingFaceTB/{BUNDLED_NAME}")
@@ -103,11 +105,126 @@ def autocast_dtype(device, mixed_precision: str = "auto"):
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
+def check_backend(backend: str | None, asked: str, instead: str) -> None:
+    """Before any work starts: the Triton backend needs a CUDA GPU (its kernels run on CUDA tensors; the CPU
+    interpreter the kernel tests use is no way to run a model) and Triton itself."""
+    if backend != "triton":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{asked} needs a CUDA GPU and none is visible (torch.cuda.is_available() is False): "
+                           f"{instead}")
+    from .backends import triton_available
+
+    if not triton_available():
+        raise ImportError(f"{asked} needs Triton (pip install triton): {instead}")
+
+
+def default_device() -> str:
+    """Where work runs when the user does not say: the GPU when one is visible, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def _is_hub_id(name: str) -> bool:
+    """Spelled like a Hub repo id (``name`` or ``namespace/name``) rather than a path."""
+    return (bool(_HUB_ID.match(name)) and not name.startswith((".", "-")) and ".." not in name
+            and "--" not in name and len(name) <= 96)
+
+
+def check_local(name: str) -> str:
+    """What to load from for a model name that is not the bundled model (no network): an existing model folder
+    (``~`` expanded), or the name itself if it is spelled like a Hub id; a clear error for a path that is no
+    model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{name} is a folder but not a saved model (no config.json in it)")
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{name} is a file, not a model folder (pass the folder that holds config.json)")
+    if not _is_hub_id(name):
+        raise ModelNotFoundError(f"{name}: no such folder (and not a Hub id, which is 'name' or 'namespace/name')")
+    return name
+
+
+def check_source(name_or_path: str | None) -> str:
+    """Before any work: the folder a model loads from, or a Hub id whose ``config.json`` could be fetched (or
+    is cached); else a one-line error: no such folder, not a model folder, the Hub out of reach (offline)
+    with how to use a local folder instead, no such model on the Hub. Returns what to load from."""
+    source = resolve_model(name_or_path)
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+
+    from .errors import transport_errors
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return source  # cached: transformers loads it offline too
+    unreachable = HubUnreachableError(
+        f"{source}: no such folder, and the Hugging Face Hub could not be reached to download it (offline, or "
+        f"HF_HUB_OFFLINE=1) nor is it cached: download it where there is a network and pass its local folder "
+        f"(e.g. hf download {source} --local-dir ./{source.split('/')[-1]})")
+    if constants.HF_HUB_OFFLINE:
+        raise unreachable
+    try:  # one HEAD request, no retries (hf_hub_download retries for half a minute when nothing is cached)
+        get_hf_file_metadata(hf_hub_url(source, "config.json"))
+    except (OfflineModeIsEnabled, *transport_errors()):
+        raise unreachable from None
+    except GatedRepoError:  # before its parent class, RepositoryNotFoundError
+        raise ModelNotFoundError(f"{source} is gated on the Hugging Face Hub: accept its terms on the model page "
+                                 f"and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{source}: no such folder, and no such model on the Hugging Face Hub (or it is "
+                                 f"private: log in with hf auth login)") from None
+    except EntryNotFoundError:
+        raise ModelNotFoundError(f"{source} on the Hugging Face Hub has no config.json: not a transformers model") \
+            from None
+    return source
+
+
+def check_layers_of(source: str, config) -> None:
+    """Check every layer of the model at ``source`` against ``config`` (group sizes, ``module_bits`` patterns)
+    on its architecture built on the meta device: no weights are read. Where transformers cannot build it
+    here, loading reports the problem later."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import convert
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    except Exception:  # noqa: BLE001 - whatever it is, from_pretrained will say it with its own words
+        return
+    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
+                         convert.model_layer_formats(model, config))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(source: str) -> bool:
+    """Whether a local model folder holds tokenizer files (a Hub id: assumed so)."""
+    path = Path(source)
+    return not path.is_dir() or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def resolve_model(name_or_path: str | None) -> str:
-    """Map ``None`` or a bundled alias to the bundled folder; return anything else unchanged."""
+    """Map ``None`` or a bundled alias to the bundled folder; anything else goes through :func:`check_local`
+    (a model folder, or a name spelled like a Hub id; no network)."""
     if name_or_path is None or name_or_path in BUNDLED_ALIASES:
         return bundled_model_dir()
-    return name_or_path
+    return check_local(name_or_path)
 
 
 def load_tokenizer(name_or_path: str | None):

@@ -43,8 +43,12 @@ class StepAdam(torch.optim.Optimizer):
             raise ValueError(f"lr must be >= 0, got {lr}")
         # The units live outside the param groups: optimizer.state_dict() then holds no tensors of the model
         # (accelerate deep-copies it, checkpoints save it), and a restored optimizer keeps its live units.
+        # A unit that is no parameter of the model (measured once, e.g. relative_param_group's) goes into
+        # the parameter's state instead: a checkpoint saves it and resuming restores it, where measuring it
+        # again from the resumed weights would change every later update.
         groups = list(params)
         self._units: dict[int, torch.Tensor] = {}
+        fixed: list[tuple[torch.Tensor, torch.Tensor]] = []
         if groups and isinstance(groups[0], dict):
             clean = []
             for group in groups:
@@ -54,14 +58,19 @@ class StepAdam(torch.optim.Optimizer):
                     if len(units) != len(group["params"]):
                         raise ValueError("units must be a list parallel to the group's params")
                     for param, unit in zip(group["params"], units):
-                        if unit is not None:
+                        if isinstance(unit, nn.Parameter):
                             self._units[id(param)] = unit
+                        elif unit is not None:
+                            fixed.append((param, unit))
                 clean.append(group)
             groups = clean
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps})
+        for param, unit in fixed:
+            self.state[param]["unit"] = unit
 
     def unit_of(self, param: torch.Tensor) -> torch.Tensor | None:
-        return self._units.get(id(param))
+        unit = self._units.get(id(param))
+        return self.state[param].get("unit") if unit is None and param in self.state else unit
 
     @staticmethod
     def _apply_unit(update: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -84,11 +93,11 @@ class StepAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
-                unit = self._units.get(id(param))
                 if param.grad is None:
                     continue
                 state = self.state[param]
-                if not state:
+                unit = self._units.get(id(param), state.get("unit"))
+                if "step" not in state:
                     state["step"] = 0
                     state["m"] = torch.zeros_like(param)
                     state["v"] = torch.zeros_like(param)

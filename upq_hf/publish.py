@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, clean_stale
 from .recipes import RECIPES
 
 
@@ -24,8 +25,11 @@ class CheckpointExistsError(FileExistsError):
 
 
 def prepare_target(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that ``out`` can be written (before any expensive work starts)."""
+    """Check that ``out`` can be written (before any expensive work starts). What a killed earlier run left
+    beside it is handled first (:func:`upq_hf.atomic.clean_stale`): its temporaries go, and a checkpoint it
+    had moved aside to replace comes back."""
     target = Path(out)
+    clean_stale(target)
     if target.exists() and not overwrite:
         raise CheckpointExistsError(f"{target} already exists: choose another --out or pass --overwrite")
     if target.exists() and not target.is_dir():
@@ -58,9 +62,52 @@ def _yaml_value(value) -> str:
     return json.dumps(value)  # JSON scalars and lists are valid YAML
 
 
-def model_card(config: dict, base_model: str | None = None, report: dict | None = None) -> str:
+def base_model_of(name_or_path: str | None) -> str | None:
+    """The Hub id a model came from, for the card's ``base_model``: the bundled model's folder is
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``; a name spelled like a Hub id that is no local folder is itself;
+    a local folder tells nothing (``None``: the Hub refuses a path as ``base_model``)."""
+    if not name_or_path:
+        return None
+    from .models import BUNDLED_ALIASES, BUNDLED_NAME, _is_hub_id, cache_dir
+
+    name = str(name_or_path)
+    bundled = f"HuggingFaceTB/{BUNDLED_NAME}"
+    if name in BUNDLED_ALIASES:
+        return bundled
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            return bundled if path.resolve() == (cache_dir() / BUNDLED_NAME).resolve() else None
+        except OSError:
+            return None
+    return name if _is_hub_id(name) else None
+
+
+def layer_summary(folder: str | os.PathLike) -> dict:
+    """``{"formats": [(bits, group_size, layers), ...], "bits_per_weight": average}`` of a saved checkpoint,
+    from its safetensors headers (:func:`upq_hf.checkpoint.checkpoint_info`)."""
+    from .checkpoint import checkpoint_info
+
+    info = checkpoint_info(str(folder))
+    counts: dict[tuple, int] = {}
+    for entry in info["layers"].values():
+        groups = entry.get("groups", 1)
+        group = entry["in_features"] // groups if groups > 1 else None
+        counts[(entry["bits"], group)] = counts.get((entry["bits"], group), 0) + 1
+    formats = sorted(((b, g, n) for (b, g), n in counts.items()), key=lambda f: (f[0], f[1] or 1 << 30))
+    return {"formats": formats, "bits_per_weight": info["bits_per_weight"]}
+
+
+def _format_name(bits, group) -> str:
+    kind = "SEQ" if bits == 2 else "asymmetric"
+    return f"INT{bits} {kind}, {'per-row scales' if group is None else f'group size {group}'}"
+
+
+def model_card(config: dict, base_model: str | None = None, report: dict | None = None,
+               layers: dict | None = None) -> str:
     """README.md (YAML metadata + text) for a UPQ checkpoint: what it is, how it was made, how it scores,
-    how to load it. ``config`` is the ``quantization_config`` dict; ``report`` holds measured numbers."""
+    how to load it. ``config`` is the ``quantization_config`` dict; ``report`` holds measured numbers;
+    ``layers`` (:func:`layer_summary`) the per-format layer counts and the average bits per weight."""
     report = report or {}
     bits = config.get("bits")
     group = config.get("group_size")
@@ -70,11 +117,20 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     known = RECIPES.get(recipe)
     training = known is not None and known.trains
     tokens = config.get("train_steps", 0) * config.get("train_batch_size", 0) * config.get("train_seqlen", 0)
-    meta = ["---", "library_name: transformers", f"tags: {_yaml_value(['upq', f'int{bits}', 'quantized', 'upq_hf'])}"]
+    formats = (layers or {}).get("formats") or []
+    mixed = len(formats) > 1
+    widths = sorted({f[0] for f in formats}) or [bits]
+    tags = ["upq", *(f"int{b}" for b in widths), "quantized", "upq_hf"] + (["mixed-precision"] if mixed else [])
+    meta = ["---", "library_name: transformers", f"tags: {_yaml_value(tags)}"]
     if base_model:
         meta += [f"base_model: {_yaml_value(base_model)}", "base_model_relation: quantized"]
     meta += ["upq:", f"  bits: {bits}", f"  group_size: {_yaml_value(group)}", f"  recipe: {_yaml_value(recipe)}",
              f"  format_version: {config.get('format_version', 1)}"]
+    if layers:
+        meta.append(f"  bits_per_weight: {round(layers['bits_per_weight'], 4)}")
+    if mixed:
+        meta.append("  layer_formats:")
+        meta += [f"    - {{bits: {b}, group_size: {_yaml_value(g)}, layers: {n}}}" for b, g, n in formats]
     if recipe != "rtn":
         meta.append(f"  dataset: {_yaml_value(str(config.get('dataset')))}")
     if training:
@@ -85,24 +141,40 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
         meta.append("  metrics:")
         meta += [f"    {key}: {_yaml_value(value)}" for key, value in metrics.items()]
     meta.append("---")
+    if mixed:
+        what = "mixed " + "/".join(f"INT{b}" for b in widths)
+    else:
+        what = f"INT{bits} ({'SEQ' if bits == 2 else 'asymmetric'}, "
+        what += f"{'per-row scales' if group is None else f'group size {group}'})"
+    title = f"{base_model.split('/')[-1]} - UPQ {what}" if base_model else f"UPQ {what} checkpoint"
     lines = [
-        f"# {base_model.split('/')[-1] if base_model else 'Model'} - UPQ INT{bits}",
+        f"# {title}",
         "",
-        f"Weight-only {fmt}, {groups}, made with [upq_hf](https://github.com/upq-hf/upq_hf) "
-        f"(Unified Progressive Quantization, arXiv 2506.09104) by the `{recipe}` recipe"
-        + (f" ({known.description})." if known else ".")
+        f"Weight-only {'mixed-precision ' if mixed else ''}{fmt if not mixed else 'UPQ'} quantization"
+        + ("" if mixed else f", {groups}")
+        + f", made with upq_hf (`pip install upq_hf`; Unified Progressive Quantization, arXiv 2506.09104) by the "
+          f"`{recipe}` recipe" + (f" ({known.description})." if known else ".")
         + (f" Base model: `{base_model}`." if base_model else ""),
         "",
         "| | |",
         "|---|---|",
-        f"| bits | {bits} |",
+        f"| bits | {bits}{' (the default; see the formats below)' if mixed else ''} |",
         f"| group size | {'per row' if group is None else group} |",
         f"| recipe | {recipe} |",
     ]
+    if layers:
+        lines.append(f"| bits per weight (average: codes + scales{' + zeros' if 4 in widths else ''}) | "
+                     f"{layers['bits_per_weight']:.3f} |")
     if recipe != "rtn":
         lines.append(f"| data | {config.get('dataset')} |")
     if training:
         lines.append(f"| training budget | {config.get('train_steps')} steps, {tokens:,} tokens, beta {config.get('beta')} |")
+    if mixed:
+        lines += ["", "## Formats", "", "| format | layers |", "|---|---|"]
+        lines += [f"| {_format_name(b, g)} | {n} |" for b, g, n in formats]
+        if config.get("module_bits"):
+            lines += ["", f"Per-module overrides (`module_bits`, first matching pattern wins): "
+                          f"`{_yaml_value(config['module_bits'])}`."]
     if metrics:
         lines += ["", "## Measured", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
@@ -118,26 +190,57 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     return "\n".join(meta) + "\n" + "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write README.md into a saved UPQ checkpoint folder from its config.json and ``upq_report.json``."""
+def _read_json(path: Path) -> dict:
     import json
 
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def folder_card(folder: str | os.PathLike, base_model: str | None = None, default_base: str | None = None) -> str:
+    """The model card of a saved UPQ checkpoint folder, from its config.json, ``upq_report.json`` and the
+    safetensors headers (per-format layer counts, bits per weight). The base model: ``base_model``, else the
+    report's, else config.json's ``_name_or_path``, else ``default_base`` (each only if it is a Hub id)."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json")
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "upq":
         raise ValueError(f"{folder} is not a UPQ checkpoint")
-    report_path = folder / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    base_model = base_model or report.get("base_model") or config.get("_name_or_path") or None
-    path = folder / "README.md"
-    path.write_text(model_card(qconfig, base_model, report))
-    return path
+    report = _read_json(folder / REPORT_FILE)
+    base_model = (base_model or base_model_of(report.get("base_model")) or base_model_of(config.get("_name_or_path"))
+                  or base_model_of(default_base))
+    return model_card(qconfig, base_model, report, layer_summary(folder))
+
+
+def write_model_card(folder: str | os.PathLike, base_model: str | None = None,
+                     default_base: str | None = None) -> Path:
+    """Write README.md into a saved UPQ checkpoint folder (see :func:`folder_card`), atomically."""
+    from .atomic import write_text
+
+    return write_text(Path(folder) / "README.md", folder_card(folder, base_model, default_base))
+
+
+def record_report(folder: str | os.PathLike, **entries) -> Path:
+    """Merge ``entries`` (``metrics={...}``, ``base_model=...``) into a saved checkpoint's ``upq_report.json``
+    and rewrite its model card from it (each file atomically): how numbers measured after saving, as the
+    demo measures them on the reloaded checkpoint, reach the card."""
+    import json
+
+    from .atomic import write_text
+
+    folder = Path(folder)
+    report = _read_json(folder / REPORT_FILE)
+    for key, value in entries.items():
+        report[key] = {**report.get(key, {}), **value} if isinstance(value, dict) else value
+    write_text(folder / REPORT_FILE, json.dumps(report, indent=2))
+    return write_model_card(folder)
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload UPQ checkpoint"):
-    """Upload a saved UPQ checkpoint folder (with its model card, written if missing) to the Hub."""
+    """Upload a saved UPQ checkpoint folder (with its model card, written if missing) to the Hub. Raises
+    :class:`~upq_hf.errors.HubAuthError` without a token or when the Hub refuses it,
+    :class:`~upq_hf.errors.HubUnreachableError` when the Hub cannot be reached and
+    :class:`~upq_hf.errors.HubError` for any other refusal, each with a one-line message."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
@@ -147,17 +250,50 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
                   for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     if not (folder / "README.md").is_file():
-        import json
-
-        config = json.loads((folder / "config.json").read_text())
-        report_path = folder / REPORT_FILE
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        card = model_card(config["quantization_config"], report.get("base_model") or config.get("_name_or_path"),
-                          report)
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=folder_card(folder).encode()))
+    token = token or _stored_token()
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)  # a CommitInfo
+    with hub_errors(repo_id, api.endpoint, folder):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.create_commit(repo_id, operations=operations, commit_message=commit_message)  # a CommitInfo
+
+
+def _stored_token() -> str:
+    from huggingface_hub import get_token
+
+    from .errors import HubAuthError
+
+    token = get_token()
+    if not token:
+        raise HubAuthError("no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token")
+    return token
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, endpoint: str, folder=None):
+    """Turn what ``huggingface_hub`` raises when the Hub is out of reach or refuses a request into one-line
+    :mod:`upq_hf.errors` errors."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .errors import HubAuthError, HubError, HubUnreachableError, transport_errors
+
+    unchanged = f"; nothing was uploaded{f' and {folder} is unchanged' if folder else ''}"
+    try:
+        yield
+    except HfHubHTTPError as error:
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        reason = getattr(response, "reason_phrase", "") or ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if status in (401, 403):
+            raise HubAuthError(f"the Hugging Face Hub refused the token for {repo_id} ({status} {reason}".rstrip()
+                               + f"): log in with `hf auth login` with a token that can write to {repo_id}, "
+                                 f"or pass --token{unchanged}") from None
+        raise HubError(f"the Hugging Face Hub refused to push {repo_id}: {first}{unchanged}") from None
+    except transport_errors() as error:
+        raise HubUnreachableError(f"could not reach the Hugging Face Hub at {endpoint} to push {repo_id} "
+                                  f"({type(error).__name__}: {error}): check the network (or HF_ENDPOINT)"
+                                  f"{unchanged}") from None
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -171,7 +307,7 @@ def _save_with_card(self, save_directory, *args, **kwargs):
     commit_message = kwargs.pop("commit_message", None)
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
-        write_model_card(save_directory)
+        write_model_card(save_directory, default_base=getattr(self, "name_or_path", None))
         if push:
             push_folder(save_directory, repo_id or Path(save_directory).name, token=token, private=private,
                         commit_message=commit_message or "Upload UPQ checkpoint")

@@ -1,8 +1,9 @@
 """The transformers glue: ``UPQHfQuantizer`` and its registration under ``quant_method="upq"``.
 
-Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, and
-runs the configured recipe after a dense checkpoint loads. The work lives in :mod:`upq_hf.convert`
-and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in memory),
+Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, quantizes
+tensor by tensor while a dense checkpoint loads with the round-to-nearest recipe (:mod:`upq_hf.streaming`:
+no dense copy of the model is ever held), and runs the other recipes after a dense checkpoint loads. The
+work lives in :mod:`upq_hf.convert`, :mod:`upq_hf.streaming` and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in memory),
 :func:`attach` (mark a model quantized) and :func:`save_checkpoint`, the save a recipe is handed for
 ``upq``'s INT4 restart checkpoint.
 """
@@ -16,7 +17,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import convert, recipes
+from . import convert, recipes, streaming
 from .checkpoint import IN_FEATURES_KEY, expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
@@ -31,14 +32,15 @@ class UPQHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: UPQConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.quantization_config = quantization_config
+        self.on_load_layers: dict[str, tuple] = {}  # layers quantized as their weights load: {name: (bits, group)}
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("UPQ does not support offloading layers to disk: remove 'disk' from device_map")
         if not self.pre_quantized:
-            self.quantization_config.check_device()
-        if self.quantization_config.backend == "triton":
+            self.quantization_config.check_device()  # device and backend: a GPU-only option without a GPU
+        elif self.quantization_config.backend == "triton":
             from .backends import triton_available
 
             if not triton_available():
@@ -54,7 +56,19 @@ class UPQHfQuantizer(HfQuantizer):
         return dtype
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False  # dense weights load as they are; the recipe runs after loading
+        """The float weights of the layers quantized on load (recipe ``rtn``); everything else loads as it is
+        (the other recipes run after loading)."""
+        if self.pre_quantized or not self.on_load_layers:
+            return False
+        layer, _, leaf = param_name.rpartition(".")
+        return leaf == "weight" and layer in self.on_load_layers
+
+    def get_quantize_ops(self):
+        return streaming.UPQQuantizeOnLoad(self)
+
+    @property
+    def quantized_element_size(self):
+        return streaming.quantized_element_size(self.quantization_config) if self.on_load_layers else None
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
@@ -65,13 +79,17 @@ class UPQHfQuantizer(HfQuantizer):
             files = kwargs.get("checkpoint_files")
             if files:
                 validate_checkpoint(files, expected_upq_tensors(model))
+        elif streaming.on_load_applies(config, self.pre_quantized):
+            self.on_load_layers = streaming.prepare_on_load(model, config)
         else:  # fail before spending time on loading weights
             convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
                                  convert.model_layer_formats(model, config))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
+        if self.on_load_layers:
+            streaming.check_converted(model, self.on_load_layers)
+        elif not self.pre_quantized:
             recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
         install_card_hooks(model)
         return model

@@ -190,9 +190,11 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
          f"{', bf16 autocast' if bf16 else ''})")
     resume = None
     if save and config.resume:
-        from transformers.trainer_utils import get_last_checkpoint
+        from .resume import last_complete_checkpoint  # not get_last_checkpoint: a killed save leaves a partial one
 
-        resume = get_last_checkpoint(args.output_dir)
+        resume = last_complete_checkpoint(args.output_dir)
+        _log(f"resuming from {resume}" if resume else
+             f"nothing to resume in {args.output_dir} (no complete trainer checkpoint): training from the start")
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     # mixed precision wrapped the model's forward in autocast: the quantized model must not keep that wrapper

@@ -1,0 +1,533 @@
+"""README, "What goes wrong and what you see": every row of that table, run, and its message checked verbatim.
+
+The README is the spec: each row's "what you see" cell holds the message in a code span (for the CLI the
+whole stderr line, for Python the exception's class in one span and its message in the next); the
+placeholders ``<DIR>``, ``<OUT>``, ``<FILE>``, ``<ENDPOINT>`` stand for the paths a case uses. Every CLI row must exit
+with its status (2 unless the row says otherwise) and print exactly one ``upq: error:`` line and no
+traceback; the rows that fail before any work print nothing else at all. A row whose outcome is a state
+rather than a message names the test (in ``test_kill.py``) that checks it with real subprocesses.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import upq_hf
+from upq_hf import UPQConfig, cli
+
+from helpers import tiny_llama
+
+README = Path(__file__).parents[1] / "README.md"
+SECTION = "## What goes wrong and what you see"
+
+
+def readme_rows() -> list[tuple[str, str, str]]:
+    """``(what goes wrong, example, what you see)`` of each row of the README's table."""
+    text = README.read_text()
+    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in body.splitlines():
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if cells[0] == "what goes wrong":
+            continue
+        assert len(cells) == 3, f"a row of the README table has {len(cells)} cells: {line}"
+        rows.append(tuple(cells))
+    return rows
+
+
+def code_spans(cell: str) -> list[str]:
+    return [m.group(2).strip() for m in re.finditer(r"(`+)(.+?)\1", cell)]
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+
+@dataclass
+class Outcome:
+    code: int | None = None  # CLI
+    err: str = ""
+    error: BaseException | None = None  # Python API
+    where: dict = field(default_factory=dict)  # placeholder -> value
+
+
+class Context:
+    def __init__(self, tmp: Path, shared: dict, capsys, monkeypatch):
+        self.tmp, self.shared, self.capsys, self.monkeypatch = tmp, shared, capsys, monkeypatch
+
+    def cli(self, *argv, **where) -> Outcome:
+        self.capsys.readouterr()
+        code = cli.main([str(a) for a in argv])
+        return Outcome(code=code, err=self.capsys.readouterr().err, where=where)
+
+    def cli_parse(self, *argv, **where) -> Outcome:
+        """Argument errors exit through argparse (SystemExit)."""
+        self.capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([str(a) for a in argv])
+        return Outcome(code=exit_info.value.code, err=self.capsys.readouterr().err, where=where)
+
+    def python(self, function, **where) -> Outcome:
+        try:
+            function()
+        except Exception as error:  # noqa: BLE001 - the case checks what it is
+            return Outcome(error=error, where=where)
+        raise AssertionError("no error was raised")
+
+    @property
+    def tiny(self) -> str:
+        return self.shared["tiny"]
+
+    @property
+    def tinytok(self) -> str:
+        return self.shared["tinytok"]
+
+    def checkpoint(self) -> Path:
+        """A fresh copy of a small UPQ checkpoint."""
+        import shutil
+
+        path = self.tmp / "ckpt"
+        shutil.copytree(self.shared["ckpt"], path)
+        return path
+
+    def out(self) -> str:
+        return str(self.tmp / "out")
+
+    def offline(self):
+        from huggingface_hub import constants
+
+        self.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        self.monkeypatch.setattr(constants, "HF_HUB_CACHE", str(self.tmp / "hub-cache"))
+        self.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        try:
+            import datasets
+
+            self.monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        except (ImportError, AttributeError):
+            pass
+
+
+def no_gpu(ctx):
+    if torch.cuda.is_available():
+        pytest.fail("this row is about a machine without a GPU: run it where torch.cuda.is_available() is False")
+
+
+def quantize(ctx, *options, model=None, **where):
+    return ctx.cli("quantize", model or ctx.tiny, *options, "--out", ctx.out(), **where)
+
+
+def bad_bits_cli(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "3", "--out", ctx.out())
+
+
+def group_not_dividing(ctx):
+    return quantize(ctx, "--bits", "2", "--group-size", "48")
+
+
+def group_not_positive(ctx):
+    return quantize(ctx, "--bits", "2", "--group-size", "0")
+
+
+def group_not_a_number(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--group-size", "abc", "--out", ctx.out())
+
+
+def unknown_recipe_cli(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--recipe", "gptq", "--out", ctx.out())
+
+
+def int2_recipe_at_4_bits(ctx):
+    return quantize(ctx, "--bits", "4", "--recipe", "upq", "--dataset", ctx.shared["texts"], model=ctx.tinytok)
+
+
+def beta_out_of_range(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--beta", "2", model=ctx.tinytok)
+
+
+def budget_not_positive(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "distill", "--train-steps", "0", model=ctx.tinytok)
+
+
+def pattern_matching_no_layer(ctx):
+    config = UPQConfig(bits=2, group_size=32, module_bits={"kv_proj": 4})
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(ctx.tiny, quantization_config=config))
+
+
+def module_bits_malformed(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--module-bits", "k_proj", "--out", ctx.out())
+
+
+def unknown_ptq_loss(ctx):
+    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--recipe", "ptq", "--ptq-loss", "l1", "--out", ctx.out())
+
+
+def negative_teacher_topk(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--teacher-topk", "-1", model=ctx.tinytok)
+
+
+def missing_model_path(ctx):
+    return quantize(ctx, "--bits", "2", model="/nonexistent/model")
+
+
+def folder_without_model(ctx):
+    folder = ctx.tmp / "empty"
+    folder.mkdir()
+    return quantize(ctx, "--bits", "2", model=folder, DIR=str(folder))
+
+
+def file_instead_of_folder(ctx):
+    path = Path(ctx.tiny) / "model.safetensors"
+    return quantize(ctx, "--bits", "2", model=path, FILE=str(path))
+
+
+def hub_out_of_reach(ctx):
+    """Offline mode, then a Hub that refuses connections (a closed local port): the same one line."""
+    from huggingface_hub import constants
+
+    ctx.monkeypatch.setattr(constants, "HF_HUB_CACHE", str(ctx.tmp / "hub-cache"))
+    ctx.monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    ctx.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    online = quantize(ctx, "--bits", "2", model="upq-test/no-such-model")
+    ctx.offline()
+    offline = quantize(ctx, "--bits", "2", model="upq-test/no-such-model")
+    assert online.code == 2 and online.err == offline.err
+    return offline
+
+
+def no_tokenizer(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "ptq", DIR=ctx.tiny)
+
+
+def device_cuda_cli(ctx):
+    no_gpu(ctx)
+    return quantize(ctx, "--bits", "2", "--device", "cuda")
+
+
+def backend_triton_cli(ctx):
+    no_gpu(ctx)
+    return quantize(ctx, "--bits", "2", "--backend", "triton")
+
+
+def device_cuda_python(ctx):
+    no_gpu(ctx)
+    config = UPQConfig(bits=2, group_size=32, device="cuda")
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(ctx.tiny, quantization_config=config))
+
+
+def backend_triton_python(ctx):
+    no_gpu(ctx)
+    config = UPQConfig(bits=2, group_size=32, backend="triton")
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(ctx.tiny, quantization_config=config))
+
+
+def eval_device_cuda(ctx):
+    no_gpu(ctx)
+    return ctx.cli("eval", ctx.tiny, "--tasks", "fidelity", "--device", "cuda")
+
+
+def disk_in_device_map(ctx):
+    config = UPQConfig(bits=2, group_size=32)
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(
+        ctx.tiny, quantization_config=config, device_map={"model": "cpu", "lm_head": "disk"},
+        offload_folder=str(ctx.tmp / "offload")))
+
+
+def dataset_missing(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "ptq", "--dataset", "missing.txt", model=ctx.tinytok)
+
+
+def dataset_empty(ctx):
+    path = ctx.tmp / "empty.txt"
+    path.write_text("\n\n")
+    return quantize(ctx, "--bits", "2", "--recipe", "ptq", "--dataset", path, model=ctx.tinytok, FILE=str(path))
+
+
+def hub_dataset_offline(ctx):
+    ctx.offline()
+    return quantize(ctx, "--bits", "2", "--recipe", "ptq", "--dataset", "upq-test/no-such-dataset", model=ctx.tinytok)
+
+
+def out_exists(ctx):
+    Path(ctx.out()).mkdir()
+    (Path(ctx.out()) / "mine.txt").write_text("mine")
+    outcome = quantize(ctx, "--bits", "2", OUT=ctx.out())
+    assert (Path(ctx.out()) / "mine.txt").read_text() == "mine"
+    return outcome
+
+
+def out_is_a_file(ctx):
+    Path(ctx.out()).write_text("a file")
+    return quantize(ctx, "--bits", "2", "--overwrite", OUT=ctx.out())
+
+
+def info_not_upq(ctx):
+    return ctx.cli("info", ctx.tiny, DIR=ctx.tiny)
+
+
+def info_missing(ctx):
+    path = ctx.tmp / "nothing"
+    return ctx.cli("info", path, DIR=str(path))
+
+
+def corrupt_cli(ctx):
+    path = ctx.checkpoint()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return ctx.cli("info", path, FILE=str(weights))
+
+
+def corrupt_python(ctx):
+    path = ctx.checkpoint()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(path), FILE=str(weights))
+
+
+def mismatched_python(ctx):
+    from safetensors.torch import load_file, save_file
+
+    path = ctx.checkpoint()
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key][:2].clone()
+    save_file(tensors, weights, metadata={"format": "pt", "upq_format_version": "1"})
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(path), FILE=str(weights))
+
+
+def newer_format(ctx):
+    path = ctx.checkpoint()
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(path))
+
+
+def without_import(ctx):
+    """As in a fresh interpreter that never ran ``import upq_hf``: the registration is not there."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    path = ctx.checkpoint()
+    ctx.monkeypatch.delitem(AUTO_QUANTIZATION_CONFIG_MAPPING, "upq")
+    ctx.monkeypatch.delitem(AUTO_QUANTIZER_MAPPING, "upq")
+    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(path))
+
+
+class _Refuse(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = b'{"error": "Invalid credentials in Authorization header"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def push_no_network(ctx):
+    from huggingface_hub import constants
+
+    ctx.monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: connection refused
+    ctx.monkeypatch.setenv("HF_TOKEN", "hf_upqFakeToken")
+    path = ctx.checkpoint()
+    return ctx.cli("push", path, "user/tiny", ENDPOINT="http://127.0.0.1:9", DIR=str(path))
+
+
+def push_no_token(ctx):
+    from huggingface_hub import constants
+
+    ctx.monkeypatch.delenv("HF_TOKEN", raising=False)
+    ctx.monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    ctx.monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(ctx.tmp / "no-token"))
+    ctx.monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(ctx.tmp / "no-tokens"), raising=False)
+    return ctx.cli("push", ctx.checkpoint(), "user/tiny")
+
+
+def push_refused_token(ctx):
+    from huggingface_hub import constants
+
+    server = HTTPServer(("127.0.0.1", 0), _Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ctx.monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        path = ctx.checkpoint()
+        return ctx.cli("push", path, "user/tiny", "--token", "hf_notAValidToken", DIR=str(path))
+    finally:
+        server.shutdown()
+
+
+def push_not_upq(ctx):
+    return ctx.cli("push", ctx.tiny, "user/tiny", DIR=ctx.tiny)
+
+
+def interrupted(ctx):
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+
+    def save_then_interrupt(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    ctx.monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_interrupt)
+    outcome = quantize(ctx, "--bits", "2", "--fidelity-prompts", "0")
+    assert os.listdir(ctx.tmp) == []  # neither the target nor a temporary
+    return outcome
+
+
+def resume_with_nothing(ctx):
+    outcome = quantize(ctx, "--bits", "2", "--recipe", "distill", "--dataset", ctx.shared["texts"],
+                       "--train-steps", "1", "--train-batch-size", "1", "--train-seqlen", "16", "--train-samples", "2",
+                       "--fidelity-prompts",
+                       "0", "--resume", model=ctx.tinytok, OUT=ctx.out())
+    assert (Path(ctx.out()) / "model.safetensors").is_file()
+    return outcome
+
+
+def python_error(function):
+    return lambda ctx: ctx.python(function)
+
+
+@dataclass
+class Case:
+    run: object
+    code: int = 2  # CLI exit status
+    before_work: bool = False  # CLI: nothing at all is printed besides the error line
+    covered_by: str | None = None  # a test in test_kill.py that checks this row with real subprocesses
+
+
+CASES: dict[str, Case] = {
+    "`--bits` not 2 or 4 (CLI)": Case(bad_bits_cli, before_work=True),
+    "`bits` not 2 or 4 (Python)": Case(python_error(lambda: UPQConfig(bits=3))),
+    "a group size that does not divide a layer's input size": Case(group_not_dividing, before_work=True),
+    "a group size that is not positive": Case(group_not_positive, before_work=True),
+    "a group size that is not a number": Case(group_not_a_number, before_work=True),
+    "an unknown recipe (CLI)": Case(unknown_recipe_cli, before_work=True),
+    "an unknown recipe (Python)": Case(python_error(lambda: UPQConfig(recipe="gptq"))),
+    "an INT2-only recipe at 4 bits": Case(int2_recipe_at_4_bits),
+    "`beta` outside [0, 1]": Case(beta_out_of_range, before_work=True),
+    "a training budget that is not positive": Case(budget_not_positive, before_work=True),
+    "an unknown `scale_init`": Case(python_error(lambda: UPQConfig(scale_init="minmax"))),
+    "a `module_bits` pattern that is no regular expression": Case(python_error(lambda: UPQConfig(module_bits={"(": 4}))),
+    "a `module_bits` width not 2 or 4": Case(python_error(lambda: UPQConfig(module_bits={"k_proj": 3}))),
+    "a `module_bits` pattern that matches no layer": Case(pattern_matching_no_layer),
+    "a `--module-bits` that is not PATTERN=BITS[:GROUP]": Case(module_bits_malformed, before_work=True),
+    "an unknown PTQ loss": Case(unknown_ptq_loss, before_work=True),
+    "a negative `--teacher-topk`": Case(negative_teacher_topk, before_work=True),
+    "a `train_samples` that is not positive": Case(python_error(lambda: UPQConfig(train_samples=0))),
+    "a `ptq_holdout` outside [0, 1)": Case(python_error(lambda: UPQConfig(ptq_holdout=1.0))),
+    "a model path that does not exist": Case(missing_model_path, before_work=True),
+    "a folder that is not a saved model": Case(folder_without_model, before_work=True),
+    "a file where the model folder should be": Case(file_instead_of_folder, before_work=True),
+    "a Hub id with the Hub out of reach (offline, no network)": Case(hub_out_of_reach, before_work=True),
+    "a recipe that needs data, on a folder without a tokenizer": Case(no_tokenizer, before_work=True),
+    "`--device cuda` without a GPU": Case(device_cuda_cli, before_work=True),
+    "`--backend triton` without a GPU": Case(backend_triton_cli, before_work=True),
+    "`UPQConfig(device=\"cuda\")` without a GPU": Case(device_cuda_python),
+    "`UPQConfig(backend=\"triton\")` without a GPU": Case(backend_triton_python),
+    "`upq eval --device cuda` without a GPU": Case(eval_device_cuda, before_work=True),
+    "`\"disk\"` in a `device_map`": Case(disk_in_device_map),
+    "a data file that does not exist": Case(dataset_missing),
+    "a data file without text": Case(dataset_empty),
+    "a Hub dataset with the Hub out of reach": Case(hub_dataset_offline),
+    "an existing `--out`": Case(out_exists, before_work=True),
+    "`--out` is a file": Case(out_is_a_file, before_work=True),
+    "`upq info` on a model that is not UPQ": Case(info_not_upq, before_work=True),
+    "`upq info` on a folder that does not exist": Case(info_missing, before_work=True),
+    "a truncated checkpoint file (CLI)": Case(corrupt_cli, before_work=True),
+    "a truncated checkpoint file (loading)": Case(corrupt_python),
+    "packed tensors that do not match config.json": Case(mismatched_python),
+    "a checkpoint of a newer format version": Case(newer_format),
+    "loading a UPQ checkpoint without `import upq_hf`": Case(without_import),
+    "`upq push` without a network": Case(push_no_network, before_work=True),
+    "`upq push` without a token": Case(push_no_token, before_work=True),
+    "`upq push` with a token the Hub refuses": Case(push_refused_token, before_work=True),
+    "`upq push` of a folder that is not UPQ": Case(push_not_upq, before_work=True),
+    "an interrupted run (Ctrl-C)": Case(interrupted, code=130),
+    "`--resume` with nothing to resume": Case(resume_with_nothing, code=0),
+    "a run killed (SIGKILL) during Distill-QAT": Case(
+        None, covered_by="test_sigkill_during_distill_qat_then_resume_matches_an_uninterrupted_run"),
+    "a run killed inside the final save": Case(None, covered_by="test_sigkill_inside_the_save_leaves_no_half_written_folder"),
+    "a run killed while replacing `--out`": Case(
+        None, covered_by="test_sigkill_while_replacing_out_puts_the_old_checkpoint_back"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from upq_hf.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("errors")
+    tiny = root / "tiny"
+    tiny_llama().save_pretrained(tiny)
+    tokenizer = load_tokenizer(None)
+    tinytok = root / "tinytok"
+    tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1).save_pretrained(tinytok)
+    tokenizer.save_pretrained(tinytok)
+    ckpt = root / "ckpt"
+    upq_hf.quantize_model(tiny_llama(), UPQConfig(bits=2, group_size=32), progress=False).save_pretrained(ckpt)
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(f"Note {i}: the level of the tank is {i * 7 % 13} units today." for i in range(16)))
+    return {"tiny": str(tiny), "tinytok": str(tinytok), "ckpt": str(ckpt), "texts": str(texts)}
+
+
+ROWS = readme_rows()
+
+
+@pytest.mark.parametrize("what, example, seen", ROWS, ids=[re.sub(r"\W+", "-", r[0]).strip("-") for r in ROWS])
+def test_readme_row(what, example, seen, shared, tmp_path, capsys, monkeypatch):
+    case = CASES.get(what)
+    assert case is not None, f"README row {what!r} has no case in tests/test_errors.py"
+    if case.covered_by:
+        import test_kill
+
+        assert callable(getattr(test_kill, case.covered_by, None)), case.covered_by
+        return
+    spans = code_spans(seen)
+    work = tmp_path / "case"
+    work.mkdir()
+    outcome = case.run(Context(work, shared, capsys, monkeypatch))
+
+    def fill(text: str) -> str:
+        for key, value in outcome.where.items():
+            text = text.replace(f"<{key}>", value)
+        return text
+
+    if outcome.error is None:  # the CLI: the message is the whole stderr line
+        message = fill(spans[0])
+        lines = outcome.err.splitlines()
+        assert outcome.code == case.code, outcome.err
+        assert "Traceback" not in outcome.err
+        assert message in lines, f"expected the line\n{message}\nin stderr:\n{outcome.err}"
+        if message.startswith("upq: error:"):
+            assert sum(line.startswith("upq: error:") for line in lines) == 1
+        if case.before_work:
+            assert lines == [message], outcome.err
+    else:  # Python: the exception's class (or a base of it) and its message, exactly
+        kind, message = spans[0], fill(spans[1])
+        base = getattr(builtins, kind, None)
+        assert isinstance(outcome.error, base), f"{type(outcome.error).__mro__} is no {kind}"
+        assert str(outcome.error) == message
+
+
+def test_every_case_has_a_readme_row_and_there_are_enough():
+    whats = [r[0] for r in ROWS]
+    assert len(whats) == len(set(whats)), "a README row appears twice"
+    assert set(whats) == set(CASES), (sorted(set(CASES) - set(whats)), sorted(set(whats) - set(CASES)))
+    assert len(ROWS) >= 20
