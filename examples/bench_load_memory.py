@@ -6,7 +6,12 @@ Builds TinyLlama-1.1B's shape locally (``LlamaConfig``: hidden 2048, 22 layers, 
 ``/proc/self/status`` every 2 ms (anonymous resident memory: the safetensors file's page cache, which the
 kernel can drop, does not count). Cases:
 
-* ``dense``: plain ``from_pretrained(dtype=bfloat16)``, the reference;
+* ``dense``: plain ``from_pretrained(dtype=bfloat16)``, the reference. The dtype is the file's, so the
+  weights stay memory-mapped from the safetensors file (zero-copy): they are page cache, counted in
+  RssFile as they are touched, and RssAnon barely moves. The dense model still needs the file's size in
+  memory (page cache) to run;
+* ``dense-fp32``: ``from_pretrained(dtype=float32)``, what the recipes that need the dense model load
+  (``upq quantize`` loads float32): every weight is copied into anonymous memory;
 * ``dense+rtn``: the dense load followed by ``upq_hf.quantize_model`` (what quantizing after loading costs,
   the memory path of the recipes that need the dense model);
 * ``on-load int2 g64``: ``from_pretrained(quantization_config=UPQConfig(bits=2, group_size=64))``;
@@ -28,7 +33,8 @@ import subprocess
 import sys
 import time
 
-CASES = {"dense": "dense", "dense+rtn": "dense then quantize_model(UPQConfig(bits=2, group_size=64))",
+CASES = {"dense": "dense bf16 (the file mapped, zero-copy)", "dense-fp32": "dense float32 (a copy)",
+         "dense+rtn": "dense then quantize_model(UPQConfig(bits=2, group_size=64))",
          "int2": "on-load UPQConfig(bits=2, group_size=64)", "int4": "on-load UPQConfig(bits=4)"}
 
 
@@ -87,6 +93,8 @@ def measure(path: str, case: str) -> dict:
     started = time.time()
     if case == "dense":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif case == "dense-fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     elif case == "dense+rtn":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=64), progress=False)

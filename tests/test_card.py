@@ -59,12 +59,20 @@ def check_card(folder):
     return meta, body
 
 
-def test_cli_card_of_the_bundled_model(bundled, tmp_path, capsys):
-    out = tmp_path / "q"
-    assert cli.main(["quantize", "--bits", "2", "--group-size", "32", "--fidelity-prompts", "0", "--device", "cpu",
-                     "--out", str(out)]) == 0
-    check_card(out)
-    assert json.loads((out / REPORT_FILE).read_text())["base_model"] == BASE
+@pytest.fixture(scope="module")
+def cli_checkpoint(bundled_cache, tmp_path_factory):
+    """``upq quantize`` with no model (the bundled one), once for the module."""
+    out = tmp_path_factory.mktemp("cli") / "q"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UPQ_CACHE", str(bundled_cache))
+        assert cli.main(["quantize", "--bits", "2", "--group-size", "32", "--fidelity-prompts", "0", "--device",
+                         "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_card_of_the_bundled_model(cli_checkpoint):
+    check_card(cli_checkpoint)
+    assert json.loads((cli_checkpoint / REPORT_FILE).read_text())["base_model"] == BASE
 
 
 def test_save_pretrained_card_of_the_bundled_folder(bundled, tmp_path):
@@ -74,11 +82,12 @@ def test_save_pretrained_card_of_the_bundled_folder(bundled, tmp_path):
     check_card(tmp_path / "q")
 
 
-def test_measured_numbers_reach_the_card(bundled, tmp_path):
+def test_measured_numbers_reach_the_card(cli_checkpoint, tmp_path):
     """What the demo does after reloading: ``record_report`` merges the numbers and rewrites the card."""
+    import shutil
+
     out = tmp_path / "q"
-    assert cli.main(["quantize", "--bits", "2", "--group-size", "32", "--fidelity-prompts", "0", "--device", "cpu",
-                     "--out", str(out)]) == 0
+    shutil.copytree(cli_checkpoint, out)
     record_report(out, metrics={"fidelity_top1": 0.8125, "fidelity_prompts": 4})
     record_report(out, metrics={"fidelity_kl": 0.25})  # merged, not replaced
     meta, body = check_card(out)
