@@ -121,14 +121,30 @@ def seq_init_scale(w: torch.Tensor, group_size: int | None, scale_init: str = "m
         return _round_scale(delta / 2, scale_dtype)
     best_err = torch.full_like(delta, float("inf"))
     best = delta / 2
+    work = torch.empty_like(wg)  # one weight-sized buffer for every candidate (see _search_error)
     for alpha in _MSE_GRID.tolist():
         s = _round_scale(alpha * delta / 2, scale_dtype)
-        q = dequantize_seq(seq_codes(w, s, group_size), s, group_size)
-        err = (_grouped(q - w.float(), group_size) ** 2).sum(-1)
+        err = _search_error(wg, s, None, work)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
     return best
+
+
+def _search_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, work: torch.Tensor) -> torch.Tensor:
+    """Squared error per group of round-to-nearest with ``scale`` (and INT4 ``zero``; None: SEQ INT2) on the
+    grouped fp32 weight ``wg`` ``(N, G, gs)``, computed in ``work`` in place. The same operations, in the same
+    order and layout, as quantizing then dequantizing with :func:`seq_codes` / :func:`int4_codes` (the codes are
+    small integers or half-integers, exact in fp32), so the chosen scales are bit for bit those of that
+    round trip, without its weight-sized temporaries (the cost of the ``"mse"`` search on a CPU)."""
+    s = scale.unsqueeze(-1)
+    torch.div(wg, s, out=work)
+    if zero is None:
+        seq_level(work, out=work)
+    else:
+        z = zero.unsqueeze(-1)
+        work.add_(z).round_().clamp_(0, INT4_MAX).sub_(z)
+    return work.mul_(s).sub_(wg).square_().sum(-1)
 
 
 def quantize_seq(w: torch.Tensor, group_size: int | None = None, scale: torch.Tensor | None = None,
@@ -211,10 +227,10 @@ def int4_init_params(w: torch.Tensor, group_size: int | None, scale_init: str = 
         return int4_params_from_range(lo, hi, scale_dtype)
     best_err = torch.full_like(lo, float("inf"))
     best_s, best_z = int4_params_from_range(lo, hi, scale_dtype)
+    work = torch.empty_like(wg)
     for alpha in _MSE_GRID.tolist():
         s, z = int4_params_from_range(alpha * lo, alpha * hi, scale_dtype)
-        q = dequantize_int4(int4_codes(w, s, z, group_size), s, z, group_size)
-        err = (_grouped(q - w.float(), group_size) ** 2).sum(-1)
+        err = _search_error(wg, s, z, work)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
