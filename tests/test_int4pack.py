@@ -272,11 +272,14 @@ def test_repacked_once_and_rebuilt_when_the_buffers_change(monkeypatch):
         module.weight_scale.mul_(2)
         module(x)
         assert len(made) == 4
+        module.weight_zero.add_(1)  # INT4's zero points are checked too
+        module(x)
+        assert len(made) == 5
         # .to() (device or dtype moves) drops the copy
         module.to(torch.bfloat16)
         assert int4pack.CACHE_ATTRIBUTE not in module.__dict__
         module(x.bfloat16())
-        assert len(made) == 5
+        assert len(made) == 6
 
 
 def test_cache_is_not_state_and_holds_no_float_weight():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import formats, int4pack, packing
+from .backends import linear_forward
 
 
 class UPQLinear(nn.Module):
@@ -101,8 +102,6 @@ class UPQLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .backends import linear_forward
-
         return linear_forward(x, self)
 
     @property
