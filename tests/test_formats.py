@@ -137,14 +137,14 @@ def test_mse_search_picks_the_scale_of_the_best_round_trip(bits, group_size, dty
     best_err = torch.full((48, n_groups), float("inf"))
     if bits == 2:
         delta = formats._grouped(wf, group_size).abs().amax(-1)
-        best = [delta / 2]
+        best = delta / 2
         for alpha in formats._MSE_GRID.tolist():
             s = formats._round_scale(alpha * delta / 2, torch.float16)
             q = formats.dequantize_seq(formats.seq_codes(w, s, group_size), s, group_size)
             err = (formats._grouped(q - wf, group_size) ** 2).sum(-1)
-            best = [torch.where(err < best_err, s, best[0])]
+            best = torch.where(err < best_err, s, best)
             best_err = torch.minimum(err, best_err)
-        assert torch.equal(formats.seq_init_scale(w, group_size, "mse"), best[0])
+        assert torch.equal(formats.seq_init_scale(w, group_size, "mse"), best)
     else:
         g = formats._grouped(wf, group_size)
         lo, hi = g.amin(-1), g.amax(-1)

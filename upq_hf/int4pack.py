@@ -135,37 +135,35 @@ def repack(module) -> Int4Pack:
     return Int4Pack(packed, scales_and_zeros.contiguous(), group, n_out)
 
 
+def _packed_buffers(module) -> tuple:
+    """``(weight, weight_scale, weight_zero)`` by plain dict lookups: on the hot path of every decode step,
+    ``nn.Module.__getattr__`` per buffer costs more than a small layer's kernel call. SEQ INT2 has no
+    ``weight_zero`` buffer (a plain ``None`` attribute)."""
+    buffers = module._buffers
+    zero = buffers["weight_zero"] if "weight_zero" in buffers else module.__dict__.get("weight_zero")
+    return buffers["weight"], buffers["weight_scale"], zero
+
+
 def _identity(module) -> tuple:
     """What the cache was made from: the packed buffers themselves and their version counters (bumped by
     every in-place change). Held strongly, so that a freed tensor's address can never be mistaken for it."""
-    weight, scale, zero = module.weight, module.weight_scale, module.weight_zero
+    weight, scale, zero = _packed_buffers(module)
     return (weight, weight._version, scale, scale._version, zero, None if zero is None else zero._version)
 
 
-def _current_pack(module) -> Int4Pack | None | bool:
-    """The cached pack if it was made from the module's current buffers (None: the layer cannot run on
-    the kernel), else False. The hot path of every decode step: plain dict lookups, no ``nn.Module``
-    attribute machinery (``__getattr__`` per buffer costs more than a small layer's kernel call)."""
-    cache = module.__dict__.get(CACHE_ATTRIBUTE)
-    if cache is None:
-        return False
-    identity = cache[0]
-    buffers = module._buffers
-    weight, scale = buffers.get("weight"), buffers.get("weight_scale")
-    zero = buffers.get("weight_zero") if "weight_zero" in buffers else module.__dict__.get("weight_zero")
-    if (identity[0] is weight and identity[1] == weight._version and identity[2] is scale
+def _matches(identity: tuple, module) -> bool:
+    weight, scale, zero = _packed_buffers(module)
+    return (identity[0] is weight and identity[1] == weight._version and identity[2] is scale
             and identity[3] == scale._version and identity[4] is zero
-            and (zero is None or identity[5] == zero._version)):
-        return cache[1]
-    return False
+            and (zero is None or identity[5] == zero._version))
 
 
 def cached_pack(module) -> Int4Pack | None:
     """The module's repacked weight, made once and reused until its packed buffers change;
     None when the layer cannot run on the kernel."""
-    pack = _current_pack(module)
-    if pack is not False:
-        return pack
+    cache = module.__dict__.get(CACHE_ATTRIBUTE)
+    if cache is not None and _matches(cache[0], module):
+        return cache[1]
     pack = None if unsupported_reason(module) is not None else repack(module)
     module.__dict__[CACHE_ATTRIBUTE] = (_identity(module), pack)
     return pack
@@ -216,26 +214,18 @@ def linear(x: torch.Tensor, module) -> torch.Tensor | None:
     if x.device.type != "cpu":
         raise RuntimeError(f"UPQ backend 'cpu' runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
-    if not takes(x, module):
-        return None
-    pack = _current_pack(module)
-    if pack is False:
-        pack = cached_pack(module)
+    pack = cached_pack(module) if takes(x, module) else None
     if pack is None:
         return None
-    in_features = module.in_features
-    rows = x.reshape(-1, in_features) if x.dim() != 2 else x
+    rows = x.reshape(-1, module.in_features)
     if rows.dtype != COMPUTE_DTYPE:
         rows = rows.to(COMPUTE_DTYPE)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    y = _mm(rows, pack.packed, pack.group_size, pack.scales_and_zeros)
-    out_features = pack.out_features
-    if y.shape[1] != out_features:
-        y = y[:, :out_features].contiguous()
+    y = _mm(rows.contiguous(), pack.packed, pack.group_size, pack.scales_and_zeros)
+    if y.shape[1] != pack.out_features:
+        y = y[:, :pack.out_features].contiguous()
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    bias = module._parameters.get("bias")
+    bias = module._parameters.get("bias")  # a plain lookup, as in _packed_buffers
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.view(*x.shape[:-1], out_features) if x.dim() != 2 else y
+    return y.view(*x.shape[:-1], pack.out_features)
