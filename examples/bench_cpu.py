@@ -2,7 +2,7 @@
 against the reference ``torch`` backend (dequantize + matmul, the path before the ``cpu`` backend existed).
 
     python examples/bench_cpu.py [--threads 2] [--tokens 64] [--runs 5] [--json out.json]
-                                 [--parts decode,layer,prefill,crossover,profile]
+                                 [--parts decode,layer,prefill,crossover,profile,floor]
 
 * decode: greedy decoding of ``--tokens`` new tokens (``min_new_tokens`` = ``max_new_tokens``, so every
   model writes the same number) after a chat prompt, with the bundled SmolLM2-135M-Instruct: dense fp32,
@@ -19,6 +19,10 @@ against the reference ``torch`` backend (dequantize + matmul, the path before th
   reference backend, dense model.
 * crossover: kernel against dequantize + matmul per layer shape and row count (where ``MAX_ROWS`` comes from).
 * profile (not in the default parts): where decode time goes, per op, dense bf16 against INT2.
+* floor (not in the default parts): the decode of ``decode`` with every decoder-block linear layer of the
+  dense bf16 model replaced by a stub that returns zeros of the right shape (the output head stays): the
+  time per token that no linear-layer kernel can remove (Python, attention, norms, the head), and so the
+  highest decode speed-up over dense bf16 that any weight format could reach on this machine.
 """
 
 from __future__ import annotations
@@ -173,6 +177,45 @@ def part_profile(args, dense, tokenizer) -> list[dict]:
     return rows
 
 
+class _FreeLinear(torch.nn.Module):
+    """A linear layer that costs nothing but its output's allocation (zeros of the right shape)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def part_floor(args, dense, tokenizer) -> list[dict]:
+    from upq_hf.convert import replace_module
+
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id)
+    bf16 = copy.deepcopy(dense).to(torch.bfloat16)
+    floor = copy.deepcopy(bf16)
+    for name, module in list(floor.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            replace_module(floor, name, _FreeLinear(module.out_features))
+    models = {"dense bf16": bf16, "INT2 g64 bf16, cpu backend": quantized(dense, 2, torch.bfloat16, "cpu"),
+              "dense bf16, decoder linears free": floor}
+    with torch.no_grad():
+        timings = interleaved_ms({name: (lambda m=m: m.generate(ids, **settings)) for name, m in models.items()},
+                                 args.runs)
+    per_token = {name: median / args.tokens for name, (median, _) in timings.items()}
+    floor_ms = per_token["dense bf16, decoder linears free"]
+    rows = [dict(model=name, ms_per_token=ms, linear_ms_per_token=ms - floor_ms,
+                 vs_dense_bf16=per_token["dense bf16"] / ms) for name, ms in per_token.items()]
+    for r in rows:
+        print(f"  {r['model']}: {r['ms_per_token']:.1f} ms/token, of it {r['linear_ms_per_token']:.1f} in decoder "
+              f"linears; {r['vs_dense_bf16']:.2f}x dense bf16", flush=True)
+    return rows
+
+
 def part_layer(args) -> list[dict]:
     from torch import nn
 
@@ -282,6 +325,12 @@ def markdown(report: dict) -> str:
                   f"| {r['cpu_vs_torch']:.2f}x ({r['best_cpu_vs_torch']:.2f}x) | {r['dense_ms']:.0f} ({r['best_dense_ms']:.0f}) |"
                   for r in report["prefill"]]
         lines.append("")
+    if "floor" in report:
+        lines += ["Decode floor, bundled model, bf16 (ms per token, median of interleaved runs):", "",
+                  "| model | ms/token | of it in decoder linears | vs dense bf16 |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['ms_per_token']:.1f} | {r['linear_ms_per_token']:.1f} | {r['vs_dense_bf16']:.2f}x |"
+                  for r in report["floor"]]
+        lines.append("")
     if "crossover" in report:
         lines += ["Kernel against dequantize + matmul, bf16, INT2 g64 (ms per call):", "",
                   "| K x N | M | kernel | dequantize + matmul |", "|---|---:|---:|---:|"]
@@ -304,7 +353,7 @@ def main(argv=None) -> int:
                   tokens=args.tokens, date=time.strftime("%Y-%m-%d %H:%M"),
                   load_before=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     dense = tokenizer = None
-    if {"decode", "prefill", "profile"} & set(parts):
+    if {"decode", "prefill", "profile", "floor"} & set(parts):
         dense, tokenizer = bundled()
     for part in parts:
         print(f"== {part}", flush=True)
@@ -318,6 +367,8 @@ def main(argv=None) -> int:
             report["crossover"] = part_crossover(args)
         elif part == "profile":
             report["profile"] = part_profile(args, dense, tokenizer)
+        elif part == "floor":
+            report["floor"] = part_floor(args, dense, tokenizer)
         else:
             raise SystemExit(f"unknown part {part!r}")
     report["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -151,6 +151,23 @@ def test_matches_reference_within_the_derived_bound(bits, group_size, in_feature
     assert pack.packed.shape[0] == out_features + (-out_features % 16)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_non_contiguous_inputs_match_the_reference(bits):
+    """The hot path views a contiguous input and copies any other: a transposed batch, every other row and
+    a slice of a wider last dimension all give the reference's output within the bound."""
+    module = layer(bits, 64, 128, 48).to(torch.bfloat16)
+    wide = torch.randn(6, 2 * 128, dtype=torch.bfloat16)
+    inputs = [torch.randn(128, 4, 3, dtype=torch.bfloat16).permute(2, 1, 0),  # (3, 4, 128), not contiguous
+              torch.randn(10, 128, dtype=torch.bfloat16)[::2],                 # every other row
+              wide[:, 64:192]]                                                  # columns of a wider tensor
+    for x in inputs:
+        assert not x.is_contiguous()
+        y_cpu, y_ref = run(module, x, "cpu"), run(module, x, "torch")
+        assert y_cpu.shape == y_ref.shape == (*x.shape[:-1], 48)
+        assert ((y_cpu.float() - y_ref.float()).abs() <= tolerance(module, x)).all()
+        assert torch.equal(y_cpu, run(module, x.contiguous(), "cpu"))  # the same numbers as its contiguous copy
+
+
 def test_bf16_scales_and_fp32_scales():
     for scale_dtype in (torch.bfloat16, torch.float32):
         module = layer(4, 64, 256, 32, scale_dtype=scale_dtype)

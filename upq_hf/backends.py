@@ -32,7 +32,7 @@ def resolve_backend(x: torch.Tensor, requested: str | None) -> str:
         return choice
     if x.is_cuda and triton_available():
         return "triton"
-    if x.device.type == "cpu" and cpu_kernel_available():
+    if x.is_cpu and cpu_kernel_available():
         return "cpu"
     return "torch"
 

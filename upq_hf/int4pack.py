@@ -195,7 +195,7 @@ def prepare(model) -> int:
 
 def takes(x: torch.Tensor, module) -> bool:
     """Whether this call can run on the kernel (else the reference path runs)."""
-    if x.device.type != "cpu" or x.dtype not in _ACTIVATION_DTYPES:
+    if not x.is_cpu or x.dtype not in _ACTIVATION_DTYPES:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False  # no backward through the kernel: the reference path is differentiable
@@ -210,22 +210,30 @@ _mm = torch.ops.aten._weight_int4pack_mm_for_cpu if hasattr(torch.ops.aten, "_we
 
 def linear(x: torch.Tensor, module) -> torch.Tensor | None:
     """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
-    :func:`upq_hf.backends.linear_forward`, then runs the reference path)."""
-    if x.device.type != "cpu":
+    :func:`upq_hf.backends.linear_forward`, then runs the reference path).
+
+    This runs once per layer per decoded token, and in a decode loop each Python-level tensor operation
+    here costs several microseconds (docs/BENCHMARKS.md): hence ``is_cpu`` rather than ``device.type``,
+    one ``view`` in and one out, and no call that does nothing (``contiguous``, a same-dtype ``to``)."""
+    if not x.is_cpu:
         raise RuntimeError(f"UPQ backend 'cpu' runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
-    pack = cached_pack(module) if takes(x, module) else None
+    if not takes(x, module):
+        return None
+    pack = cached_pack(module)
     if pack is None:
         return None
-    rows = x.reshape(-1, module.in_features)
+    k = module.in_features
+    rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
     if rows.dtype != COMPUTE_DTYPE:
         rows = rows.to(COMPUTE_DTYPE)
-    y = _mm(rows.contiguous(), pack.packed, pack.group_size, pack.scales_and_zeros)
-    if y.shape[1] != pack.out_features:
-        y = y[:, :pack.out_features].contiguous()
+    y = _mm(rows, pack.packed, pack.group_size, pack.scales_and_zeros)
+    n_out = pack.out_features
+    if y.shape[1] != n_out:
+        y = y[:, :n_out].contiguous()
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     bias = module._parameters.get("bias")  # a plain lookup, as in _packed_buffers
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.view(*x.shape[:-1], pack.out_features)
+    return y.view(x.shape[:-1] + (n_out,))
