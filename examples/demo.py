@@ -27,7 +27,7 @@ from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
 from upq_hf.chat import generate_answers
 from upq_hf.evaluation import measure_fidelity
-from upq_hf.models import BUNDLED_NAME, bundled_model_dir, load_model, load_tokenizer
+from upq_hf.models import BUNDLED_NAME, autocast_dtype, bundled_model_dir, load_model, load_tokenizer
 from upq_hf.publish import REPORT_FILE, record_report, save_atomic
 from upq_hf.recipes import RECIPES
 
@@ -72,6 +72,9 @@ def main() -> int:
 
     print(f"[1/4] quantizing {os.path.basename(source)} to INT{args.bits} "
           f"(recipe {args.recipe}, group size {args.group_size})", file=sys.stderr)
+    if autocast_dtype("cpu") is None and not torch.cuda.is_available():
+        print("      this CPU has no native bf16 (AVX512-BF16 or AMX): PTQ and training run in float32, which "
+              "took 1.7-2.5x as long as with it in our runs (24-35 minutes against 14; docs/BENCHMARKS.md)", file=sys.stderr)
     student = load_model(source, dtype="float32")
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
                        train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
