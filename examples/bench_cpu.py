@@ -94,14 +94,20 @@ def interleaved_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
     return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
-def part_decode(args, dense, tokenizer) -> list[dict]:
-    from upq_hf import int4pack
-
+def decode_prompt(tokenizer, tokens: int):
+    """The chat prompt every decode timing starts from, and ``generate``'s settings: exactly ``tokens`` greedy
+    new tokens (``min_new_tokens`` = ``max_new_tokens``), so that every model writes the same number."""
     messages = [{"role": "user", "content": "Write a short poem about the sea."}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                    pad_token_id=tokenizer.eos_token_id)
+    settings = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return ids, settings
+
+
+def part_decode(args, dense, tokenizer) -> list[dict]:
+    from upq_hf import int4pack
+
+    ids, settings = decode_prompt(tokenizer, args.tokens)
     models = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16)}
     for bits in (2, 4):
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
@@ -191,11 +197,7 @@ class _FreeLinear(torch.nn.Module):
 def part_floor(args, dense, tokenizer) -> list[dict]:
     from upq_hf.convert import replace_module
 
-    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                    pad_token_id=tokenizer.eos_token_id)
+    ids, settings = decode_prompt(tokenizer, args.tokens)
     bf16 = copy.deepcopy(dense).to(torch.bfloat16)
     floor = copy.deepcopy(bf16)
     for name, module in list(floor.named_modules()):
