@@ -97,9 +97,9 @@ def interleaved_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
 def decode_prompt(tokenizer, tokens: int):
     """The chat prompt every decode timing starts from, and ``generate``'s settings: exactly ``tokens`` greedy
     new tokens (``min_new_tokens`` = ``max_new_tokens``), so that every model writes the same number."""
-    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    from upq_hf.chat import chat_prompt_ids
+
+    ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
     settings = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return ids, settings
 
@@ -150,9 +150,8 @@ def part_profile(args, dense, tokenizer) -> list[dict]:
     dense bf16 against INT2 g64 bf16 on the cpu backend."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids
-    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                    pad_token_id=tokenizer.eos_token_id)
+    ids = tokenizer("Write a short poem about the sea.", return_tensors="pt").input_ids  # plain text, no chat template
+    _, settings = decode_prompt(tokenizer, args.tokens)
     rows = []
     for name, model in (("dense bf16", copy.deepcopy(dense).to(torch.bfloat16)),
                         ("INT2 g64 bf16, cpu backend", quantized(dense, 2, torch.bfloat16, "cpu"))):
