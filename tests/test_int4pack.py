@@ -406,14 +406,155 @@ def test_save_pretrained_is_unchanged_by_the_cache(tiny_llama_dir, tmp_path):
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2]])
     os.environ.pop("UPQ_BACKEND", None)
     with torch.no_grad():
-        logits = model(ids).logits  # auto: the CPU kernel, every layer repacked
-    assert all(int4pack.CACHE_ATTRIBUTE in m.__dict__ for m in model.modules() if isinstance(m, UPQLinear))
+        logits = model(ids).logits  # auto: the CPU kernel, every layer repacked; siblings found
+        assert torch.equal(model(ids).logits, logits)  # the siblings' fused packs made and used
+    held = (int4pack.CACHE_ATTRIBUTE, int4pack.GROUP_ATTRIBUTE)
+    assert all(any(a in m.__dict__ for a in held) for m in model.modules() if isinstance(m, UPQLinear))
+    assert any(int4pack.GROUP_ATTRIBUTE in m.__dict__ for m in model.modules())
     model.save_pretrained(tmp_path / "after")
     assert safetensors_content(tmp_path / "before") == safetensors_content(tmp_path / "after")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "after").eval()
-    assert all(int4pack.CACHE_ATTRIBUTE not in m.__dict__ for m in reloaded.modules() if isinstance(m, UPQLinear))
+    assert all(not any(a in m.__dict__ for a in int4pack.STATE_ATTRIBUTES)
+               for m in reloaded.modules() if isinstance(m, UPQLinear))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Siblings: layers that read the same input run as one kernel call, bit for bit as on their own
+# ----------------------------------------------------------------------------------------------
+
+def counting_mm(monkeypatch):
+    calls = []
+    monkeypatch.setattr(int4pack, "_mm", lambda *args: calls.append(args[1].shape[0]) or
+                        torch.ops.aten._weight_int4pack_mm_for_cpu(*args))
+    return calls
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen"])  # qwen: biases on q/k/v
+def test_siblings_found_on_the_first_forward_and_bit_identical(architecture, monkeypatch):
+    from helpers import tiny_llama, tiny_qwen
+
+    monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    model = (tiny_llama if architecture == "llama" else tiny_qwen)()
+    mixed = {r"v_proj$": {"bits": 4, "group_size": 32}}  # mixed formats within one group
+    upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, recipe="rtn", module_bits=mixed), progress=False)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2]])
+    unfused = copy.deepcopy(model)
+    monkeypatch.setattr(int4pack, "FUSE", False)
+    with torch.no_grad():
+        expected = unfused(ids).logits
+        expected_tokens = unfused.generate(ids, max_new_tokens=6, do_sample=False)
+    assert not any(int4pack.GROUP_ATTRIBUTE in m.__dict__ for m in unfused.modules())
+    monkeypatch.setattr(int4pack, "FUSE", True)
+    calls = counting_mm(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # learning: each layer on its own
+        assert len(calls) == 2 * 7
+        calls.clear()
+        assert torch.equal(model(ids).logits, expected)  # fused: q/k/v one call, gate/up one call
+        assert len(calls) == 2 * 4
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected_tokens)
+    for block in model.model.layers:
+        attention, mlp = block.self_attn, block.mlp
+        qkv = attention.q_proj.__dict__[int4pack.GROUP_ATTRIBUTE]
+        assert qkv.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+        assert mlp.gate_proj.__dict__[int4pack.GROUP_ATTRIBUTE].members == [mlp.gate_proj, mlp.up_proj]
+        assert int4pack.GROUP_ATTRIBUTE not in attention.o_proj.__dict__
+        assert int4pack.GROUP_ATTRIBUTE not in mlp.down_proj.__dict__
+        # one copy of the weights: the members' own packs are gone, the fused one holds exactly their bytes
+        assert int4pack.CACHE_ATTRIBUTE not in attention.q_proj.__dict__
+        assert qkv.pack.packed.shape == (64 + 2 * 32, 64 // 2)
+
+
+def pair(seed=0):
+    """Two layers that can share a kernel call: same in_features, kernel group 64, different formats."""
+    return layer(2, 64, 192, 48, seed=seed), layer(4, None, 192, 40, seed=seed + 1)  # per row: kernel group 64
+
+
+def test_an_output_is_handed_back_only_for_the_same_unchanged_input(monkeypatch):
+    a, b = pair()
+    x = torch.randn(3, 192)
+    calls = counting_mm(monkeypatch)
+    with torch.no_grad():
+        a(x), b(x)
+        group = a.__dict__[int4pack.GROUP_ATTRIBUTE]
+        assert group.members == [a, b] and len(calls) == 2
+        calls.clear()
+        assert torch.equal(a(x), torch_solo(a, x)) and torch.equal(b(x), torch_solo(b, x))
+        assert len(calls) == 1 and group.misses == 0  # the fused call; b's output was handed back
+        calls.clear()
+        z = torch.randn(3, 192)
+        a(z)
+        z.add_(1.0)  # modified in place between the two calls: b must see the new values
+        assert torch.equal(b(z), torch_solo(b, z)) and len(calls) == 2 and group.misses == 1
+        calls.clear()
+        w = torch.randn(3, 192)
+        a(w)  # (a's output from b's last call is for z: wasted)
+        b.weight_scale.mul_(2)  # b's buffers changed between the two calls
+        assert torch.equal(b(w), torch_solo(b, w)) and len(calls) == 2 and group.misses == 3
+        assert int4pack.GROUP_ATTRIBUTE in b.__dict__
+        for _ in range(2):  # layers that do not share their inputs: wasted outputs dissolve the group
+            u, v = torch.randn(3, 192), torch.randn(3, 192)
+            assert torch.equal(a(u), torch_solo(a, u)) and torch.equal(b(v), torch_solo(b, v))
+        assert int4pack.GROUP_ATTRIBUTE not in a.__dict__ and int4pack.GROUP_ATTRIBUTE not in b.__dict__
+        assert group.misses == int4pack.MAX_MISSES + 1
+        a(x), b(x)  # dissolved for good: not grouped again
+        assert torch.equal(b(x), torch_solo(b, x))
+    assert a.__dict__[int4pack.NOFUSE_ATTRIBUTE] and int4pack.GROUP_ATTRIBUTE not in b.__dict__
+
+
+def torch_solo(module, x):
+    """The module's own kernel call, outside any group (bit-identical to a sibling's fused output)."""
+    pack = int4pack.repack(module)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, module.in_features).to(torch.bfloat16),
+                                                    pack.packed, pack.group_size, pack.scales_and_zeros)
+    y = y[:, :module.out_features].to(x.dtype)
+    if module.bias is not None:
+        y = y + module.bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+def test_siblings_need_a_shared_kernel_call_and_are_not_state(monkeypatch):
+    a, b = pair()
+    c = layer(2, 32, 192, 32, seed=7)  # kernel group 32, not 64: no shared call with a
+    d = layer(2, 64, 128, 32, seed=8)  # other in_features
+    x = torch.randn(1, 1, 192)
+    with torch.no_grad():
+        a(x), c(x), d(torch.randn(1, 128))
+        assert not any(int4pack.GROUP_ATTRIBUTE in m.__dict__ for m in (a, c, d))
+        monkeypatch.setattr(int4pack, "FUSE", False)  # UPQ_CPU_FUSE=0
+        a(x), b(x)
+        assert int4pack.GROUP_ATTRIBUTE not in a.__dict__
+        monkeypatch.setattr(int4pack, "FUSE", True)
+        a(x), b(x)
+        assert a.__dict__[int4pack.GROUP_ATTRIBUTE] is b.__dict__[int4pack.GROUP_ATTRIBUTE]
+        a(x)  # b's output handed back is waiting
+        clone = copy.deepcopy(b)
+        assert not any(name in clone.__dict__ for name in int4pack.STATE_ATTRIBUTES)
+        assert torch.equal(clone(x), b(x))
+        a.to(torch.float32)  # .to() drops the copy and the group (it may form again: not marked)
+        assert not any(name in m.__dict__ for m in (a, b) for name in int4pack.STATE_ATTRIBUTES)
+
+
+def test_set_fusion_per_model(monkeypatch):
+    from helpers import tiny_llama
+
+    monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    model = tiny_llama()
+    upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, recipe="rtn"), progress=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    grouped = lambda: sum(int4pack.GROUP_ATTRIBUTE in m.__dict__ for m in model.modules())  # noqa: E731
+    with torch.no_grad():
+        model(ids)
+        assert grouped() == 2 * 5  # q, k, v and gate, up in each of the two blocks
+        int4pack.set_fusion(model, False)
+        assert grouped() == 0
+        model(ids), model(ids)
+        assert grouped() == 0
+        int4pack.set_fusion(model, True)
+        model(ids)
+        assert grouped() == 2 * 5
 
 
 # ----------------------------------------------------------------------------------------------
