@@ -36,9 +36,7 @@ a buffer: ``state_dict``/``save_pretrained`` never see it and ``.to()`` drops it
 the packed buffers are replaced or modified in place (their identity and version counters are
 checked on every call) or move device. Cost in resident memory: 0.5 byte per weight for the 4-bit
 codes plus 4 bytes (bf16 scale and zero) per kernel group and output, on top of the stored buffers
-(INT2 g64: 0.5625 byte per weight, next to the 0.281 stored: 0.84 byte in all, 0.42x of bf16). Layers
-that read the same input (q/k/v, gate/up) share one concatenated copy instead of their own, made on the
-second forward once the first has shown which they are (see "Siblings" below): the same bytes.
+(INT2 g64: 0.5625 byte per weight, next to the 0.281 stored: 0.84 byte in all, 0.42x of bf16).
 """
 
 from __future__ import annotations
@@ -205,8 +203,7 @@ def is_packed_layer(module) -> bool:
 
 def prepare(model) -> int:
     """Repack every ``UPQLinear`` of ``model`` that the kernel takes now rather than on its first
-    forward. Returns the bytes the repacked weights hold. (Siblings are found on the first forward and
-    their shared copy made on the second, from the same buffers.)"""
+    forward. Returns the bytes the repacked weights hold."""
     total = 0
     for module in model.modules():
         if is_packed_layer(module):
