@@ -8,8 +8,7 @@ against the reference ``torch`` backend (dequantize + matmul, the path before th
   model writes the same number) after a chat prompt, with the bundled SmolLM2-135M-Instruct: dense fp32,
   dense bf16, INT2 g64 and INT4 g64 (round to nearest: decode speed does not depend on how the codes were
   found) in bf16 and in fp32 (the rest of each model in the same dtype as the dense model it is compared
-  with), INT2 g64 bf16 with its q/k/v and gate/up siblings unfused (each layer its own kernel call, as
-  ``UPQ_CPU_FUSE=0`` runs it), and INT2 g64 on the reference backend. Tokens/s = new tokens / wall time of ``generate``
+  with), and INT2 g64 on the reference backend. Tokens/s = new tokens / wall time of ``generate``
   (prefill of the short prompt included); the models run in turn, one generation each per round, for
   ``--runs`` rounds after a warm-up round (so that load from other processes falls on all alike): median and
   best run.
@@ -20,7 +19,7 @@ against the reference ``torch`` backend (dequantize + matmul, the path before th
   reference backend, dense model.
 * crossover: kernel against dequantize + matmul per layer shape and row count (where ``MAX_ROWS`` comes from).
 * profile (not in the default parts): where decode time goes, per op, dense bf16 against INT2.
-* floor (not in the default parts): the decode of ``decode`` (dense bf16, INT2 fused and unfused) with every decoder-block linear layer of the
+* floor (not in the default parts): the decode of ``decode`` with every decoder-block linear layer of the
   dense bf16 model replaced by a stub that returns zeros of the right shape (the output head stays): the
   time per token that no linear-layer kernel can remove (Python, attention, norms, the head), and so the
   highest decode speed-up over dense bf16 that any weight format could reach on this machine.
@@ -95,11 +94,6 @@ def interleaved_ms(fns: dict, rounds: int, warmup: int = 1) -> dict:
     return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
-# the same INT2 model with every layer on its own kernel call (no q/k/v and gate/up siblings: the cpu backend
-# before they existed, and what UPQ_CPU_FUSE=0 gives)
-UNFUSED = "INT2 g64 bf16, cpu backend, siblings unfused"
-
-
 def decode_prompt(tokenizer, tokens: int):
     """The chat prompt every decode timing starts from, and ``generate``'s settings: exactly ``tokens`` greedy
     new tokens (``min_new_tokens`` = ``max_new_tokens``), so that every model writes the same number."""
@@ -118,8 +112,6 @@ def part_decode(args, dense, tokenizer) -> list[dict]:
     for bits in (2, 4):
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             models[f"INT{bits} g64 {name}, cpu backend"] = quantized(dense, bits, dtype, "cpu")
-    models[UNFUSED] = quantized(dense, 2, torch.bfloat16, "cpu")
-    int4pack.set_fusion(models[UNFUSED], False)
     repack = {}
     for name, model in models.items():
         start = time.perf_counter()
@@ -202,7 +194,6 @@ class _FreeLinear(torch.nn.Module):
 
 
 def part_floor(args, dense, tokenizer) -> list[dict]:
-    from upq_hf import int4pack
     from upq_hf.convert import replace_module
 
     ids, settings = decode_prompt(tokenizer, args.tokens)
@@ -212,8 +203,7 @@ def part_floor(args, dense, tokenizer) -> list[dict]:
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
             replace_module(floor, name, _FreeLinear(module.out_features))
     models = {"dense bf16": bf16, "INT2 g64 bf16, cpu backend": quantized(dense, 2, torch.bfloat16, "cpu"),
-              UNFUSED: quantized(dense, 2, torch.bfloat16, "cpu"), "dense bf16, decoder linears free": floor}
-    int4pack.set_fusion(models[UNFUSED], False)
+              "dense bf16, decoder linears free": floor}
     with torch.no_grad():
         timings = interleaved_ms({name: (lambda m=m: m.generate(ids, **settings)) for name, m in models.items()},
                                  args.runs)

@@ -42,9 +42,6 @@ codes plus 4 bytes (bf16 scale and zero) per kernel group and output, on top of 
 from __future__ import annotations
 
 import functools
-import os
-import threading
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -110,9 +107,12 @@ class Int4Pack(NamedTuple):
             self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
 
 
-def _kernel_form(module, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's kernel codes ``(N, K)`` int32 and ``scales_and_zeros`` ``(K / group, N, 2)`` bf16, unpadded
-    (see the module docstring for the mapping)."""
+def repack(module) -> Int4Pack:
+    """The kernel's form of a ``UPQLinear``'s weight (see the module docstring for the mapping)."""
+    group = kernel_group_size(module.in_features, module.group_size)
+    if group is None:
+        raise ValueError(f"UPQLinear({module.in_features}, {module.out_features}) cannot run on the INT4 CPU kernel: "
+                         f"{unsupported_reason(module)}")
     with torch.no_grad():
         codes = module.codes().to(torch.int32)  # (N, K)
         scale = module.weight_scale.to(COMPUTE_DTYPE).float()  # (G, N), rounded once to bf16
@@ -125,29 +125,14 @@ def _kernel_form(module, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = module.in_features if module.group_size is None else module.group_size
         if span != group:
             scales_and_zeros = scales_and_zeros.repeat_interleave(span // group, dim=0)
-    return codes, scales_and_zeros
-
-
-def _pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> Int4Pack:
-    """Pad the output rows to a multiple of 16 and convert to the kernel's layout."""
-    n_out = codes.shape[0]
-    pad = -n_out % N_MULTIPLE
-    with torch.no_grad():
+        n_out = module.out_features
+        pad = -n_out % N_MULTIPLE
         if pad:  # zero rows: code 8 with scale 0 and zero 0 is a weight of exactly 0
             codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
             scales_and_zeros = torch.cat([scales_and_zeros,
                                           scales_and_zeros.new_zeros(scales_and_zeros.shape[0], pad, 2)], dim=1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
     return Int4Pack(packed, scales_and_zeros.contiguous(), group, n_out)
-
-
-def repack(module) -> Int4Pack:
-    """The kernel's form of a ``UPQLinear``'s weight (see the module docstring for the mapping)."""
-    group = kernel_group_size(module.in_features, module.group_size)
-    if group is None:
-        raise ValueError(f"UPQLinear({module.in_features}, {module.out_features}) cannot run on the INT4 CPU kernel: "
-                         f"{unsupported_reason(module)}")
-    return _pack(*_kernel_form(module, group), group)
 
 
 def _packed_buffers(module) -> tuple:
@@ -185,11 +170,7 @@ def cached_pack(module) -> Int4Pack | None:
 
 
 def drop_cache(module) -> None:
-    """Forget the module's repacked weight and any sibling group it is in (``.to()`` calls this)."""
     module.__dict__.pop(CACHE_ATTRIBUTE, None)
-    group = module.__dict__.get(GROUP_ATTRIBUTE)
-    if group is not None:
-        group.dissolve(fuse_again=True)
 
 
 def is_packed_layer(module) -> bool:
@@ -227,198 +208,32 @@ _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _mm = torch.ops.aten._weight_int4pack_mm_for_cpu if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
-    return rows if rows.dtype == COMPUTE_DTYPE else rows.to(COMPUTE_DTYPE)
-
-
-def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
-    """The kernel's ``(rows, out_features)`` bf16 output (a column slice of it for a sibling) as ``module(x)``
-    returns it: contiguous, in x's dtype, the bias added, x's leading shape. The shape is built from ints:
-    a ``view`` given ``x.shape[:-1] + (n,)`` costs about 3 us more per call (docs/BENCHMARKS.md)."""
-    if not y.is_contiguous():
-        y = y.contiguous()
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    bias = module._parameters.get("bias")  # a plain lookup, as in _packed_buffers
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    dims = x.dim()
-    if dims == 2:
-        return y
-    if dims == 3:
-        return y.view(x.shape[0], x.shape[1], y.shape[1])
-    return y.view(x.shape[:-1] + (y.shape[1],))
-
-
 def linear(x: torch.Tensor, module) -> torch.Tensor | None:
     """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
     :func:`upq_hf.backends.linear_forward`, then runs the reference path).
 
     This runs once per layer per decoded token, and in a decode loop each Python-level tensor operation
     here costs several microseconds (docs/BENCHMARKS.md): hence ``is_cpu`` rather than ``device.type``,
-    one ``view`` in and one out, and no call that does nothing (``contiguous``, a same-dtype ``to``).
-    Layers found to read the same input (q/k/v, gate/up) run as one call (see "Siblings" below)."""
+    one ``view`` in and one out, and no call that does nothing (``contiguous``, a same-dtype ``to``)."""
     if not x.is_cpu:
         raise RuntimeError(f"UPQ backend 'cpu' runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
     if not takes(x, module):
         return None
-    group = module.__dict__.get(GROUP_ATTRIBUTE)
-    if group is not None:
-        y = group.call(x, module)
-        if y is not None:
-            return y
     pack = cached_pack(module)
     if pack is None:
         return None
-    y = _mm(_rows(x, module.in_features), pack.packed, pack.group_size, pack.scales_and_zeros)
-    if y.shape[1] != pack.out_features:
-        y = y[:, :pack.out_features]  # the padding rows
-    y = _finish(y, x, module)
-    if FUSE:
-        _learn(x, module)
-    return y
-
-
-# ----------------------------------------------------------------------------------------------
-# Siblings: layers that read the same input run as one kernel call
-# ----------------------------------------------------------------------------------------------
-#
-# A decoder block calls q_proj, k_proj and v_proj on one tensor, and gate_proj and up_proj on another.
-# At decode time (one row) each call costs a kernel launch over a few hundred outputs plus the Python
-# around it, which on a small model is as much as the arithmetic. So layers are grouped as they are
-# seen: when a layer's call receives the very tensor object (same version counter: not modified in
-# place) that the previous kernel call on this thread received, and the two layers can share a kernel
-# call (same in_features and kernel group size; their bits and formats may differ), they join one
-# group. From then on the first member called runs the group's fused pack (their codes and scales
-# concatenated along the outputs: the kernel computes every output column the same way, so each
-# member's output is bit-identical to its own call) and leaves each other member its output, handed
-# back only to a call with the same input tensor and unchanged buffers; any other call computes
-# afresh. A group whose handed-back outputs go unused more than MAX_MISSES times is dissolved for good
-# (a model whose layers share inputs only by chance). Nothing here is architecture-specific, and
-# nothing is in the state dict. ``UPQ_CPU_FUSE=0`` turns it off.
-
-GROUP_ATTRIBUTE = "_int4pack_group"
-NOFUSE_ATTRIBUTE = "_int4pack_nofuse"
-STATE_ATTRIBUTES = (CACHE_ATTRIBUTE, GROUP_ATTRIBUTE, NOFUSE_ATTRIBUTE)  # not pickled, not deep-copied
-MAX_MISSES = 3
-FUSE = os.environ.get("UPQ_CPU_FUSE", "1") != "0"
-
-
-def set_fusion(model, enabled: bool) -> None:
-    """Let (or stop) this model's layers run as siblings; ``UPQ_CPU_FUSE=0`` (:data:`FUSE`) stops it for all."""
-    for module in model.modules():
-        if is_packed_layer(module):
-            group = module.__dict__.get(GROUP_ATTRIBUTE)
-            if group is not None:
-                group.dissolve(fuse_again=True)
-            if enabled:
-                module.__dict__.pop(NOFUSE_ATTRIBUTE, None)
-            else:
-                module.__dict__[NOFUSE_ATTRIBUTE] = True
-
-
-class _Recent(threading.local):
-    x = None  # the last kernel call's input, held so that its id cannot be reused
-    version = -1
-    module = None  # weakref to the layer
-
-
-_recent = _Recent()
-
-
-def _remember(x: torch.Tensor, module) -> None:
-    _recent.x, _recent.version, _recent.module = x, x._version, weakref.ref(module)
-
-
-def _learn(x: torch.Tensor, module) -> None:
-    """After a single layer's kernel call: join the previous call's layer if it read the same tensor."""
-    recent = _recent
-    previous = recent.module() if recent.module is not None else None
-    if (previous is not None and previous is not module and recent.x is x and recent.version == x._version
-            and GROUP_ATTRIBUTE not in module.__dict__ and _can_share(previous, module)):
-        group = previous.__dict__.get(GROUP_ATTRIBUTE)
-        if group is None:
-            group = _Siblings([previous])
-        group.add(module)
-    _remember(x, module)
-
-
-def _can_share(a, b) -> bool:
-    if a.__dict__.get(NOFUSE_ATTRIBUTE) or b.__dict__.get(NOFUSE_ATTRIBUTE) or a.in_features != b.in_features:
-        return False
-    group = kernel_group_size(a.in_features, a.group_size)
-    return (group is not None and group == kernel_group_size(b.in_features, b.group_size)
-            and unsupported_reason(a) is None and unsupported_reason(b) is None)
-
-
-class _Siblings:
-    """Layers that read the same input, and their concatenated pack (made on the group's first call)."""
-
-    def __init__(self, members: list):
-        self.members = []
-        self.pack = None  # Int4Pack of all members, outputs in member order
-        self.identities = ()  # each member's _identity when the pack was made
-        self.slices = ()  # each member's output columns
-        self.handed = {}  # member -> (x, x's version, member's output, member's _identity)
-        self.misses = 0
-        for member in members:
-            self.add(member)
-
-    def add(self, module) -> None:
-        self.members.append(module)
-        module.__dict__[GROUP_ATTRIBUTE] = self
-        self.pack = None  # rebuilt on the next call, with the new member
-        for member in self.members:  # one copy of the weights: the members' own packs go
-            member.__dict__.pop(CACHE_ATTRIBUTE, None)
-
-    def dissolve(self, fuse_again: bool) -> None:
-        for member in self.members:
-            member.__dict__.pop(GROUP_ATTRIBUTE, None)
-            if not fuse_again:
-                member.__dict__[NOFUSE_ATTRIBUTE] = True
-        self.members, self.pack, self.handed = [], None, {}
-
-    def _current_pack(self) -> Int4Pack:
-        pack = self.pack
-        if pack is not None and all(_matches(identity, member)
-                                    for identity, member in zip(self.identities, self.members)):
-            return pack
-        group = kernel_group_size(self.members[0].in_features, self.members[0].group_size)
-        forms = [_kernel_form(member, group) for member in self.members]
-        self.identities = tuple(_identity(member) for member in self.members)
-        self.pack = _pack(torch.cat([codes for codes, _ in forms]), torch.cat([sz for _, sz in forms], dim=1), group)
-        bounds, start = [], 0
-        for member in self.members:
-            bounds.append((start, start + member.out_features))
-            start += member.out_features
-        self.slices = tuple(bounds)
-        self.handed = {}
-        return self.pack
-
-    def call(self, x: torch.Tensor, module) -> torch.Tensor | None:
-        """``module(x)``: the output the group's last call left for it, or a fresh call for all members.
-        None once the group is dissolved."""
-        handed = self.handed.pop(module, None)
-        if handed is not None and handed[0] is x and handed[1] == x._version and _matches(handed[3], module):
-            _remember(x, module)
-            return handed[2]
-        wasted = (handed is not None) + len(self.handed)  # outputs computed for nothing
-        if wasted:
-            self.misses += wasted
-            if self.misses > MAX_MISSES:
-                self.dissolve(fuse_again=False)
-                return None
-        pack = self._current_pack()
-        y = _mm(_rows(x, module.in_features), pack.packed, pack.group_size, pack.scales_and_zeros)
-        version, mine, handed = x._version, None, {}
-        for member, (start, stop), identity in zip(self.members, self.slices, self.identities):
-            out = _finish(y[:, start:stop], x, member)
-            if member is module:
-                mine = out
-            else:
-                handed[member] = (x, version, out, identity)
-        self.handed = handed
-        _remember(x, module)
-        return mine
+    k = module.in_features
+    rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
+    if rows.dtype != COMPUTE_DTYPE:
+        rows = rows.to(COMPUTE_DTYPE)
+    y = _mm(rows, pack.packed, pack.group_size, pack.scales_and_zeros)
+    n_out = pack.out_features
+    if y.shape[1] != n_out:
+        y = y[:, :n_out].contiguous()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    bias = module._parameters.get("bias")  # a plain lookup, as in _packed_buffers
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(x.shape[:-1] + (n_out,))

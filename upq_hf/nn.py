@@ -93,12 +93,11 @@ class UPQLinear(nn.Module):
         return self
 
     def __getstate__(self):
-        # pickling and deepcopy leave the CPU backend's repacked copy and sibling group behind: they are derived
-        # from the buffers and rebuilt on the copy's first forwards, not worth their bytes in a pickle
+        # pickling and deepcopy leave the CPU backend's repacked copy behind: it is derived from the buffers
+        # and rebuilt on the copy's first forward, not worth its bytes in a pickle
         state = super().__getstate__()
         state = dict(state)
-        for name in int4pack.STATE_ATTRIBUTES:
-            state.pop(name, None)
+        state.pop(int4pack.CACHE_ATTRIBUTE, None)
         return state
 
     # ------------------------------------------------------------------ forward
