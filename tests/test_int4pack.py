@@ -299,6 +299,38 @@ def test_repacked_once_and_rebuilt_when_the_buffers_change(monkeypatch):
         assert len(made) == 6
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_inference_mode_layers_and_calls(bits):
+    """``chat.generate_answers`` decodes under ``torch.inference_mode()``. A layer built outside it and called
+    inside, and a layer whose buffers are made inside it (inference tensors, which have no version counter)
+    both run on the kernel, within the reference bound, repacked once."""
+    x = torch.randn(2, 256)
+    outside = layer(bits, 64, 256, 48)
+    outside.backend = "cpu"
+    with torch.inference_mode():
+        y = outside(x)
+        assert torch.equal(outside(x), y)
+    assert (y - run(outside, x, "torch")).abs().le(tolerance(outside, x)).all()
+    with torch.inference_mode():
+        inside = layer(bits, 64, 256, 48)
+        inside.backend = "cpu"
+        assert inside.weight.is_inference()
+        y_inside = inside(x)
+        pack = int4pack.cached_pack(inside)
+        assert int4pack.cached_pack(inside) is pack  # reused, not rebuilt every call
+        assert torch.equal(inside(x), y_inside)
+        # replaced buffers are still seen by identity
+        inside.weight = layer(bits, 64, 256, 48, seed=7).weight
+        assert int4pack.cached_pack(inside) is not pack
+    assert torch.equal(y_inside, y)  # same seed: the same layer
+    # no version counter inside inference_mode: an in-place change needs drop_cache, as documented
+    with torch.inference_mode():
+        inside.weight_scale.mul_(2)
+        int4pack.drop_cache(inside)
+        doubled = inside(x)
+    assert (doubled - run(inside, x, "torch")).abs().le(tolerance(inside, x)).all()
+
+
 def test_cache_is_not_state_and_holds_no_float_weight():
     module = layer(2, 64, 512, 64)
     keys_and_bytes = {k: v.clone() for k, v in module.state_dict().items()}

@@ -34,8 +34,9 @@ backward), and calls under ``torch.compile`` (the reference path compiles).
 The repacked weight is made on the first forward and cached on the module as a plain attribute, not
 a buffer: ``state_dict``/``save_pretrained`` never see it and ``.to()`` drops it. It is rebuilt when
 the packed buffers are replaced or modified in place (their identity and version counters are
-checked on every call) or move device. Cost in resident memory: 0.5 byte per weight for the 4-bit
-codes plus 4 bytes (bf16 scale and zero) per kernel group and output, on top of the stored buffers
+checked on every call; buffers made under ``torch.inference_mode()`` have no version counter, so
+an in-place change to one is not seen: call :func:`drop_cache` after it) or move device. Cost in
+resident memory: 0.5 byte per weight for the 4-bit codes plus 4 bytes (bf16 scale and zero) per kernel group and output, on top of the stored buffers
 (INT2 g64: 0.5625 byte per weight, next to the 0.281 stored: 0.84 byte in all, 0.42x of bf16).
 """
 
@@ -144,18 +145,28 @@ def _packed_buffers(module) -> tuple:
     return buffers["weight"], buffers["weight_scale"], zero
 
 
+def _version(tensor: torch.Tensor | None) -> int | None:
+    """A buffer's version counter, or None for an inference tensor (made under ``torch.inference_mode()``),
+    which has none: reading it raises. In-place changes to such a buffer are not seen; call
+    :func:`drop_cache` after one."""
+    if tensor is None or tensor.is_inference():
+        return None
+    return tensor._version
+
+
 def _identity(module) -> tuple:
     """What the cache was made from: the packed buffers themselves and their version counters (bumped by
     every in-place change). Held strongly, so that a freed tensor's address can never be mistaken for it."""
     weight, scale, zero = _packed_buffers(module)
-    return (weight, weight._version, scale, scale._version, zero, None if zero is None else zero._version)
+    return (weight, _version(weight), scale, _version(scale), zero, _version(zero))
 
 
 def _matches(identity: tuple, module) -> bool:
+    # the same tensor object keeps its inference-ness, so a None version stays None: no check for it here
     weight, scale, zero = _packed_buffers(module)
-    return (identity[0] is weight and identity[1] == weight._version and identity[2] is scale
-            and identity[3] == scale._version and identity[4] is zero
-            and (zero is None or identity[5] == zero._version))
+    return (identity[0] is weight and (identity[1] is None or identity[1] == weight._version)
+            and identity[2] is scale and (identity[3] is None or identity[3] == scale._version)
+            and identity[4] is zero and (identity[5] is None or identity[5] == zero._version))
 
 
 def cached_pack(module) -> Int4Pack | None:
