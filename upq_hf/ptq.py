@@ -449,8 +449,10 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
         activations_on_device: keep the two activation sets on ``device`` instead of the CPU.
         backend: forward backend of the resulting ``UPQLinear`` layers.
         keep_qat: leave the decoder blocks' layers as trained :class:`upq_hf.qat.QATLinear` (latent weights
-            and scales, same forward pass as the packed layers) instead of packing them: the start of a
-            QAT run that continues from where the reconstruction left its latent weights (UPQ's INT2 stage).
+            and scales, same forward pass as the packed layers) instead of packing them (the INT4 stage of
+            ``upq`` keeps them to start the INT2 stage from its latent weights). Not a good start for Distill-QAT
+            at the same bits: measured on the bundled model, the latent weights sit at the rounding boundaries
+            and 30 steps from them collapsed (top-1 0.03 against 0.37 from the packed grid, docs/BENCHMARKS.md).
         reference: a model with the same decoder blocks (e.g. the unquantized teacher) whose blocks give the
             targets, instead of this model's own blocks before quantization.
         loss: the reconstruction error, ``"mse"``, ``"token"`` or ``"channel"`` (:func:`reconstruction_loss`).
