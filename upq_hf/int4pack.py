@@ -36,8 +36,9 @@ a buffer: ``state_dict``/``save_pretrained`` never see it and ``.to()`` drops it
 the packed buffers are replaced or modified in place (their identity and version counters are
 checked on every call; buffers made under ``torch.inference_mode()`` have no version counter, so
 an in-place change to one is not seen: call :func:`drop_cache` after it) or move device. Cost in
-resident memory: 0.5 byte per weight for the 4-bit codes plus 4 bytes (bf16 scale and zero) per kernel group and output, on top of the stored buffers
-(INT2 g64: 0.5625 byte per weight, next to the 0.281 stored: 0.84 byte in all, 0.42x of bf16).
+resident memory: 0.5 byte per weight for the 4-bit codes plus 4 bytes (bf16 scale and zero) per kernel
+group and output, on top of the stored buffers (INT2 g64: 0.5625 byte per weight, next to the 0.281
+stored: 0.84 byte in all, 0.42x of bf16).
 """
 
 from __future__ import annotations
