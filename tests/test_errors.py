@@ -169,6 +169,19 @@ def module_bits_malformed(ctx):
     return ctx.cli_parse("quantize", ctx.tiny, "--module-bits", "k_proj", "--out", ctx.out())
 
 
+def mix_at_4_bits(ctx):
+    return quantize(ctx, "--bits", "4", "--mix", "kv-edge")
+
+
+def mix_without_its_layers(ctx):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                       bos_token_id=1))  # fused qkv_proj: no k_proj / v_proj to place
+    return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, mix="kv-edge")))
+
+
 def unknown_ptq_loss(ctx):
     return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--recipe", "ptq", "--ptq-loss", "l1", "--out", ctx.out())
 
@@ -426,6 +439,8 @@ CASES: dict[str, Case] = {
     "a `module_bits` width not 2 or 4": Case(python_error(lambda: UPQConfig(module_bits={"k_proj": 3}))),
     "a `module_bits` pattern that matches no layer": Case(pattern_matching_no_layer),
     "a `--module-bits` that is not PATTERN=BITS[:GROUP]": Case(module_bits_malformed, before_work=True),
+    "`--mix` with `--bits 4`": Case(mix_at_4_bits, before_work=True),
+    "a `mix` on a model whose layers it cannot place": Case(mix_without_its_layers),
     "an unknown PTQ loss": Case(unknown_ptq_loss, before_work=True),
     "a negative `--teacher-topk`": Case(negative_teacher_topk, before_work=True),
     "a `train_samples` that is not positive": Case(python_error(lambda: UPQConfig(train_samples=0))),

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import upq_hf  # noqa: F401  registers quant_method "upq"
 from upq_hf import UPQConfig, quantize_model
 from upq_hf.checkpoint import checkpoint_info
+from upq_hf.config import mix_module_bits
 from upq_hf.convert import upq_layers
 from upq_hf.packing import bits_per_weight
 
@@ -85,3 +86,67 @@ def test_mixed_recipe_ptq_trains_each_layer_in_its_format():
     model = tiny_llama(vocab_size=len(tokenizer))
     quantize_model(model, config, tokenizer=tokenizer, progress=False)
     assert sorted({(m.bits, m.group_size) for m in upq_layers(model).values()}) == [(2, 16), (4, None)]
+
+
+# ---------------------------------------------------------------------------------------------- named mixes
+def _llama_names(n_blocks: int) -> list[str]:
+    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return [f"model.layers.{i}.{kind}" for i in range(n_blocks) for kind in kinds]
+
+
+@pytest.mark.parametrize("n_blocks, edge", [(30, "0|1|2|28|29"), (16, "0|1|14|15"), (32, "0|1|2|3|29|30|31"),
+                                            (2, "0|1"), (1, "0")])
+def test_kv_edge_mix_counts_the_blocks(n_blocks, edge):
+    # 30 blocks (the bundled SmolLM2-135M): exactly the patterns of the measured 2.48-bit run in docs/BENCHMARKS.md
+    assert mix_module_bits("kv-edge", _llama_names(n_blocks)) == {
+        r"\.(k|v)_proj$": 4, rf"layers\.({edge})\.mlp\.down_proj$": 4}
+    config = UPQConfig(bits=2, group_size=64, mix="kv-edge")
+    formats = config.layer_formats(_llama_names(n_blocks))
+    downs = sorted(int(name.split(".")[2]) for name in formats if name.endswith("down_proj"))
+    assert downs == sorted(int(i) for i in edge.split("|"))
+    assert sum(name.endswith(("k_proj", "v_proj")) for name in formats) == 2 * n_blocks
+    assert set(formats.values()) == {(4, 64)}  # INT4 at int4_group_size
+
+
+def test_mix_patterns_come_after_the_given_ones_and_resolve_once():
+    config = UPQConfig(bits=2, group_size=64, mix="kv-edge", module_bits={r"\.v_proj$": 2})
+    names = _llama_names(30)
+    formats = config.layer_formats(names)
+    assert "model.layers.5.self_attn.v_proj" not in formats  # the given pattern wins: v_proj stays INT2
+    assert formats["model.layers.5.self_attn.k_proj"] == (4, 64)
+    resolved = dict(config.module_bits)
+    assert list(resolved)[0] == r"\.v_proj$"
+    assert UPQConfig(**config.to_dict()).layer_formats(names) == formats  # a reloaded config resolves the same
+    config.resolve_mix(names)
+    assert config.module_bits == resolved
+
+
+def test_mix_refuses_int4_unknown_names_and_layers_it_cannot_place():
+    with pytest.raises(ValueError, match="mix must be one of"):
+        UPQConfig(mix="q2k")
+    with pytest.raises(ValueError, match="needs bits=2"):
+        UPQConfig(bits=4, mix="kv-edge")
+    with pytest.raises(ValueError, match="give module_bits patterns"):
+        UPQConfig(mix="kv-edge").layer_formats(["transformer.h.0.attn.qkv", "transformer.h.0.mlp.fc_out"])
+
+
+def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, mix="kv-edge"))
+    expected = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"} | {
+        f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # 2 blocks: the first and the last
+    layers = upq_layers(model)
+    assert {name for name, m in layers.items() if m.bits == 4} == expected
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["mix"] == "kv-edge"
+    assert saved["module_bits"] == {r"\.(k|v)_proj$": 4, r"layers\.(0|1)\.mlp\.down_proj$": 4}
+    assert "Mixed-precision preset `kv-edge`" in (tmp_path / "README.md").read_text()  # the model card
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n: (m.bits, m.group_size) for n, m in upq_layers(reloaded).items()} == {
+        n: (m.bits, m.group_size) for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, logits)

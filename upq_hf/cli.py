@@ -88,7 +88,7 @@ def cmd_quantize(args) -> int:
                    ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
                    train_samples=args.train_samples, teacher_topk=args.teacher_topk,
                    mixed_precision=args.mixed_precision,
-                   module_bits=dict(args.module_bits) if args.module_bits else None)
+                   module_bits=dict(args.module_bits) if args.module_bits else None, mix=args.mix)
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
     source = _check_before_work(args, config)
     start = time.time()
@@ -229,7 +229,7 @@ def one_line(error: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .config import MIXED_PRECISIONS, PTQ_LOSSES, UPQConfig
+    from .config import MIXED_PRECISIONS, MIXES, PTQ_LOSSES, UPQConfig
     from .ptq import ALGORITHMS
 
     default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
                    help="mixed precision: layers whose name matches the regular expression PATTERN get BITS "
                         "(and GROUP); repeatable, the first match decides (e.g. --module-bits '(k|v)_proj=4')")
+    q.add_argument("--mix", default=None, choices=list(MIXES),
+                   help="a named mixed-precision preset (INT2 only): kv-edge keeps attention k/v and the first and "
+                        "last blocks' down_proj at INT4 (2.48 bits per weight on the bundled model); --module-bits "
+                        "patterns come before it")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--fidelity-prompts", type=int, default=16,
                    help="held-out prompts for the fidelity numbers in the model card (0: skip)")

@@ -20,6 +20,40 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32")
 PTQ_LOSSES = ("token", "mse", "channel")
 MIXED_PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = (None, *backends.BACKENDS)
+# Named mixes: module_bits patterns made from a model's own layer names (see mix_module_bits)
+MIXES = {
+    "kv-edge": "attention k_proj and v_proj at INT4 in every block, and the FFN down_proj at INT4 in the first "
+               "tenth and the last fifteenth of the blocks (at least one each: blocks 0-2 and 28-29 of 30)",
+}
+_BLOCK_INDEX = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.12.mlp.down_proj" -> ("model.layers", "12")
+
+
+def mix_module_bits(mix: str, names) -> dict[str, int]:
+    """The ``module_bits`` patterns of the named mix ``mix`` (a key of :data:`MIXES`) for a model whose
+    quantized layers are called ``names``: the blocks are counted from the names, so the same mix fits
+    any depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no numbered blocks,
+    no ``k_proj``/``v_proj``/``down_proj``)."""
+    if mix not in MIXES:
+        raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)}, got {mix!r}")
+    names = list(names)
+    blocks = {}
+    for name in names:
+        match = _BLOCK_INDEX.match(name)
+        if match:
+            blocks.setdefault(match.group(1), set()).add(int(match.group(2)))
+    kv = [n for n in names if re.search(r"\.(k|v)_proj$", n)]
+    down = [n for n in names if n.endswith(".mlp.down_proj")]
+    if not blocks or not kv or not down:
+        example = names[0] if names else "(none)"
+        raise ValueError(f"UPQConfig: mix {mix!r} places layers named like 'model.layers.N.self_attn.k_proj', "
+                         f"'...v_proj' and 'model.layers.N.mlp.down_proj', and this model's layers look like "
+                         f"{example!r}: give module_bits patterns for it instead")
+    container = _BLOCK_INDEX.match(down[0]).group(1)
+    n_blocks = max(blocks[container]) + 1
+    first, last = -(-n_blocks // 10), -(-n_blocks // 15)
+    edge = sorted(set(range(first)) | set(range(n_blocks - last, n_blocks)))
+    down_pattern = rf"{re.escape(container.rpartition('.')[2])}\.({'|'.join(map(str, edge))})\.mlp\.down_proj$"
+    return {r"\.(k|v)_proj$": 4, down_pattern: 4}
 
 
 class UPQConfig(QuantizationConfigMixin):
@@ -38,6 +72,9 @@ class UPQConfig(QuantizationConfigMixin):
         backend: force the forward path: ``"torch"`` (the reference: dequantize, then matmul),
             ``"triton"`` (the Triton kernels) or ``"cpu"`` (torch's INT4 CPU kernel). Default: Triton on
             CUDA, ``"cpu"`` on CPU where torch has the kernel, else ``"torch"`` (see upq_hf/backends.py).
+        mix: a named mixed-precision preset, resolved into ``module_bits`` patterns against the model's
+            layer names when it is quantized (``"kv-edge"``: k/v and the edge blocks' down_proj at INT4, see
+            :data:`MIXES`); patterns given in ``module_bits`` come first. INT2 only.
         module_bits: mixed precision, per-module overrides by name pattern: ``{pattern: bits}`` or
             ``{pattern: {"bits": b, "group_size": g}}``; a pattern is a regular expression searched in the
             layer's full name (``r"\.(k|v)_proj$"``, ``r"layers\.(0|29)\.mlp\.down_proj"``); the first
@@ -81,7 +118,7 @@ class UPQConfig(QuantizationConfigMixin):
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn",
                  scale_init: str = "mse", scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
-                 module_bits: dict[str, Any] | None = None,
+                 module_bits: dict[str, Any] | None = None, mix: str | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
                  nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 6,
                  ptq_batch_size: int = 8, ptq_loss: str = "token", ptq_holdout: float = 0.125,
@@ -103,6 +140,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
         self.module_bits = (dict(module_bits) if isinstance(module_bits, dict) else module_bits) or None
+        self.mix = mix
         self.format_version = format_version
         self.dataset = dataset
         self.self_prompts = self_prompts
@@ -185,6 +223,12 @@ class UPQConfig(QuantizationConfigMixin):
         if self.int2_scale_init not in SCALE_INITS:
             raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
         self._check_module_bits()
+        if self.mix is not None:
+            if self.mix not in MIXES:
+                raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)} or None, got {self.mix!r}")
+            if self.bits != 2:
+                raise ValueError(f"UPQConfig: mix {self.mix!r} keeps some INT2 layers at INT4 and needs bits=2, "
+                                 f"got bits={self.bits}")
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses UPQ storage format version {self.format_version!r}, but the installed "
@@ -234,12 +278,24 @@ class UPQConfig(QuantizationConfigMixin):
         """``{name: (bits, group_size)}`` for the layers among ``names`` that ``module_bits`` sets apart; raises
         if a pattern matches none of them (a typo would otherwise quantize everything at ``bits``)."""
         names = list(names)
+        self.resolve_mix(names)
         for pattern in self.module_bits or {}:
             if not any(re.search(pattern, name) for name in names):
                 example = names[0] if names else "(none)"
                 raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} matches none of the {len(names)} layers "
                                  f"to quantize (their names look like {example!r})")
         return {name: fmt for name in names if (fmt := self.layer_format(name)) != (self.bits, self.group_size)}
+
+    def resolve_mix(self, names) -> None:
+        """Add ``mix``'s patterns for the layers ``names`` to ``module_bits``, after the patterns given there
+        (which so take precedence). Idempotent: the saved config holds the resolved patterns and the mix's name,
+        and resolving again on reload adds nothing."""
+        if not self.mix:
+            return
+        given = dict(self.module_bits or {})
+        for pattern, bits in mix_module_bits(self.mix, names).items():
+            given.setdefault(pattern, bits)
+        self.module_bits = given
 
     @property
     def torch_scale_dtype(self):

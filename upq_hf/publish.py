@@ -172,6 +172,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if mixed:
         lines += ["", "## Formats", "", "| format | layers |", "|---|---|"]
         lines += [f"| {_format_name(b, g)} | {n} |" for b, g, n in formats]
+        if config.get("mix"):
+            lines += ["", f"Mixed-precision preset `{config['mix']}`, resolved into the overrides below."]
         if config.get("module_bits"):
             lines += ["", f"Per-module overrides (`module_bits`, first matching pattern wins): "
                           f"`{_yaml_value(config['module_bits'])}`."]

@@ -275,7 +275,7 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
         freeze_model(model, config.torch_scale_dtype, backend=config.backend)
         if config.int4_checkpoint:
             int4 = type(config)(**{**config.to_dict(), "bits": 4, "group_size": config.int4_group_size,
-                                   "recipe": "ptq", "module_bits": None})
+                                   "recipe": "ptq", "module_bits": None, "mix": None})
             save_int4(model, int4, config.int4_checkpoint, tokenizer)
             save_latents(config.int4_checkpoint, latents)
             _log(f"kept the INT4 model in {config.int4_checkpoint}")
@@ -303,7 +303,7 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
 
 def _layer_formats_of_upq(model: nn.Module, config) -> dict:
     """``module_bits`` resolved against the packed layers of ``model`` (the INT4 stage's)."""
-    return config.layer_formats(convert.upq_layers(model)) if config.module_bits else {}
+    return config.layer_formats(convert.upq_layers(model)) if config.module_bits or config.mix else {}
 
 
 def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbacks, objective: str) -> nn.Module:
