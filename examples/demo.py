@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
     parser.add_argument("--bits", type=int, default=defaults.bits)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--mix", default=None, help="a named mixed-precision preset, e.g. kv-edge (UPQConfig.mix)")
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -79,7 +80,7 @@ def main() -> int:
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
                        train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
                        seqlen=args.seqlen, self_prompts=args.self_prompts, ptq_epochs=args.ptq_epochs,
-                       int4_ptq_epochs=args.int4_ptq_epochs,
+                       int4_ptq_epochs=args.int4_ptq_epochs, mix=args.mix,
                        int4_checkpoint=f"{args.out}-int4" if args.recipe == "upq" else None)
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
@@ -125,6 +126,10 @@ def main() -> int:
     print(f"  unquantized: {teacher_answer}")
     print(f"  INT{args.bits}:        {student_answer or '(empty: the model ends its answer at once)'}")
     print()
+    if args.bits == 2 and not args.mix:
+        print("Uniform INT2 at this size keeps the answers' subject but loses the thread; for answers that stay on "
+              "topic keep k/v and the edge blocks' down_proj at INT4: `upq quantize --bits 2 --recipe upq --mix "
+              "kv-edge --out DIR` (2.48 bits per weight; 15 of 16 report answers on topic, docs/BENCHMARKS.md).")
     print(f"Saved to {args.out}; reload with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import upq_hf`.")
     return 0
 

@@ -131,7 +131,7 @@ def test_mix_refuses_int4_unknown_names_and_layers_it_cannot_place():
         UPQConfig(mix="kv-edge").layer_formats(["transformer.h.0.attn.qkv", "transformer.h.0.mlp.fc_out"])
 
 
-def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path):
+def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):
     model = tiny_llama()
     quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, mix="kv-edge"))
     expected = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"} | {
@@ -145,6 +145,10 @@ def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path):
     assert saved["mix"] == "kv-edge"
     assert saved["module_bits"] == {r"\.(k|v)_proj$": 4, r"layers\.(0|1)\.mlp\.down_proj$": 4}
     assert "Mixed-precision preset `kv-edge`" in (tmp_path / "README.md").read_text()  # the model card
+    from upq_hf import cli
+
+    assert cli.main(["info", str(tmp_path)]) == 0
+    assert "quantized layers      14  (mixed: 8 at INT2, 6 at INT4, preset kv-edge)" in capsys.readouterr().out
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert {n: (m.bits, m.group_size) for n, m in upq_layers(reloaded).items()} == {
         n: (m.bits, m.group_size) for n, m in layers.items()}

@@ -184,7 +184,8 @@ def cmd_info(args) -> int:
     for entry in info["layers"].values():
         by_bits[entry["bits"]] = by_bits.get(entry["bits"], 0) + 1
     mixed = ", ".join(f"{count} at INT{b}" for b, count in sorted(by_bits.items()))
-    print(f"  quantized layers      {len(info['layers'])}{f'  (mixed: {mixed})' if len(by_bits) > 1 else ''}")
+    preset = f", preset {q['mix']}" if q.get("mix") else ""
+    print(f"  quantized layers      {len(info['layers'])}{f'  (mixed: {mixed}{preset})' if len(by_bits) > 1 else ''}")
     print(f"  quantized weights     {info['quantized_weights']:,}")
     zeros = " + zeros" if 4 in by_bits else ""
     print(f"  bits per weight       {info['bits_per_weight']:.3f}  (average: codes + scales{zeros})")
