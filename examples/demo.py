@@ -127,9 +127,10 @@ def main() -> int:
     print(f"  INT{args.bits}:        {student_answer or '(empty: the model ends its answer at once)'}")
     print()
     if args.bits == 2 and not args.mix:
-        print("Uniform INT2 at this size keeps the answers' subject but loses the thread; for answers that stay on "
-              "topic keep k/v and the edge blocks' down_proj at INT4: `upq quantize --bits 2 --recipe upq --mix "
-              "kv-edge --out DIR` (2.48 bits per weight; 15 of 16 report answers on topic, docs/BENCHMARKS.md).")
+        print("Uniform INT2 at this size drifts off the prompt's subject in about half its answers; to stay on it more "
+              "often, keep k/v and the edge blocks' down_proj at INT4: `upq quantize --bits 2 --recipe upq --mix "
+              "kv-edge --out DIR` (2.48 bits per weight; 13-15 of 16 report answers on their subject against about 8, "
+              "docs/BENCHMARKS.md).")
     print(f"Saved to {args.out}; reload with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import upq_hf`.")
     return 0
 
