@@ -120,6 +120,9 @@ def test_mix_patterns_come_after_the_given_ones_and_resolve_once():
     assert UPQConfig(**config.to_dict()).layer_formats(names) == formats  # a reloaded config resolves the same
     config.resolve_mix(names)
     assert config.module_bits == resolved
+    # the same config object on a shallower model: its own edge blocks, none of the first model's left behind
+    assert config.layer_formats(_llama_names(16))["model.layers.14.mlp.down_proj"] == (4, 64)
+    assert config.module_bits == {r"\.v_proj$": 2, r"\.(k|v)_proj$": 4, r"layers\.(0|1|14|15)\.mlp\.down_proj$": 4}
 
 
 def test_mix_refuses_int4_unknown_names_and_layers_it_cannot_place():

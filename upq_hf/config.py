@@ -292,10 +292,13 @@ class UPQConfig(QuantizationConfigMixin):
         and resolving again on reload adds nothing."""
         if not self.mix:
             return
-        given = dict(self.module_bits or {})
-        for pattern, bits in mix_module_bits(self.mix, names).items():
-            given.setdefault(pattern, bits)
-        self.module_bits = given
+        # the patterns this config's last resolution added are dropped first, so that one config object can
+        # quantize models of different depths, each with its own edge blocks
+        added = self.__dict__.get("_mix_patterns", ())
+        given = {p: b for p, b in (self.module_bits or {}).items() if p not in added}
+        new = {p: b for p, b in mix_module_bits(self.mix, names).items() if p not in given}
+        self.module_bits = {**given, **new}
+        self._mix_patterns = tuple(new)
 
     @property
     def torch_scale_dtype(self):
