@@ -132,6 +132,8 @@ def test_mix_refuses_int4_unknown_names_and_layers_it_cannot_place():
         UPQConfig(bits=4, mix="kv-edge")
     with pytest.raises(ValueError, match="give module_bits patterns"):
         UPQConfig(mix="kv-edge").layer_formats(["transformer.h.0.attn.qkv", "transformer.h.0.mlp.fc_out"])
+    with pytest.raises(ValueError, match="give module_bits patterns"):  # a down_proj outside any numbered block
+        UPQConfig(mix="kv-edge").layer_formats(["model.layers.0.self_attn.k_proj", "extra.mlp.down_proj"])
 
 
 def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):

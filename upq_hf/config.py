@@ -31,25 +31,21 @@ _BLOCK_INDEX = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.12.mlp.down_proj"
 def mix_module_bits(mix: str, names) -> dict[str, int]:
     """The ``module_bits`` patterns of the named mix ``mix`` (a key of :data:`MIXES`) for a model whose
     quantized layers are called ``names``: the blocks are counted from the names, so the same mix fits
-    any depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no numbered blocks,
-    no ``k_proj``/``v_proj``/``down_proj``)."""
+    any depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no ``k_proj``/``v_proj``,
+    no ``mlp.down_proj`` inside a numbered block)."""
     if mix not in MIXES:
         raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)}, got {mix!r}")
     names = list(names)
-    blocks = {}
-    for name in names:
-        match = _BLOCK_INDEX.match(name)
-        if match:
-            blocks.setdefault(match.group(1), set()).add(int(match.group(2)))
     kv = [n for n in names if re.search(r"\.(k|v)_proj$", n)]
-    down = [n for n in names if n.endswith(".mlp.down_proj")]
-    if not blocks or not kv or not down:
+    down = [match for n in names if n.endswith(".mlp.down_proj") and (match := _BLOCK_INDEX.match(n))]
+    if not kv or not down:
         example = names[0] if names else "(none)"
         raise ValueError(f"UPQConfig: mix {mix!r} places layers named like 'model.layers.N.self_attn.k_proj', "
                          f"'...v_proj' and 'model.layers.N.mlp.down_proj', and this model's layers look like "
                          f"{example!r}: give module_bits patterns for it instead")
-    container = _BLOCK_INDEX.match(down[0]).group(1)
-    n_blocks = max(blocks[container]) + 1
+    container = down[0].group(1)
+    # counted over every layer of the container, so a block whose down_proj is left unquantized still counts
+    n_blocks = 1 + max(int(m.group(2)) for n in names if (m := _BLOCK_INDEX.match(n)) and m.group(1) == container)
     first, last = -(-n_blocks // 10), -(-n_blocks // 15)
     edge = sorted(set(range(first)) | set(range(n_blocks - last, n_blocks)))
     down_pattern = rf"{re.escape(container.rpartition('.')[2])}\.({'|'.join(map(str, edge))})\.mlp\.down_proj$"
@@ -285,6 +281,12 @@ class UPQConfig(QuantizationConfigMixin):
                 raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} matches none of the {len(names)} layers "
                                  f"to quantize (their names look like {example!r})")
         return {name: fmt for name in names if (fmt := self.layer_format(name)) != (self.bits, self.group_size)}
+
+    @property
+    def sets_layers_apart(self) -> bool:
+        """Whether some layers may take another format than ``bits``/``group_size`` (``module_bits`` or ``mix``):
+        when not, there is nothing to resolve against the model's layers."""
+        return bool(self.module_bits or self.mix)
 
     def resolve_mix(self, names) -> None:
         """Add ``mix``'s patterns for the layers ``names`` to ``module_bits``, after the patterns given there

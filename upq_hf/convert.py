@@ -55,7 +55,7 @@ def check_layers(layers: dict[str, nn.Module], group_size: int | None,
 def model_layer_formats(model: nn.Module, config) -> LayerFormats:
     """The mixed-precision layers of ``model`` under a ``UPQConfig`` (its ``module_bits`` patterns resolved
     against the layers it quantizes): ``{name: (bits, group_size)}``, empty when every layer takes the default."""
-    if not getattr(config, "module_bits", None) and not getattr(config, "mix", None):
+    if not config.sets_layers_apart:
         return {}
     return config.layer_formats(linear_layers(model, config.modules_to_not_convert))
 

@@ -303,7 +303,7 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
 
 def _layer_formats_of_upq(model: nn.Module, config) -> dict:
     """``module_bits`` resolved against the packed layers of ``model`` (the INT4 stage's)."""
-    return config.layer_formats(convert.upq_layers(model)) if config.module_bits or config.mix else {}
+    return config.layer_formats(convert.upq_layers(model)) if config.sets_layers_apart else {}
 
 
 def _qat_from_dense(model: nn.Module, config, tokenizer, progress: bool, callbacks, objective: str) -> nn.Module:
