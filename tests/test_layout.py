@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Run from the repository's root, where ``sys.path[0]`` is the checkout itself (as under ``python -m
 # pytest``): the folder ``kernels/`` is then reachable as a namespace package named ``kernels``.
 FROM_THE_ROOT = r"""
-import json, sys, warnings
+import importlib.metadata, json, sys, warnings
 warnings.simplefilter("error")  # a half-imported peft would warn (or fail) here
 import peft  # first: transformers probes for Hugging Face's `kernels` package while peft imports it
 import upq_hf
@@ -23,7 +23,12 @@ import upq_kernels
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 from transformers.utils.import_utils import is_kernels_available
+try:  # Hugging Face's `kernels` (a dependency of transformers >= 5.2x); absent from older installs
+    hf_kernels = str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+except importlib.metadata.PackageNotFoundError:
+    hf_kernels = None
 print(json.dumps({
+    "hf_kernels_file": hf_kernels,
     "kernels_file": getattr(kernels, "__file__", None),
     "kernels_names": sorted(n for n in vars(kernels) if not n.startswith("__")),
     "kernels_available": is_kernels_available(),
@@ -44,9 +49,18 @@ def from_the_root():
 def test_kernels_folder_is_a_source_root_not_a_package(from_the_root):
     assert not (ROOT / "kernels" / "__init__.py").exists()
     assert sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix == ".py") == []
-    # from the root, `kernels` is an empty namespace package: transformers reads it as "not installed"
-    assert from_the_root["kernels_file"] is None and from_the_root["kernels_names"] == []
-    assert from_the_root["kernels_available"] is False
+    hf_kernels = from_the_root["hf_kernels_file"]
+    if hf_kernels is None:
+        # no Hugging Face `kernels` installed: from the root, `kernels` is an empty namespace package, and
+        # transformers reads it as "not installed"
+        assert from_the_root["kernels_file"] is None and from_the_root["kernels_names"] == []
+        assert from_the_root["kernels_available"] is False
+    else:
+        # installed (transformers >= 5.2x requires it): the checkout's folder does not shadow it
+        assert Path(from_the_root["kernels_file"]).resolve() == Path(hf_kernels).resolve()
+        assert ROOT / "kernels" not in Path(from_the_root["kernels_file"]).resolve().parents
+        assert from_the_root["kernels_names"] != []
+        assert from_the_root["kernels_available"] is True
     assert Path(from_the_root["upq_kernels_file"]) == ROOT / "kernels" / "upq_kernels" / "__init__.py"
 
 
