@@ -4,18 +4,22 @@ against the reference ``torch`` backend (dequantize + matmul, the path before th
     python examples/bench_cpu.py [--threads 2] [--tokens 64] [--runs 5] [--json out.json]
                                  [--parts decode,layer,prefill,crossover,profile,floor]
 
+The quantized rows run on each CPU backend this machine has: ``cpu`` (torch's INT4 kernel) and ``avx2``
+(upq_hf's own kernel, upq_hf/csrc/upq_cpu.c), and on the automatic choice (``upq_hf.backends.cpu_backend``:
+what a user gets without setting a backend).
+
 * decode: greedy decoding of ``--tokens`` new tokens (``min_new_tokens`` = ``max_new_tokens``, so every
   model writes the same number) after a chat prompt, with the bundled SmolLM2-135M-Instruct: dense fp32,
   dense bf16, INT2 g64 and INT4 g64 (round to nearest: decode speed does not depend on how the codes were
   found) in bf16 and in fp32 (the rest of each model in the same dtype as the dense model it is compared
-  with), and INT2 g64 on the reference backend. Tokens/s = new tokens / wall time of ``generate``
+  with) on each CPU backend, and INT2 g64 on the reference backend. Tokens/s = new tokens / wall time of ``generate``
   (prefill of the short prompt included); the models run in turn, one generation each per round, for
   ``--runs`` rounds after a warm-up round (so that load from other processes falls on all alike): median and
   best run.
 * layer: a 4096 x 4096 layer, group 64, M = 1 and 8: ``F.linear`` on the bf16 weight against the
-  ``UPQLinear`` forward (INT2 and INT4) on the ``cpu`` backend, and the reference backend at M = 1.
+  ``UPQLinear`` forward (INT2 and INT4) on each CPU backend, and the reference backend at M = 1.
 * prefill: one forward of a 512-token prompt through the bundled INT2 g64 model (bf16 and fp32):
-  ``cpu`` backend (which hands calls of more than ``int4pack.MAX_ROWS`` rows to the reference path),
+  each CPU backend (which hand calls of more than their ``MAX_ROWS`` rows to the reference path),
   reference backend, dense model.
 * crossover: kernel against dequantize + matmul per layer shape and row count (where ``MAX_ROWS`` comes from).
 * profile (not in the default parts): where decode time goes, per op, dense bf16 against INT2.
@@ -37,6 +41,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+# the backends timed: torch's INT4 kernel ("cpu") and upq_hf's own AVX2 kernel ("avx2"), where each runs here
+CPU_BACKENDS = tuple(name for name, ok in (("cpu", "int4pack"), ("avx2", "avx2"))
+                     if __import__(f"upq_hf.{ok}", fromlist=["available"]).available())
 
 
 def median_ms(fn, runs: int, warmup: int = 1) -> float:
@@ -109,9 +118,11 @@ def part_decode(args, dense, tokenizer) -> list[dict]:
 
     ids, settings = decode_prompt(tokenizer, args.tokens)
     models = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16)}
-    for bits in (2, 4):
-        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-            models[f"INT{bits} g64 {name}, cpu backend"] = quantized(dense, bits, dtype, "cpu")
+    for backend in CPU_BACKENDS + ("automatic",):
+        for bits in (2, 4):
+            for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                models[f"INT{bits} g64 {name}, {backend} backend"] = quantized(
+                    dense, bits, dtype, None if backend == "automatic" else backend)
     repack = {}
     for name, model in models.items():
         start = time.perf_counter()
@@ -202,8 +213,8 @@ def part_floor(args, dense, tokenizer) -> list[dict]:
     for name, module in list(floor.named_modules()):
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
             replace_module(floor, name, _FreeLinear(module.out_features))
-    models = {"dense bf16": bf16, "INT2 g64 bf16, cpu backend": quantized(dense, 2, torch.bfloat16, "cpu"),
-              "dense bf16, decoder linears free": floor}
+    models = {"dense bf16": bf16, **{f"INT2 g64 bf16, {b} backend": quantized(dense, 2, torch.bfloat16, b)
+                                     for b in CPU_BACKENDS}, "dense bf16, decoder linears free": floor}
     with torch.no_grad():
         timings = interleaved_ms({name: (lambda m=m: m.generate(ids, **settings)) for name, m in models.items()},
                                  args.runs)
@@ -226,26 +237,30 @@ def part_layer(args) -> list[dict]:
     K = N = 4096
     linear = nn.Linear(K, N, bias=False)
     dense = linear.weight.detach().to(torch.bfloat16)
-    layers = {bits: UPQLinear.from_linear(linear, bits, 64, scale_init="max", backend="cpu") for bits in (2, 4)}
+    layers = {(bits, backend): UPQLinear.from_linear(linear, bits, 64, scale_init="max", backend=backend)
+              for backend in CPU_BACKENDS for bits in (2, 4)}
     reference = UPQLinear.from_linear(linear, 2, 64, scale_init="max", backend="torch")
     rows = []
     with torch.no_grad():
         for M in (1, 8):
             x = torch.randn(M, K, dtype=torch.bfloat16)
-            t = interleaved_ms({"dense": lambda: F.linear(x, dense), "int2": lambda: layers[2](x),
-                                "int4": lambda: layers[4](x)}, 30 * args.runs, warmup=5)
+            calls = {"dense": lambda: F.linear(x, dense)}
+            calls.update({f"int{bits}_{backend}": (lambda m=m: m(x)) for (bits, backend), m in layers.items()})
+            t = interleaved_ms(calls, 30 * args.runs, warmup=5)
             row = dict(M=M, dense_bf16_ms=t["dense"][0], best_dense_bf16_ms=t["dense"][1])
-            for bits in (2, 4):
-                row[f"int{bits}_cpu_ms"], row[f"best_int{bits}_cpu_ms"] = t[f"int{bits}"]
-                row[f"int{bits}_speedup"] = row["dense_bf16_ms"] / row[f"int{bits}_cpu_ms"]
-                row[f"best_int{bits}_speedup"] = row["best_dense_bf16_ms"] / row[f"best_int{bits}_cpu_ms"]
+            for name in calls:
+                if name == "dense":
+                    continue
+                row[f"{name}_ms"], row[f"best_{name}_ms"] = t[name]
+                row[f"{name}_speedup"] = row["dense_bf16_ms"] / row[f"{name}_ms"]
+                row[f"best_{name}_speedup"] = row["best_dense_bf16_ms"] / row[f"best_{name}_ms"]
             if M == 1:
                 row["int2_torch_ms"] = median_ms(lambda: reference(x), 3)
             rows.append(row)
-            print(f"  M={M}: dense bf16 {row['dense_bf16_ms']:.2f} ms, INT2 cpu {row['int2_cpu_ms']:.2f} ms "
-                  f"(x{row['int2_speedup']:.2f}; best runs x{row['best_int2_speedup']:.2f}), INT4 cpu "
-                  f"{row['int4_cpu_ms']:.2f} ms (x{row['int4_speedup']:.2f}; best x{row['best_int4_speedup']:.2f})"
-                  + (f", INT2 torch {row['int2_torch_ms']:.1f} ms" if "int2_torch_ms" in row else ""), flush=True)
+            print(f"  M={M}: dense bf16 {row['dense_bf16_ms']:.2f} ms, " + ", ".join(
+                f"{name} {row[f'{name}_ms']:.2f} ms (x{row[f'{name}_speedup']:.2f}; best x{row[f'best_{name}_speedup']:.2f})"
+                for name in calls if name != "dense")
+                + (f", INT2 torch {row['int2_torch_ms']:.1f} ms" if "int2_torch_ms" in row else ""), flush=True)
     return rows
 
 
@@ -254,44 +269,52 @@ def part_prefill(args, dense, tokenizer) -> list[dict]:
     ids = torch.randint(0, dense.config.vocab_size, (1, 512))
     rows = []
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        cpu_model = quantized(dense, 2, dtype, "cpu")
-        torch_model = quantized(dense, 2, dtype, "torch")
-        dense_model = copy.deepcopy(dense).to(dtype)
+        models = {backend: quantized(dense, 2, dtype, backend) for backend in ("torch",) + CPU_BACKENDS}
+        models["dense"] = copy.deepcopy(dense).to(dtype)
         with torch.no_grad():
-            t = interleaved_ms({"cpu": lambda: cpu_model(ids), "torch": lambda: torch_model(ids),
-                                "dense": lambda: dense_model(ids)}, args.runs)
-        row = dict(dtype=name, cpu_ms=t["cpu"][0], torch_ms=t["torch"][0], dense_ms=t["dense"][0],
-                   best_cpu_ms=t["cpu"][1], best_torch_ms=t["torch"][1], best_dense_ms=t["dense"][1])
-        row["cpu_vs_torch"] = row["torch_ms"] / row["cpu_ms"]
-        row["best_cpu_vs_torch"] = row["best_torch_ms"] / row["best_cpu_ms"]
+            t = interleaved_ms({key: (lambda m=m: m(ids)) for key, m in models.items()}, args.runs)
+        row = dict(dtype=name)
+        for key, (median, best) in t.items():
+            row[f"{key}_ms"], row[f"best_{key}_ms"] = median, best
+        for backend in CPU_BACKENDS:
+            row[f"{backend}_vs_torch"] = row["torch_ms"] / row[f"{backend}_ms"]
+            row[f"best_{backend}_vs_torch"] = row["best_torch_ms"] / row[f"best_{backend}_ms"]
         rows.append(row)
-        print(f"  {name}: cpu backend {row['cpu_ms']:.0f} ms, torch backend {row['torch_ms']:.0f} ms "
-              f"(x{row['cpu_vs_torch']:.2f}; best runs x{row['best_cpu_vs_torch']:.2f}), dense {row['dense_ms']:.0f} ms",
-              flush=True)
-        del cpu_model, torch_model, dense_model
+        print(f"  {name}: torch backend {row['torch_ms']:.0f} ms, " + ", ".join(
+            f"{b} backend {row[f'{b}_ms']:.0f} ms (x{row[f'{b}_vs_torch']:.2f}; best runs x{row[f'best_{b}_vs_torch']:.2f})"
+            for b in CPU_BACKENDS) + f", dense {row['dense_ms']:.0f} ms", flush=True)
+        del models
     return rows
 
 
 def part_crossover(args) -> list[dict]:
     from torch import nn
 
-    from upq_hf import UPQLinear, int4pack
+    from upq_hf import UPQLinear, avx2, int4pack
     from upq_hf.backends import torch_linear
 
     rows = []
     with torch.no_grad():
         for K, N in ((576, 576), (576, 1536), (1536, 576), (4096, 4096)):
             layer = UPQLinear.from_linear(nn.Linear(K, N, bias=False), 2, 64, scale_init="max")
-            layer.backend = "cpu"
-            pack = int4pack.cached_pack(layer)
-            for M in (32, 64, 128, 256, 512):
+            pack = int4pack.cached_pack(layer) if "cpu" in CPU_BACKENDS else None
+            compiled = avx2.kernel()
+            for M in (8, 16, 32, 64, 128, 256, 512):
                 x = torch.randn(M, K, dtype=torch.bfloat16)
                 runs = args.runs if K * N < 4096 * 4096 else 2
-                kernel_ms = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x, pack.packed, pack.group_size, pack.scales_and_zeros), runs)
-                reference_ms = median_ms(lambda: torch_linear(x, layer), runs)
-                rows.append(dict(K=K, N=N, M=M, kernel_ms=kernel_ms, reference_ms=reference_ms))
-                print(f"  {K}x{N} M={M}: kernel {kernel_ms:.2f} ms, dequantize + matmul {reference_ms:.2f} ms", flush=True)
+                row = dict(K=K, N=N, M=M, reference_ms=median_ms(lambda: torch_linear(x, layer), runs))
+                if pack is not None:
+                    row["kernel_ms"] = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x, pack.packed, pack.group_size, pack.scales_and_zeros), runs)
+                if compiled is not None:
+                    y = torch.empty(M, N, dtype=x.dtype)
+                    row["avx2_ms"] = median_ms(lambda: compiled.linear(
+                        x.data_ptr(), 1, M, K, layer.weight.data_ptr(), N, 2, 64, layer.weight_scale.data_ptr(), None,
+                        2, None, 0, y.data_ptr(), 1, torch.get_num_threads()), runs)
+                rows.append(row)
+                print(f"  {K}x{N} M={M}: dequantize + matmul {row['reference_ms']:.2f} ms"
+                      + "".join(f", {key[:-3]} {row[key]:.2f} ms" for key in ("kernel_ms", "avx2_ms") if key in row),
+                      flush=True)
     return rows
 
 
@@ -307,24 +330,25 @@ def markdown(report: dict) -> str:
                   f"{r['vs_dense_fp32']:.2f}x ({r['best_vs_dense_fp32']:.2f}x) |" for r in report["decode"]]
         lines.append("")
     if "layer" in report:
+        names = [f"int{bits}_{backend}" for backend in CPU_BACKENDS for bits in (2, 4)]
         lines += ["Layer 4096 x 4096, group 64, bf16 activations, `UPQLinear` forward (ms per call, median of interleaved "
-                  "calls; best call in brackets):", "",
-                  "| M | dense bf16 | INT2 cpu | speed-up | INT4 cpu | speed-up | INT2 torch (reference) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['M']} | {r['dense_bf16_ms']:.2f} ({r['best_dense_bf16_ms']:.2f}) | {r['int2_cpu_ms']:.2f} "
-                  f"({r['best_int2_cpu_ms']:.2f}) | {r['int2_speedup']:.2f}x ({r['best_int2_speedup']:.2f}x) | "
-                  f"{r['int4_cpu_ms']:.2f} ({r['best_int4_cpu_ms']:.2f}) | {r['int4_speedup']:.2f}x "
-                  f"({r['best_int4_speedup']:.2f}x) | "
-                  + (f"{r['int2_torch_ms']:.1f} |" if "int2_torch_ms" in r else "- |") for r in report["layer"]]
+                  "calls; best call in brackets; speed-up over dense bf16):", "",
+                  "| M | dense bf16 | " + " | ".join(f"{n.replace('_', ' ').upper()} | speed-up" for n in names)
+                  + " | INT2 torch (reference) |", "|---:|---:|" + "---:|---:|" * len(names) + "---:|"]
+        lines += [f"| {r['M']} | {r['dense_bf16_ms']:.2f} ({r['best_dense_bf16_ms']:.2f}) | " + " | ".join(
+            f"{r[f'{n}_ms']:.2f} ({r[f'best_{n}_ms']:.2f}) | {r[f'{n}_speedup']:.2f}x ({r[f'best_{n}_speedup']:.2f}x)"
+            for n in names) + " | " + (f"{r['int2_torch_ms']:.1f} |" if "int2_torch_ms" in r else "- |")
+            for r in report["layer"]]
         lines.append("")
     if "prefill" in report:
         lines += ["Prefill, 512-token prompt, bundled INT2 g64 model (ms per forward, median of interleaved runs; best "
                   "in brackets):", "",
-                  "| model dtype | cpu backend | torch backend (today's path) | cpu vs torch | dense |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['dtype']} | {r['cpu_ms']:.0f} ({r['best_cpu_ms']:.0f}) | {r['torch_ms']:.0f} ({r['best_torch_ms']:.0f}) "
-                  f"| {r['cpu_vs_torch']:.2f}x ({r['best_cpu_vs_torch']:.2f}x) | {r['dense_ms']:.0f} ({r['best_dense_ms']:.0f}) |"
-                  for r in report["prefill"]]
+                  "| model dtype | torch backend (reference) | " + " | ".join(
+                      f"{b} backend | {b} vs torch" for b in CPU_BACKENDS) + " | dense |",
+                  "|---|---:|" + "---:|---:|" * len(CPU_BACKENDS) + "---:|"]
+        lines += [f"| {r['dtype']} | {r['torch_ms']:.0f} ({r['best_torch_ms']:.0f}) | " + " | ".join(
+            f"{r[f'{b}_ms']:.0f} ({r[f'best_{b}_ms']:.0f}) | {r[f'{b}_vs_torch']:.2f}x ({r[f'best_{b}_vs_torch']:.2f}x)"
+            for b in CPU_BACKENDS) + f" | {r['dense_ms']:.0f} ({r['best_dense_ms']:.0f}) |" for r in report["prefill"]]
         lines.append("")
     if "floor" in report:
         lines += ["Decode floor, bundled model, bf16 (ms per token, median of interleaved runs):", "",
@@ -333,9 +357,10 @@ def markdown(report: dict) -> str:
                   for r in report["floor"]]
         lines.append("")
     if "crossover" in report:
-        lines += ["Kernel against dequantize + matmul, bf16, INT2 g64 (ms per call):", "",
-                  "| K x N | M | kernel | dequantize + matmul |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel_ms']:.2f} | {r['reference_ms']:.2f} |"
+        lines += ["Kernels against dequantize + matmul, bf16, INT2 g64 (ms per call; `cpu` = torch's INT4 kernel):", "",
+                  "| K x N | M | dequantize + matmul | cpu kernel | avx2 kernel |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['reference_ms']:.2f} | "
+                  + " | ".join(f"{r[key]:.2f}" if key in r else "-" for key in ("kernel_ms", "avx2_ms")) + " |"
                   for r in report["crossover"]]
     return "\n".join(lines)
 

@@ -226,9 +226,12 @@ def test_cpu_backend_on_another_device_is_an_error():
 # ----------------------------------------------------------------------------------------------
 
 def test_backend_choice_and_forcing(monkeypatch):
+    from upq_hf import backends
+
     monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)  # the machine where calls of rows go here
     x = torch.randn(2, 128)
-    assert resolve_backend(x, None) == "cpu"  # CPU tensors, kernel available
+    assert resolve_backend(x, None) == "cpu"  # CPU tensors of more than AVX2_FIRST_ROWS rows, kernel available
     assert resolve_backend(x, "torch") == "torch"
     module = layer(4, 32, 128, 32)
     calls = []

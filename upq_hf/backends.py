@@ -1,14 +1,21 @@
-"""Where a ``UPQLinear`` forward runs: the pure-torch reference, the Triton kernels, or torch's INT4 CPU kernel.
+"""Where a ``UPQLinear`` forward runs: the pure-torch reference, the Triton kernels, torch's INT4 CPU kernel,
+or upq_hf's own AVX2 CPU kernel.
 
-The choice is made here and nowhere else: ``UPQLinear.backend`` (set from
-``UPQConfig(backend=...)``), else the ``UPQ_BACKEND`` environment variable (``torch``, ``triton``
-or ``cpu``), else Triton on CUDA tensors when Triton imports, ``cpu`` on CPU tensors when this
-torch has the kernel (:func:`upq_hf.int4pack.available`), and ``torch`` everywhere else.
+The choice is made here and nowhere else: ``UPQLinear.backend`` (set from ``UPQConfig(backend=...)``), else the
+``UPQ_BACKEND`` environment variable (``torch``, ``triton``, ``cpu`` or ``avx2``), else automatically:
+
+* CUDA tensors: Triton when it imports, else the reference;
+* CPU tensors (:func:`cpu_backend`): ``avx2`` for calls of up to :data:`AVX2_FIRST_ROWS` rows (a decode step),
+  then, where the CPU multiplies bf16 natively (AVX512-BF16, AMX) and torch has its INT4 kernel, ``cpu`` for
+  more rows (there torch's kernel, on bf16 units, beats fp32 FMAs); elsewhere ``avx2`` for every call it takes;
+  and ``torch`` where neither kernel exists. Each kernel hands the calls it does not take (too many rows, a
+  gradient, ``torch.compile``) to the reference path. The thresholds are measured (docs/BENCHMARKS.md).
 
 * ``torch``: the reference. Dequantize into a temporary in the activation dtype, then ``F.linear``.
 * ``triton``: the fused kernels of ``upq_kernels`` (CUDA, or the Triton interpreter).
 * ``cpu``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a repacked copy of the weight made once
   per layer (see :mod:`upq_hf.int4pack` for the mapping, its rounding and what it falls back on).
+* ``avx2``: ``upq_hf/csrc/upq_cpu.c`` on the stored buffers, compiled once per machine (:mod:`upq_hf.avx2`).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import int4pack
+from . import avx2, int4pack
+from .machine import cpu_has_fast_bf16
 
-BACKENDS = ("torch", "triton", "cpu")
+BACKENDS = ("torch", "triton", "cpu", "avx2")
 ENV = "UPQ_BACKEND"
 
 
@@ -32,9 +40,24 @@ def resolve_backend(x: torch.Tensor, requested: str | None) -> str:
         return choice
     if x.is_cuda and triton_available():
         return "triton"
-    if x.is_cpu and cpu_kernel_available():
-        return "cpu"
+    if x.is_cpu:
+        return cpu_backend(x)
     return "torch"
+
+
+# Calls of up to this many rows go to the avx2 kernel even where torch's INT4 kernel has bf16 units to run on
+# (measured on an AVX512-BF16 EPYC: docs/BENCHMARKS.md, "upq_hf's own CPU kernel")
+AVX2_FIRST_ROWS = 1
+
+
+def cpu_backend(x: torch.Tensor) -> str:
+    """The automatic choice for a call on CPU tensors (see the module docstring)."""
+    if avx2.available():
+        if not cpu_has_fast_bf16() or not cpu_kernel_available():
+            return "avx2"
+        rows = x.numel() // x.shape[-1] if x.dim() else 1
+        return "avx2" if rows <= AVX2_FIRST_ROWS else "cpu"
+    return "cpu" if cpu_kernel_available() else "torch"
 
 
 def triton_available() -> bool:
@@ -63,6 +86,10 @@ def linear_forward(x: torch.Tensor, module) -> torch.Tensor:
         return upq_linear(x, module)
     if backend == "cpu":
         y = int4pack.linear(x, module)
+        if y is not None:
+            return y
+    elif backend == "avx2":
+        y = avx2.linear(x, module)
         if y is not None:
             return y
     return torch_linear(x, module)

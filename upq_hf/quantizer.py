@@ -45,6 +45,10 @@ class UPQHfQuantizer(HfQuantizer):
 
             if not triton_available():
                 raise ImportError("UPQConfig(backend='triton') needs Triton (pip install triton)")
+        elif self.quantization_config.backend == "avx2":
+            from .models import check_backend
+
+            check_backend("avx2", "UPQConfig(backend='avx2')", "use backend='cpu' or 'torch'")
         if self.quantization_config.backend == "cpu":
             from .backends import cpu_kernel_available
 

@@ -1,0 +1,263 @@
+"""The ``"avx2"`` backend (upq_hf's own CPU kernel, upq_hf/csrc/upq_cpu.c via upq_hf/avx2.py).
+
+Tolerance, derived. Per group the kernel computes ``s * (C - z X)`` with ``C = sum_k c_k x_k`` and
+``X = sum_k x_k`` summed in fp32 (unit roundoff u = 2**-24) from activations widened exactly, then adds the
+groups and the bias in fp32 and rounds the result once to the output dtype (unit roundoff u_y). With
+``S = sum_g |s| (sum_k |c_k x_k| + |z| sum_k |x_k|)`` (every term any of those sums adds, in magnitude), each
+fp32 sum of n terms errs by at most n u times the sum of its terms' magnitudes, and no sum here has more
+than ``K + G + 2`` terms, so ``|y - exact| <= (K + G + 2) u S + u_y |exact|`` to first order; the factor
+(1 + 8 u) covers the rest. "exact" is the product with the dequantized weight in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from upq_hf import UPQConfig, UPQLinear, avx2, formats
+from upq_hf.backends import resolve_backend, torch_linear
+
+U32 = 2.0 ** -24
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def test_the_kernel_builds_on_this_machine():
+    # CI and the development machines are x86-64 Linux with AVX2 and gcc: the backend must be there
+    assert avx2.available(), avx2.unavailable_reason()
+    assert avx2.unavailable_reason() is None
+    assert avx2.kernel().path.is_file() and avx2.kernel().path.parent.name == "kernels"
+
+
+def layer(bits, group_size, in_features, out_features, bias=True, seed=0, scale_dtype=torch.float16):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(out_features, 1) * 4 + 0.1)  # rows of different magnitudes
+        if bias:
+            linear.bias.normal_()
+    return UPQLinear.from_linear(linear, bits, group_size, scale_init="mse", scale_dtype=scale_dtype)
+
+
+def exact_and_bound(module: UPQLinear, x: torch.Tensor, out_dtype: torch.dtype):
+    """float64 product with the dequantized weight, and the bound of the module docstring, per output."""
+    qw = module.quantized_weight()
+    k = module.in_features
+    group = module.group_size or k
+    xd = x.double().reshape(-1, k)
+    w = module.dequantize(torch.float64)
+    exact = xd @ w.t()
+    if module.bias is not None:
+        exact = exact + module.bias.double()
+    codes = qw.codes.double()  # (N, K)
+    scale = formats._expand(qw.scale.double().abs(), module.group_size, k)  # (N, K)
+    zero = 1.5 if module.bits == 2 else formats._expand(qw.zero.double().abs(), module.group_size, k)
+    magnitude = xd.abs() @ (scale * codes).t() + xd.abs() @ (scale * zero).t() if module.bits == 4 else \
+        xd.abs() @ (scale * codes).t() + 1.5 * (xd.abs() @ scale.t())
+    if module.bias is not None:
+        magnitude = magnitude + module.bias.double().abs()
+    n_terms = k + k // group + 2
+    bound = (n_terms * U32 * magnitude + UNIT_ROUNDOFF[out_dtype] * exact.abs()) * (1 + 8 * U32)
+    shape = (*x.shape[:-1], module.out_features)
+    return exact.reshape(shape), bound.reshape(shape)
+
+
+def run(module, x, backend):
+    module.backend = backend
+    with torch.no_grad():
+        return module(x)
+
+
+CASES = [
+    # bits, group_size, in_features, out_features
+    (2, 64, 576, 192),    # the bundled model's k/v projections
+    (2, 64, 1536, 576),   # its down_proj
+    (2, 32, 256, 200),    # out features not a multiple of 32: a scalar tail of 8
+    (2, 16, 96, 37),      # the smallest INT2 group, out features not a multiple of 8
+    (2, None, 1000, 45),  # one scale per row, K not a multiple of 16: a padded word
+    (2, None, 90, 33),
+    (4, 64, 576, 192),
+    (4, 8, 64, 40),       # the smallest INT4 group
+    (4, 128, 512, 96),
+    (4, None, 1000, 45),  # K not a multiple of 8
+]
+
+
+@pytest.mark.parametrize("bits,group_size,in_features,out_features", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_the_exact_product_within_the_derived_bound(bits, group_size, in_features, out_features, dtype):
+    module = layer(bits, group_size, in_features, out_features)
+    module.to(dtype)  # bias in the activation dtype, scales stay float16
+    for rows in (1, 2, 3, 8, avx2.MAX_ROWS):
+        x = torch.randn(rows, in_features).to(dtype)
+        y = run(module, x, "avx2")
+        assert y.dtype == dtype and y.shape == (rows, out_features)
+        exact, bound = exact_and_bound(module, x, dtype)
+        excess = (y.double() - exact).abs() - bound
+        assert excess.max() <= 0, f"rows={rows}: {excess.max():.3g} over the bound"
+
+
+def test_closer_to_the_exact_product_than_the_reference_path():
+    """The reference path rounds the dequantized weight to bf16 before its matmul; the kernel does not."""
+    module = layer(2, 64, 1536, 576)
+    module.to(torch.bfloat16)
+    x = torch.randn(4, 1536, dtype=torch.bfloat16)
+    exact, _ = exact_and_bound(module, x, torch.bfloat16)
+    kernel_error = (run(module, x, "avx2").double() - exact).abs().mean()
+    reference_error = (run(module, x, "torch").double() - exact).abs().mean()
+    assert kernel_error < reference_error
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_and_fp32_scales(scale_dtype):
+    for bits in (2, 4):
+        module = layer(bits, 64, 256, 64, scale_dtype=scale_dtype)
+        x = torch.randn(3, 256)
+        exact, bound = exact_and_bound(module, x, torch.float32)
+        assert ((run(module, x, "avx2").double() - exact).abs() <= bound).all()
+
+
+def test_three_dimensional_and_non_contiguous_inputs():
+    module = layer(2, 64, 128, 64)
+    x = torch.randn(2, 3, 256)[..., ::2]  # (2, 3, 128), not contiguous
+    y = run(module, x, "avx2")
+    assert y.shape == (2, 3, 64)
+    assert torch.equal(y, run(module, x.contiguous(), "avx2"))
+    exact, bound = exact_and_bound(module, x.contiguous(), torch.float32)
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_the_layer_keeps_nothing_beside_its_buffers():
+    module = layer(2, 64, 128, 64)
+    before = dict(module.__dict__)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    run(module, torch.randn(2, 128), "avx2")
+    assert module.__dict__.keys() == before.keys()
+    after = module.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
+    module = layer(2, 64, 128, 32)
+    calls = []
+    compiled = avx2.kernel()
+
+    class Spy:
+        path = compiled.path
+
+        def linear(self, *args):
+            calls.append(args[2])  # rows
+            return compiled.linear(*args)
+
+    monkeypatch.setattr(avx2, "kernel", lambda: Spy())
+    x = torch.randn(avx2.MAX_ROWS + 1, 128)
+    assert torch.equal(run(module, x, "avx2"), run(module, x, "torch"))
+    assert calls == []
+    run(module, x[:avx2.MAX_ROWS], "avx2")
+    assert calls == [avx2.MAX_ROWS]
+    # a gradient for x: no backward through the kernel, the reference path runs and gives the exact gradient
+    module.backend = "avx2"
+    xg = torch.randn(4, 128, requires_grad=True)
+    module(xg).square().sum().backward()
+    module.backend = "torch"
+    xr = xg.detach().clone().requires_grad_(True)
+    module(xr).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
+    # only the bias needing a gradient: the kernel runs, and torch adds the bias, so its gradient arrives
+    module.backend = "avx2"
+    module.bias.grad = None
+    module(torch.randn(4, 128)).sum().backward()
+    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 8), (4, 4)])
+def test_a_group_that_splits_a_word_takes_the_reference_path(bits, group_size):
+    module = layer(bits, group_size, 64, 40)
+    assert not avx2.supports(module)
+    x = torch.randn(3, 64)
+    assert torch.equal(run(module, x, "avx2"), run(module, x, "torch"))
+    assert avx2.supports(layer(bits, 2 * 32 // bits, 64, 40))  # whole words per group: taken
+
+
+def test_avx2_backend_on_another_device_is_an_error():
+    module = layer(2, 64, 128, 32)
+    module.backend = "avx2"
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        module(torch.randn(2, 128, device="meta"))
+
+
+def test_forcing_the_backend(monkeypatch):
+    monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    x = torch.randn(2, 128)
+    assert resolve_backend(x, "avx2") == "avx2"
+    monkeypatch.setenv("UPQ_BACKEND", "avx2")
+    assert resolve_backend(x, None) == "avx2"
+    assert resolve_backend(x, "torch") == "torch"  # the module's own choice wins over the variable
+    assert UPQConfig(backend="avx2").backend == "avx2"
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_the_automatic_choice_on_the_cpu(monkeypatch, fast_bf16):
+    from upq_hf import backends, int4pack
+
+    monkeypatch.delenv("UPQ_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: fast_bf16)
+    one, few = torch.randn(1, 1, 128), torch.randn(1, backends.AVX2_FIRST_ROWS + 1, 128)
+    assert resolve_backend(one, None) == "avx2"  # a decode step
+    expected = "cpu" if fast_bf16 and int4pack.available() else "avx2"
+    assert resolve_backend(few, None) == expected
+    module = layer(2, 64, 128, 32)
+    module.backend = None
+    with torch.no_grad():
+        exact, bound = exact_and_bound(module, one, torch.float32)
+        assert ((module(one).double() - exact).abs() <= bound).all()
+    monkeypatch.setattr(avx2, "available", lambda: False)  # no kernel of ours: torch's, else the reference
+    assert resolve_backend(one, None) == ("cpu" if int4pack.available() else "torch")
+
+
+def test_no_compiler_means_no_backend_and_a_working_fallback(monkeypatch, tmp_path):
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("UPQ_CACHE", str(tmp_path))  # nothing compiled there yet
+            patch.setenv("CC", str(tmp_path / "no-such-compiler"))
+            avx2._load.cache_clear()
+            assert not avx2.available()
+            assert "could not build" in avx2.unavailable_reason()
+            assert list(tmp_path.rglob("*.so")) == [] and list(tmp_path.rglob(".*tmp*")) == []  # nothing half-made
+            module = layer(2, 64, 128, 32)
+            x = torch.randn(2, 128)
+            assert torch.equal(run(module, x, "avx2"), torch_linear(x, module))  # the reference path, not an error
+    finally:
+        avx2._load.cache_clear()
+    assert avx2.available()
+
+
+def test_a_whole_model_on_the_backend_matches_the_reference(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
+        bits=2, group_size=32, recipe="rtn", backend="avx2")).eval()
+    modules = [m for m in model.modules() if isinstance(m, UPQLinear)]
+    assert modules and all(m.backend == "avx2" for m in modules)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, UPQLinear):
+                m.backend = "torch"
+        assert torch.allclose(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert all(m.backend == "avx2" for m in reloaded.modules() if isinstance(m, UPQLinear))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(avx2, "unavailable_reason", lambda: "this CPU lacks avx2")
+    with pytest.raises(ImportError, match=r"UPQConfig\(backend='avx2'\) needs upq_hf's AVX2 CPU kernel, which "
+                                          r"cannot run here \(this CPU lacks avx2\)"):
+        UPQConfig(backend="avx2").check_device()

@@ -1,0 +1,199 @@
+"""The ``"avx2"`` backend: upq_hf's own CPU kernel (``upq_hf/csrc/upq_cpu.c``) under a ``UPQLinear``.
+
+It reads the stored buffers as they are (``weight`` codes packed along K, ``weight_scale``, ``weight_zero``;
+see :mod:`upq_hf.packing`): nothing is repacked and nothing is kept beside the layer, so the resident memory
+of a UPQ model is its stored size. Per group of input columns it sums code x activation in fp32 and applies
+the scale once (``s * (sum c x - z * sum x)``, ``z = 1.5`` for SEQ INT2), eight outputs per AVX2 vector, the
+output rows split over ``torch.get_num_threads()`` OpenMP threads (the OpenMP runtime torch has loaded).
+
+Accuracy: activations are widened to fp32 exactly and the sums run in fp32, so the result is the fp32
+product with the exact dequantized weight up to fp32 summation order; a bf16 or fp16 output is rounded once.
+That is closer to the exact product than the reference path, which rounds the dequantized weight to the
+activation dtype first (``tests/test_avx2.py`` checks both against float64).
+
+The C file is compiled the first time the backend is asked for, with the system's C compiler (``$CC``, else
+``cc``/``gcc``/``clang``), into ``$UPQ_CACHE/kernels/`` under a name that hashes the source, the flags and the
+compiler, and loaded with ``ctypes``: a fraction of a second, once per machine. Where that cannot happen (no
+compiler, not x86-64, a CPU without AVX2/FMA/F16C) the backend is unavailable, :func:`available` says why, and
+the automatic choice in :mod:`upq_hf.backends` passes it by.
+
+A call takes the reference path instead when the kernel cannot or should not run it: more than
+:data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there), a group size that splits a
+32-bit word (INT2 groups not a multiple of 16, INT4 not of 8), calls that need a gradient for ``x``, and
+calls under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .machine import cpu_flags
+
+SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
+ABI = 1
+# Rows above which a call takes the reference path: the kernel's time grows with every row, dequantize +
+# matmul pays the dequantization once; on the bundled model's layers they cross at 128-256 rows
+# (docs/BENCHMARKS.md, "crossover"), where torch's INT4 kernel crosses too.
+MAX_ROWS = 128
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+def _log(message: str) -> None:
+    print(f"[upq] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_support() -> str | None:
+    """Why this machine cannot run the kernel, or None when it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is x86-64 AVX2 code and this machine is {platform.machine()}"
+    flags = cpu_flags()
+    if flags is None:  # not Linux: torch's own dispatch level says whether AVX2 (with FMA) is there
+        return None if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "this CPU has no AVX2"
+    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named) or named
+    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(compiler: str, openmp: bool) -> Path:
+    """The compiled library in the cache, compiled now if it is not there (atomically: a temporary beside it,
+    renamed into place, so concurrent processes never load half a file)."""
+    from .atomic import atomic_path
+    from .machine import cache_dir
+
+    flags = FLAGS + (("-fopenmp",) if openmp else ())
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode())
+    target = cache_dir() / "kernels" / f"upq_cpu-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        started = time.perf_counter()
+        with atomic_path(target) as tmp:
+            done = subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode:
+                raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
+                              f"{compiler} exited with {done.returncode}")
+        _log(f"compiled the avx2 CPU kernel into {target} ({time.perf_counter() - started:.1f} s, once per machine)")
+    return target
+
+
+class _Kernel:
+    def __init__(self, path: Path):
+        library = ctypes.CDLL(str(path))
+        if library.upq_cpu_abi() != ABI:
+            raise OSError(f"{path} is not the kernel this upq_hf expects (ABI {library.upq_cpu_abi()} != {ABI})")
+        self.path = path
+        self.linear = library.upq_linear
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        self.linear.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, integer, pointer,
+                                pointer, integer, pointer, integer, pointer, integer, integer]
+        self.linear.restype = integer
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[_Kernel | None, str | None]:
+    reason = cpu_support()
+    if reason is not None:
+        return None, reason
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    errors = []
+    for openmp in (True, False):  # without OpenMP (e.g. Apple clang) the kernel runs on one thread
+        try:
+            return _Kernel(_build(compiler, openmp)), None
+        except (OSError, subprocess.SubprocessError) as error:
+            errors.append(str(error))
+    reason = f"{compiler} could not build {SOURCE.name}: {errors[0]}"
+    _log(f"the avx2 CPU backend is unavailable ({reason}); UPQ layers on the CPU use another path")
+    return None, reason
+
+
+def kernel() -> _Kernel | None:
+    """The loaded kernel, compiled on first use; None where this machine cannot have it (see :func:`available`)."""
+    return _load()[0]
+
+
+def available() -> bool:
+    return kernel() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the backend cannot run here (no AVX2, no compiler, a failed build), or None when it can."""
+    return _load()[1]
+
+
+def supports(module) -> bool:
+    """Whether the layer's format fits the kernel: a group of more than one word per group split evenly."""
+    per_word = 32 // module.bits
+    group = module.group_size or module.in_features
+    return group == module.in_features or group % per_word == 0
+
+
+def takes(x: torch.Tensor, module) -> bool:
+    """Whether this call runs on the kernel (else the reference path runs)."""
+    if x.dtype not in _DTYPES:
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False  # the kernel has no backward: the reference path is differentiable
+    if torch.compiler.is_compiling():
+        return False
+    return 0 < x.numel() <= MAX_ROWS * module.in_features and supports(module)
+
+
+def linear(x: torch.Tensor, module) -> torch.Tensor | None:
+    """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
+    :func:`upq_hf.backends.linear_forward`, then runs the reference path). Called once per layer per decoded
+    token: plain dict lookups for the buffers, nothing allocated but the output."""
+    if not x.is_cpu:
+        raise RuntimeError(f"UPQ backend 'avx2' runs on CPU tensors, got a tensor on {x.device}; "
+                           "use backend='triton' or 'torch' for it")
+    compiled = kernel()
+    if compiled is None or not takes(x, module):
+        return None
+    buffers = module._buffers
+    weight, scale = buffers["weight"], buffers["weight_scale"]
+    zero = buffers.get("weight_zero")
+    bias = module._parameters.get("bias")
+    # a bias that needs a gradient is added by torch (autograd sees it); otherwise the kernel adds it
+    bias_apart = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    if not (weight.is_cpu and weight.is_contiguous() and scale.is_contiguous() and scale.dtype in _DTYPES
+            and (zero is None or zero.is_contiguous()) and (bias is None or bias.dtype in _DTYPES)):
+        return None
+    k, n = module.in_features, module.out_features
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
+    status = compiled.linear(x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, weight.data_ptr(), n, module.bits,
+                             module.group_size or k, scale.data_ptr(), None if zero is None else zero.data_ptr(),
+                             _DTYPES[scale.dtype], None if bias is None or bias_apart else bias.data_ptr(),
+                             0 if bias is None else _DTYPES[bias.dtype], y.data_ptr(), _DTYPES[y.dtype],
+                             torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"the avx2 kernel failed on UPQLinear({k}, {n}) with status {status}"
+                           + (" (out of memory)" if status == 2 else ""))
+    return y + bias.to(y.dtype) if bias_apart else y

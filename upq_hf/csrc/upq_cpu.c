@@ -1,0 +1,265 @@
+// The "avx2" CPU backend of upq_hf (see upq_hf/avx2.py, which compiles this file once per machine):
+//
+//     y[M, N] = x[M, K] @ W^T (+ bias)
+//
+// read straight from UPQ's stored layout (upq_hf/packing.py): codes packed along K into int32 words,
+// P = 32 / bits codes per word, lowest bits first, word (k / P, n); scales (and INT4 zero points) (G, N).
+// Nothing is repacked. The weight is never formed: per group g and output n,
+//
+//     sum_k w[n, k] x[k] = s[g, n] * (sum_k c[n, k] x[k] - z[g, n] * sum_k x[k]),   z = 1.5 for SEQ INT2,
+//
+// so the inner loop is integer code -> float, times x, accumulated in fp32 over one group, eight outputs
+// per AVX2 vector (the K-major layout puts eight outputs' words side by side). Activations are read as
+// fp32, bf16 or fp16 and widened exactly; outputs are rounded once, to nearest even.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+#define NV 4             // AVX2 vectors of outputs per block of the one-row kernel
+#define NB (8 * NV)      // outputs per block of the one-row kernel
+#define NB_ROWS 16       // outputs per block of the several-rows kernel
+#define MR 6             // rows per pass of the several-rows kernel (6 x 16: 12 accumulators)
+#define CHUNK_K 256      // input columns decoded at a time by the several-rows kernel (16 KiB of floats)
+
+static inline float to_f32(const void *p, size_t i, int dtype)
+{
+    if (dtype == F32) return ((const float *)p)[i];
+    if (dtype == BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f; memcpy(&f, &bits, 4); return f;
+    }
+    return _cvtsh_ss(((const uint16_t *)p)[i]);
+}
+
+static inline __m256 load8(const void *p, size_t i, int dtype)
+{
+    if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (dtype == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline void store_out(void *y, size_t i, float v, int dtype)
+{
+    if (dtype == F32) { ((float *)y)[i] = v; return; }
+    if (dtype == BF16) {
+        uint32_t bits; memcpy(&bits, &v, 4);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) { ((uint16_t *)y)[i] = (uint16_t)((bits >> 16) | 0x40); return; }
+        bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+        ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
+        return;
+    }
+    ((uint16_t *)y)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+}
+
+typedef struct {
+    const float *x;      // M x Kp, fp32, zero padded
+    const float *xsum;   // M x G: sum of x over each group
+    int M, Kp, N, G, group, words_per_group, bits;
+    const int32_t *codes;            // (Kp / P, N)
+    const void *scale; int scale_dtype;  // (G, N)
+    const void *zero;                // (G, N), INT4 only, scale's dtype
+} problem;
+
+static inline __m256 zero_points(const problem *p, size_t at, const int BITS)
+{
+    return BITS == 2 ? _mm256_set1_ps(1.5f) : load8(p->zero, at, p->scale_dtype);
+}
+
+// One row, outputs [n0, n0 + NB): out[NB] (fp32) = the block's products. The codes are turned into floats
+// in registers (shift, mask, convert) and multiplied at once: nothing to share them with.
+static inline __attribute__((always_inline)) void one_row(const problem *p, int n0, float *out, const int BITS)
+{
+    const int P = 32 / BITS;
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    __m256 total[NV];
+    for (int v = 0; v < NV; ++v) total[v] = _mm256_setzero_ps();
+    for (int g = 0; g < p->G; ++g) {
+        __m256 acc[NV];
+        for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+        for (int w = 0; w < p->words_per_group; ++w) {
+            const size_t word = (size_t)g * p->words_per_group + w;
+            const int32_t *row = p->codes + word * p->N + n0;
+            __m256i c[NV];
+            for (int v = 0; v < NV; ++v) c[v] = _mm256_loadu_si256((const __m256i *)(row + 8 * v));
+            const float *xw = p->x + word * P;
+            for (int j = 0; j < P; ++j) {
+                const __m256 xb = _mm256_broadcast_ss(xw + j);
+                for (int v = 0; v < NV; ++v) {
+                    acc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c[v], mask)), xb, acc[v]);
+                    c[v] = _mm256_srli_epi32(c[v], BITS);
+                }
+            }
+        }
+        const __m256 xs = _mm256_set1_ps(p->xsum[g]);
+        for (int v = 0; v < NV; ++v) {  // s * (sum_k c_k x_k - z * sum_k x_k)
+            const size_t at = (size_t)g * p->N + n0 + 8 * v;
+            total[v] = _mm256_fmadd_ps(load8(p->scale, at, p->scale_dtype),
+                                       _mm256_fnmadd_ps(zero_points(p, at, BITS), xs, acc[v]), total[v]);
+        }
+    }
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, total[v]);
+}
+
+// rows [m0, m0 + R) x 16 outputs over kc decoded columns: acc[R][16] += x[:, k0:k0+kc] @ w[kc][16]
+static inline __attribute__((always_inline)) void micro(const float *w, int kc, const float *x, size_t x_stride,
+                                                        float *acc, const int R)
+{
+    __m256 a[MR][2];
+    for (int m = 0; m < R; ++m) {
+        a[m][0] = _mm256_loadu_ps(acc + 16 * m);
+        a[m][1] = _mm256_loadu_ps(acc + 16 * m + 8);
+    }
+    for (int k = 0; k < kc; ++k) {
+        const __m256 w0 = _mm256_loadu_ps(w + 16 * k), w1 = _mm256_loadu_ps(w + 16 * k + 8);
+        for (int m = 0; m < R; ++m) {
+            const __m256 b = _mm256_broadcast_ss(x + m * x_stride + k);
+            a[m][0] = _mm256_fmadd_ps(w0, b, a[m][0]);
+            a[m][1] = _mm256_fmadd_ps(w1, b, a[m][1]);
+        }
+    }
+    for (int m = 0; m < R; ++m) {
+        _mm256_storeu_ps(acc + 16 * m, a[m][0]);
+        _mm256_storeu_ps(acc + 16 * m + 8, a[m][1]);
+    }
+}
+
+static void micro_any(const float *w, int kc, const float *x, size_t x_stride, float *acc, int rows)
+{
+    switch (rows) {
+    case 1: micro(w, kc, x, x_stride, acc, 1); break;
+    case 2: micro(w, kc, x, x_stride, acc, 2); break;
+    case 3: micro(w, kc, x, x_stride, acc, 3); break;
+    case 4: micro(w, kc, x, x_stride, acc, 4); break;
+    case 5: micro(w, kc, x, x_stride, acc, 5); break;
+    default: micro(w, kc, x, x_stride, acc, 6); break;
+    }
+}
+
+// All rows, outputs [n0, n0 + NB_ROWS): out[M][16] = the block's products. Each chunk of codes is turned
+// into floats once (into w, CHUNK_K x 16) and shared by every row, six rows at a time.
+static void many_rows(const problem *p, int n0, float *out, float *acc, float *w)
+{
+    const int P = 32 / p->bits, mask = (1 << p->bits) - 1;
+    const __m256i vmask = _mm256_set1_epi32(mask);
+    memset(out, 0, sizeof(float) * 16 * p->M);
+    for (int g = 0; g < p->G; ++g) {
+        memset(acc, 0, sizeof(float) * 16 * p->M);
+        for (int w0 = 0; w0 < p->words_per_group; w0 += CHUNK_K / P) {
+            const int words = p->words_per_group - w0 < CHUNK_K / P ? p->words_per_group - w0 : CHUNK_K / P;
+            for (int i = 0; i < words; ++i) {
+                const size_t word = (size_t)g * p->words_per_group + w0 + i;
+                const int32_t *row = p->codes + word * p->N + n0;
+                __m256i c0 = _mm256_loadu_si256((const __m256i *)row);
+                __m256i c1 = _mm256_loadu_si256((const __m256i *)(row + 8));
+                for (int j = 0; j < P; ++j) {
+                    float *dst = w + 16 * (i * P + j);
+                    _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_and_si256(c0, vmask)));
+                    _mm256_storeu_ps(dst + 8, _mm256_cvtepi32_ps(_mm256_and_si256(c1, vmask)));
+                    c0 = _mm256_srli_epi32(c0, p->bits);
+                    c1 = _mm256_srli_epi32(c1, p->bits);
+                }
+            }
+            const size_t k0 = ((size_t)g * p->words_per_group + w0) * P;
+            for (int m0 = 0; m0 < p->M; m0 += MR) {
+                const int rows = p->M - m0 < MR ? p->M - m0 : MR;
+                micro_any(w, words * P, p->x + (size_t)m0 * p->Kp + k0, p->Kp, acc + 16 * m0, rows);
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const size_t at = (size_t)g * p->N + n0 + 8 * h;
+            const __m256 s = load8(p->scale, at, p->scale_dtype);
+            const __m256 z = p->bits == 2 ? _mm256_set1_ps(1.5f) : load8(p->zero, at, p->scale_dtype);
+            for (int m = 0; m < p->M; ++m) {
+                const __m256 xs = _mm256_set1_ps(p->xsum[(size_t)m * p->G + g]);
+                float *o = out + 16 * m + 8 * h;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, xs, _mm256_loadu_ps(acc + 16 * m + 8 * h)),
+                                                    _mm256_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+static void store_rows(const problem *p, const float *out, int rows, int n0, int width, const void *bias,
+                       int bias_dtype, void *y, int y_dtype)
+{
+    for (int m = 0; m < rows; ++m)
+        for (int i = 0; i < width; ++i) {
+            const int n = n0 + i;
+            store_out(y, (size_t)m * p->N + n, out[m * width + i] + (bias ? to_f32(bias, n, bias_dtype) : 0.0f), y_dtype);
+        }
+}
+
+int upq_cpu_abi(void) { return 1; }
+
+// returns 0 on success, 1 for a group size that splits a word (the caller takes another path), 2 out of memory
+int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
+               const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype,
+               void *y, int y_dtype, int threads)
+{
+    const int P = 32 / bits;
+    const int G = K / group;
+    const int words_per_group = (group + P - 1) / P;
+    if (G > 1 && group % P) return 1;
+    const int Kp = G * words_per_group * P;
+    float *xp = (float *)calloc((size_t)M * Kp + (size_t)M * G, sizeof(float));
+    if (!xp) return 2;
+    float *xsum = xp + (size_t)M * Kp;
+    for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) {
+            float s = 0;
+            for (int k = g * group; k < (g + 1) * group; ++k) {
+                float v = to_f32(x, (size_t)m * K + k, x_dtype);
+                xp[(size_t)m * Kp + (size_t)g * words_per_group * P + (k - g * group)] = v;
+                s += v;
+            }
+            xsum[(size_t)m * G + g] = s;
+        }
+    problem p = {xp, xsum, M, Kp, N, G, group, words_per_group, bits, codes, scale, scale_dtype, zero};
+    const int width = M == 1 ? NB : NB_ROWS;
+    const int blocks = N / width;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1 && blocks > 1)
+    {
+        float *work = (float *)malloc(sizeof(float) * (2 * 16 * (size_t)M + 16 * CHUNK_K + NB));
+        if (!work) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < blocks; ++b) {
+            if (!work) continue;
+            if (M == 1) {
+                if (bits == 2) one_row(&p, b * NB, work, 2); else one_row(&p, b * NB, work, 4);
+            } else {
+                many_rows(&p, b * NB_ROWS, work, work + 16 * (size_t)M, work + 2 * 16 * (size_t)M);
+            }
+            store_rows(&p, work, M, b * width, width, bias, bias_dtype, y, y_dtype);
+        }
+        free(work);
+    }
+    if (failed) { free(xp); return 2; }
+    for (int n = blocks * width; n < N; ++n) {  // the outputs past the last full block: plain scalar code
+        const int mask = (1 << bits) - 1;
+        for (int m = 0; m < M; ++m) {
+            float total = 0;
+            for (int g = 0; g < G; ++g) {
+                float acc = 0;
+                for (int w = 0; w < words_per_group; ++w) {
+                    const size_t word = (size_t)g * words_per_group + w;
+                    uint32_t c = (uint32_t)codes[word * N + n];
+                    for (int j = 0; j < P; ++j, c >>= bits) acc += (float)(c & mask) * xp[(size_t)m * Kp + word * P + j];
+                }
+                const size_t at = (size_t)g * N + n;
+                float s = to_f32(scale, at, scale_dtype), z = bits == 2 ? 1.5f : to_f32(zero, at, scale_dtype);
+                total += s * (acc - z * xsum[(size_t)m * G + g]);
+            }
+            store_out(y, (size_t)m * N + n, total + (bias ? to_f32(bias, n, bias_dtype) : 0.0f), y_dtype);
+        }
+    }
+    free(xp);
+    return 0;
+}
