@@ -26,6 +26,8 @@ import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
 from upq_hf.chat import generate_answers
+from upq_hf.cli import default_mix
+from upq_hf.config import MIXES
 from upq_hf.evaluation import measure_fidelity
 from upq_hf.models import BUNDLED_NAME, autocast_dtype, bundled_model_dir, load_model, load_tokenizer
 from upq_hf.publish import REPORT_FILE, record_report, save_atomic
@@ -58,7 +60,9 @@ def main() -> int:
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
     parser.add_argument("--bits", type=int, default=defaults.bits)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--mix", default=None, help="a named mixed-precision preset, e.g. kv-edge (UPQConfig.mix)")
+    parser.add_argument("--mix", default=None, choices=[*MIXES, "none"],
+                        help="a named mixed-precision preset (UPQConfig.mix); default as `upq quantize`: kv4 for "
+                             "upq at INT2, none for uniform bits")
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -80,7 +84,7 @@ def main() -> int:
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
                        train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
                        seqlen=args.seqlen, self_prompts=args.self_prompts, ptq_epochs=args.ptq_epochs,
-                       int4_ptq_epochs=args.int4_ptq_epochs, mix=args.mix,
+                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args),
                        int4_checkpoint=f"{args.out}-int4" if args.recipe == "upq" else None)
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
@@ -126,11 +130,10 @@ def main() -> int:
     print(f"  unquantized: {teacher_answer}")
     print(f"  INT{args.bits}:        {student_answer or '(empty: the model ends its answer at once)'}")
     print()
-    if args.bits == 2 and not args.mix:
-        print("Uniform INT2 at this size drifts off the prompt's subject in about half its answers; to stay on it more "
-              "often, keep k/v and the edge blocks' down_proj at INT4: `upq quantize --bits 2 --recipe upq --mix "
-              "kv-edge --out DIR` (2.48 bits per weight; 13-15 of 16 report answers on their subject against about 8, "
-              "docs/BENCHMARKS.md).")
+    if args.bits == 2 and config.mix is None:
+        print("Uniform INT2 at this size drifts off the prompt's subject in about half its answers; the default mix "
+              "kv4 (k/v at INT4, the other layers' groups widened to the same 2.25-bit budget) stays on it far more "
+              "often: drop --mix none (docs/BENCHMARKS.md).")
     print(f"Saved to {args.out}; reload with AutoModelForCausalLM.from_pretrained({args.out!r}) after `import upq_hf`.")
     return 0
 

@@ -109,6 +109,65 @@ def test_kv_edge_mix_counts_the_blocks(n_blocks, edge):
     assert set(formats.values()) == {(4, 64)}  # INT4 at int4_group_size
 
 
+def _shapes(names, hidden=576, kv=192, ffn=1536):
+    """``{name: layer}`` with the bundled SmolLM2-135M's shapes (or the ones given)."""
+    from types import SimpleNamespace
+
+    size = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+            "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden)}
+    return {n: SimpleNamespace(in_features=size[n.rsplit(".", 1)[1]][0], out_features=size[n.rsplit(".", 1)[1]][1])
+            for n in names}
+
+
+def _average_bits(formats, layers, config):
+    from upq_hf.packing import bits_per_weight
+
+    total = sum(m.in_features * m.out_features for m in layers.values())
+    return sum(m.in_features * m.out_features * bits_per_weight(*formats.get(n, (config.bits, config.group_size)),
+                                                                m.in_features) for n, m in layers.items()) / total
+
+
+@pytest.mark.parametrize("hidden, kv, ffn, group_size, bulk", [
+    (576, 192, 1536, 64, 192),     # the bundled SmolLM2-135M: the measured 2.23-bit default (docs/BENCHMARKS.md)
+    (4096, 1024, 14336, 64, 128),  # a Llama-3-8B-shaped block: GQA, k/v 4% of the weights
+    (576, 192, 1536, 32, 64),      # a finer uniform budget (2.5 bits): a finer bulk group holds it
+    (4096, 4096, 11008, 64, 256),  # multi-head k/v (17%): no group holds 2.25, so the widest dividing one
+])
+def test_kv4_mix_holds_the_uniform_budget(hidden, kv, ffn, group_size, bulk):
+    layers = _shapes(_llama_names(4), hidden, kv, ffn)
+    config = UPQConfig(bits=2, group_size=group_size, mix="kv4")
+    formats = config.layer_formats(layers)
+    assert {n for n, f in formats.items() if f[0] == 4} == {n for n in layers if n.endswith(("k_proj", "v_proj"))}
+    assert {f for f in formats.values() if f[0] == 2} == {(2, bulk)}
+    assert config.module_bits == {r"\.(k|v)_proj$": 4, ".": {"bits": 2, "group_size": bulk}}
+    uniform = _average_bits({}, layers, config)
+    mixed = _average_bits(formats, layers, config)
+    if hidden == 4096 and kv == 4096:
+        assert mixed > uniform  # said in budget_group_size's docstring: the mix then costs more
+    else:
+        assert mixed <= uniform
+        # and the next finer dividing group would break the budget: the bulk group is the smallest that holds it
+        finer = [g for g in range(group_size, bulk, group_size) if hidden % g == 0 and ffn % g == 0]
+        if finer:
+            over = {n: ((2, finer[-1]) if f[0] == 2 else f) for n, f in formats.items()}
+            assert _average_bits(over, layers, config) > uniform
+
+
+def test_kv4_mix_keeps_a_group_size_that_fits_nothing():
+    # 48 divides no layer of 64 inputs and no multiple of it does: the bulk keeps 48 and the usual error follows
+    layers = _shapes(_llama_names(1), hidden=64, kv=32, ffn=128)
+    config = UPQConfig(bits=2, group_size=48, mix="kv4")
+    assert config.layer_formats(layers) == {n: (4, 64) for n in layers if n.endswith(("k_proj", "v_proj"))}
+    assert config.module_bits == {r"\.(k|v)_proj$": 4}
+
+
+def test_kv4_mix_needs_shapes_and_kv_layers():
+    with pytest.raises(ValueError, match="needs the layers' shapes"):
+        UPQConfig(mix="kv4").layer_formats(_llama_names(2))
+    with pytest.raises(ValueError, match="give module_bits patterns"):
+        UPQConfig(mix="kv4").layer_formats(_shapes(["model.layers.0.mlp.down_proj"]))
+
+
 def test_mix_patterns_come_after_the_given_ones_and_resolve_once():
     config = UPQConfig(bits=2, group_size=64, mix="kv-edge", module_bits={r"\.v_proj$": 2})
     names = _llama_names(30)
@@ -159,3 +218,19 @@ def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):
         n: (m.bits, m.group_size) for n, m in layers.items()}
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, logits)
+
+
+@pytest.mark.parametrize("argv, mix", [
+    (["--bits", "2", "--recipe", "upq"], "kv4"),  # the default of the pipeline this package exists for
+    (["--bits", "2", "--recipe", "upq", "--mix", "none"], None),  # uniform INT2 on request
+    (["--bits", "2", "--recipe", "upq", "--mix", "kv-edge"], "kv-edge"),
+    (["--bits", "2", "--recipe", "ptq"], None),  # the baselines and round to nearest stay uniform unless asked
+    (["--bits", "2"], None),
+    (["--bits", "4", "--recipe", "ptq"], None),
+    (["--bits", "2", "--recipe", "ntp", "--mix", "kv4"], "kv4"),
+])
+def test_cli_default_mix(argv, mix):
+    from upq_hf.cli import build_parser, default_mix
+
+    args = build_parser().parse_args(["quantize", *argv, "--out", "q"])
+    assert default_mix(args) == mix

@@ -64,6 +64,17 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def default_mix(args) -> str | None:
+    """``--mix``, where ``none`` is uniform bits; unset, ``upq`` at INT2 takes ``kv4`` (k/v at INT4 at the bit
+    budget of uniform INT2: docs/BENCHMARKS.md measured it far ahead of uniform INT2 at the same size)."""
+    if args.mix is None:
+        return DEFAULT_INT2_MIX if args.bits == 2 and args.recipe == "upq" else None
+    return None if args.mix == "none" else args.mix
+
+
+DEFAULT_INT2_MIX = "kv4"
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -88,7 +99,7 @@ def cmd_quantize(args) -> int:
                    ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
                    train_samples=args.train_samples, teacher_topk=args.teacher_topk,
                    mixed_precision=args.mixed_precision,
-                   module_bits=dict(args.module_bits) if args.module_bits else None, mix=args.mix)
+                   module_bits=dict(args.module_bits) if args.module_bits else None, mix=default_mix(args))
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
     source = _check_before_work(args, config)
     start = time.time()
@@ -292,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
                    help="mixed precision: layers whose name matches the regular expression PATTERN get BITS "
                         "(and GROUP); repeatable, the first match decides (e.g. --module-bits '(k|v)_proj=4')")
-    q.add_argument("--mix", default=None, choices=list(MIXES),
-                   help="a named mixed-precision preset (INT2 only): kv-edge keeps attention k/v and the first and "
-                        "last blocks' down_proj at INT4 (2.48 bits per weight on the bundled model); --module-bits "
-                        "patterns come before it")
+    q.add_argument("--mix", default=None, choices=[*MIXES, "none"],
+                   help="a named mixed-precision preset (INT2 only): kv4 (the default of --recipe upq at --bits 2) "
+                        "keeps attention k/v at INT4 and widens the other layers' groups to pay for it (2.23 bits "
+                        "per weight on the bundled model, against 2.25 for uniform INT2 g64); kv-edge also keeps the "
+                        "first and last blocks' down_proj at INT4 (2.48); none: every layer at --bits. "
+                        "--module-bits patterns come before it")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--fidelity-prompts", type=int, default=16,
                    help="held-out prompts for the fidelity numbers in the model card (0: skip)")

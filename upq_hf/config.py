@@ -22,34 +22,78 @@ MIXED_PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = (None, *backends.BACKENDS)
 # Named mixes: module_bits patterns made from a model's own layer names (see mix_module_bits)
 MIXES = {
+    "kv4": "attention k_proj and v_proj at INT4 in every block, paid for by wider groups in the other layers: "
+           "their group size is the smallest multiple of group_size that keeps the model's average bits per weight "
+           "at what uniform INT2 at group_size costs (2.25 with group_size=64; on the bundled model: group 192)",
     "kv-edge": "attention k_proj and v_proj at INT4 in every block, and the FFN down_proj at INT4 in the first "
                "tenth and the last fifteenth of the blocks (at least one each: blocks 0-2 and 28-29 of 30)",
 }
+_KV = r"\.(k|v)_proj$"
 _BLOCK_INDEX = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.12.mlp.down_proj" -> ("model.layers", "12")
 
 
-def mix_module_bits(mix: str, names) -> dict[str, int]:
+def mix_module_bits(mix: str, layers, bits: int = 2, group_size: int | None = 64, int4_group_size: int | None = 64,
+                    scale_bytes: int = 2) -> dict[str, Any]:
     """The ``module_bits`` patterns of the named mix ``mix`` (a key of :data:`MIXES`) for a model whose
-    quantized layers are called ``names``: the blocks are counted from the names, so the same mix fits
-    any depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no ``k_proj``/``v_proj``,
-    no ``mlp.down_proj`` inside a numbered block)."""
+    quantized layers are ``layers`` (names, or ``{name: module}`` with ``in_features``/``out_features``, which
+    ``"kv4"`` needs to hold its bit budget): the blocks are counted from the names, so the same mix fits any
+    depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no ``k_proj``/``v_proj``, no
+    ``mlp.down_proj`` inside a numbered block)."""
     if mix not in MIXES:
         raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)}, got {mix!r}")
-    names = list(names)
-    kv = [n for n in names if re.search(r"\.(k|v)_proj$", n)]
+    names = list(layers)
+    kv = [n for n in names if re.search(_KV, n)]
     down = [match for n in names if n.endswith(".mlp.down_proj") and (match := _BLOCK_INDEX.match(n))]
-    if not kv or not down:
+    if not kv or (mix == "kv-edge" and not down):
         example = names[0] if names else "(none)"
-        raise ValueError(f"UPQConfig: mix {mix!r} places layers named like 'model.layers.N.self_attn.k_proj', "
-                         f"'...v_proj' and 'model.layers.N.mlp.down_proj', and this model's layers look like "
-                         f"{example!r}: give module_bits patterns for it instead")
+        wanted = ("'model.layers.N.self_attn.k_proj', '...v_proj' and 'model.layers.N.mlp.down_proj'"
+                  if mix == "kv-edge" else "'model.layers.N.self_attn.k_proj' and '...v_proj'")
+        raise ValueError(f"UPQConfig: mix {mix!r} places layers named like {wanted}, and this model's layers look "
+                         f"like {example!r}: give module_bits patterns for it instead")
+    if mix == "kv4":
+        if not hasattr(layers, "items"):
+            raise ValueError("UPQConfig: mix 'kv4' needs the layers' shapes to hold its bit budget: pass "
+                             "{name: module}, not names")
+        shapes = {name: (module.in_features, module.out_features) for name, module in layers.items()}
+        group = budget_group_size(shapes, set(kv), bits, group_size, int4_group_size, scale_bytes)
+        return {_KV: 4, **({".": {"bits": bits, "group_size": group}} if group != group_size else {})}
     container = down[0].group(1)
     # counted over every layer of the container, so a block whose down_proj is left unquantized still counts
     n_blocks = 1 + max(int(m.group(2)) for n in names if (m := _BLOCK_INDEX.match(n)) and m.group(1) == container)
     first, last = -(-n_blocks // 10), -(-n_blocks // 15)
     edge = sorted(set(range(first)) | set(range(n_blocks - last, n_blocks)))
     down_pattern = rf"{re.escape(container.rpartition('.')[2])}\.({'|'.join(map(str, edge))})\.mlp\.down_proj$"
-    return {r"\.(k|v)_proj$": 4, down_pattern: 4}
+    return {_KV: 4, down_pattern: 4}
+
+
+def budget_group_size(shapes: dict[str, tuple[int, int]], wider: set[str], bits: int, group_size: int | None,
+                      int4_group_size: int | None, scale_bytes: int = 2) -> int | None:
+    """The group size for the layers of ``shapes`` (``{name: (in_features, out_features)}``) not in ``wider``
+    when those in ``wider`` go to INT4 at ``int4_group_size``: the smallest multiple of ``group_size`` that
+    divides every such layer's input size and keeps the model's bits per weight (scales and zero points
+    counted) at or under uniform ``bits`` at ``group_size``; the widest such multiple when none does (the mix
+    then costs more than uniform), ``group_size`` itself when it has no dividing multiple (or is ``None``)."""
+    from math import gcd
+
+    from .packing import bits_per_weight
+
+    if group_size is None:
+        return None
+
+    def cost(layers, b, group):
+        return sum(k * n * bits_per_weight(b, group if group and k % group == 0 else None, k, scale_bytes)
+                   for k, n in layers)
+
+    rest = [shape for name, shape in shapes.items() if name not in wider]
+    budget = cost(shapes.values(), bits, group_size)
+    fixed = cost([shapes[name] for name in wider], 4, int4_group_size)
+    common = 0
+    for k, _ in rest:
+        common = gcd(common, k)
+    candidates = [g for g in range(group_size, common + 1, group_size) if common % g == 0]
+    if not candidates:
+        return group_size
+    return next((g for g in candidates if fixed + cost(rest, bits, g) <= budget), candidates[-1])
 
 
 class UPQConfig(QuantizationConfigMixin):
@@ -270,11 +314,12 @@ class UPQConfig(QuantizationConfigMixin):
                 return self._override(spec)
         return self.bits, self.group_size
 
-    def layer_formats(self, names) -> dict[str, tuple[int, int | None]]:
-        """``{name: (bits, group_size)}`` for the layers among ``names`` that ``module_bits`` sets apart; raises
-        if a pattern matches none of them (a typo would otherwise quantize everything at ``bits``)."""
-        names = list(names)
-        self.resolve_mix(names)
+    def layer_formats(self, layers) -> dict[str, tuple[int, int | None]]:
+        """``{name: (bits, group_size)}`` for the layers among ``layers`` (names, or ``{name: module}``) that
+        ``module_bits`` sets apart; raises if a pattern matches none of them (a typo would otherwise quantize
+        everything at ``bits``)."""
+        names = list(layers)
+        self.resolve_mix(layers)
         for pattern in self.module_bits or {}:
             if not any(re.search(pattern, name) for name in names):
                 example = names[0] if names else "(none)"
@@ -288,8 +333,8 @@ class UPQConfig(QuantizationConfigMixin):
         when not, there is nothing to resolve against the model's layers."""
         return bool(self.module_bits or self.mix)
 
-    def resolve_mix(self, names) -> None:
-        """Add ``mix``'s patterns for the layers ``names`` to ``module_bits``, after the patterns given there
+    def resolve_mix(self, layers) -> None:
+        """Add ``mix``'s patterns for ``layers`` (names, or ``{name: module}``) to ``module_bits``, after the patterns given there
         (which so take precedence). Idempotent: the saved config holds the resolved patterns and the mix's name,
         and resolving again on reload adds nothing."""
         if not self.mix:
@@ -298,7 +343,9 @@ class UPQConfig(QuantizationConfigMixin):
         # quantize models of different depths, each with its own edge blocks
         added = self.__dict__.get("_mix_patterns", ())
         given = {p: b for p, b in (self.module_bits or {}).items() if p not in added}
-        new = {p: b for p, b in mix_module_bits(self.mix, names).items() if p not in given}
+        scale_bytes = 4 if self.scale_dtype == "float32" else 2
+        new = {p: b for p, b in mix_module_bits(self.mix, layers, self.bits, self.group_size, self.int4_group_size,
+                                                scale_bytes).items() if p not in given}
         self.module_bits = {**given, **new}
         self._mix_patterns = tuple(new)
 
