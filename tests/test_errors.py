@@ -233,6 +233,22 @@ def backend_triton_cli(ctx):
     return quantize(ctx, "--bits", "2", "--backend", "triton")
 
 
+def backend_avx2_unbuildable_cli(ctx):
+    import shutil
+
+    from upq_hf import avx2
+
+    compiler = shutil.which("false")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CC", "false")
+            patch.setenv("UPQ_CACHE", str(ctx.tmp / "cache"))  # nothing compiled there
+            avx2._load.cache_clear()
+            return quantize(ctx, "--bits", "2", "--backend", "avx2", CC=compiler)
+    finally:
+        avx2._load.cache_clear()  # the next call builds (or finds) the real kernel again
+
+
 def device_cuda_python(ctx):
     no_gpu(ctx)
     config = UPQConfig(bits=2, group_size=32, device="cuda")
@@ -452,6 +468,7 @@ CASES: dict[str, Case] = {
     "a recipe that needs data, on a folder without a tokenizer": Case(no_tokenizer, before_work=True),
     "`--device cuda` without a GPU": Case(device_cuda_cli, before_work=True),
     "`--backend triton` without a GPU": Case(backend_triton_cli, before_work=True),
+    "`--backend avx2` where its kernel cannot be built": Case(backend_avx2_unbuildable_cli, before_work=True),
     "`UPQConfig(device=\"cuda\")` without a GPU": Case(device_cuda_python),
     "`UPQConfig(backend=\"triton\")` without a GPU": Case(backend_triton_python),
     "`upq eval --device cuda` without a GPU": Case(eval_device_cuda, before_work=True),

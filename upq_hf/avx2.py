@@ -128,9 +128,7 @@ def _load() -> tuple[_Kernel | None, str | None]:
             return _Kernel(_build(compiler, openmp)), None
         except (OSError, subprocess.SubprocessError) as error:
             errors.append(str(error))
-    reason = f"{compiler} could not build {SOURCE.name}: {errors[0]}"
-    _log(f"the avx2 CPU backend is unavailable ({reason}); UPQ layers on the CPU use another path")
-    return None, reason
+    return None, f"{compiler} could not build {SOURCE.name}: {errors[0]}"
 
 
 def kernel() -> _Kernel | None:
@@ -145,6 +143,15 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the backend cannot run here (no AVX2, no compiler, a failed build), or None when it can."""
     return _load()[1]
+
+
+@functools.lru_cache(maxsize=None)
+def say_why_once() -> None:
+    """Log, once per process, why the automatic choice passes this backend by when a compiler failed to build it
+    (a CPU without AVX2 or a machine without a compiler is no news)."""
+    reason = unavailable_reason()
+    if reason and "could not build" in reason:
+        _log(f"the avx2 CPU backend is unavailable ({reason}); UPQ layers on the CPU use another path")
 
 
 def supports(module) -> bool:

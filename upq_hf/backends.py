@@ -57,6 +57,7 @@ def cpu_backend(x: torch.Tensor) -> str:
             return "avx2"
         rows = x.numel() // x.shape[-1] if x.dim() else 1
         return "avx2" if rows <= AVX2_FIRST_ROWS else "cpu"
+    avx2.say_why_once()
     return "cpu" if cpu_kernel_available() else "torch"
 
 

@@ -147,7 +147,7 @@ def _check_before_work(args, config) -> str:
     from .publish import prepare_target
 
     check_device(config.device, f"--device {config.device}", "use --device cpu")
-    check_backend(args.backend, f"--backend {args.backend}", "leave --backend unset (the torch backend)")
+    check_backend(args.backend, f"--backend {args.backend}", "leave --backend unset (the automatic choice)")
     prepare_target(args.out, args.overwrite)
     source = check_source(args.model)
     if config.recipe != "rtn" and not has_tokenizer(source):
