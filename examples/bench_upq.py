@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.atomic import write_text
+from upq_hf.config import MIXES
 from upq_hf.evaluation import FidelityReference, answer_texts, fidelity, instruction_following
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import REPORT_PROMPTS, VALIDATION_PROMPTS
@@ -72,6 +73,8 @@ def overrides(args) -> dict:
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.module_bits:
         out["module_bits"] = json.loads(args.module_bits)
+    if args.mix:
+        out["mix"] = args.mix
     return out
 
 
@@ -87,6 +90,8 @@ def main() -> int:
                        ("scale-learning-rate", float), ("beta", float), ("teacher-topk", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--module-bits", default=None, help='mixed precision, JSON: \'{"\\\\.(k|v)_proj$": 4}\'')
+    parser.add_argument("--mix", default=None, choices=list(MIXES),
+                        help="a named mix for every recipe (UPQConfig.mix), so that all compare at its budget")
     parser.add_argument("--no-if", action="store_true", help="skip the instruction-following check")
     parser.add_argument("--out", default="out/bench-upq")
     args = parser.parse_args()
