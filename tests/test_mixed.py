@@ -10,7 +10,7 @@ import upq_hf  # noqa: F401  registers quant_method "upq"
 from upq_hf import UPQConfig, quantize_model
 from upq_hf.checkpoint import checkpoint_info
 from upq_hf.config import mix_module_bits
-from upq_hf.convert import upq_layers
+from upq_hf.convert import linear_layers, upq_layers
 from upq_hf.packing import bits_per_weight
 
 from helpers import tiny_llama
@@ -86,6 +86,18 @@ def test_mixed_recipe_ptq_trains_each_layer_in_its_format():
     model = tiny_llama(vocab_size=len(tokenizer))
     quantize_model(model, config, tokenizer=tokenizer, progress=False)
     assert sorted({(m.bits, m.group_size) for m in upq_layers(model).values()}) == [(2, 16), (4, None)]
+
+
+def test_ptq_report_names_each_format_of_a_mixed_model():
+    from upq_hf.ptq import blockwise_ptq
+
+    model = tiny_llama()
+    formats = {name: (4, 32) for name in linear_layers(model) if name.endswith(("k_proj", "v_proj"))}
+    calibration = torch.randint(0, 128, (4, 16))
+    report = blockwise_ptq(model, calibration, 2, 16, steps=1, progress=False, layer_formats=formats)
+    assert f"{len(linear_layers(tiny_llama())) - 4} layers INT2 g16, 4 layers INT4 g32:" in str(report)
+    plain = blockwise_ptq(tiny_llama(), calibration, 2, 16, steps=1, progress=False)
+    assert str(plain).startswith("PTQ blockap INT2 g16: 2 blocks")
 
 
 # ---------------------------------------------------------------------------------------------- named mixes

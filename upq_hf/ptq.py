@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -168,6 +169,7 @@ class PTQReport:
     seconds: float = 0.0
     blocks: list[BlockStats] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
+    formats: dict[tuple[int, int | None], int] = field(default_factory=dict)  # layers per (bits, group_size)
 
     @property
     def rtn_loss(self) -> list[float]:
@@ -187,8 +189,13 @@ class PTQReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        fmt = "per-row" if self.group_size is None else f"g{self.group_size}"
-        return (f"PTQ {self.algorithm} INT{self.bits} {fmt}: {len(self.blocks)} blocks, "
+        def name(bits, group_size):
+            return f"INT{bits} " + ("per-row" if group_size is None else f"g{group_size}")
+
+        formats = self.formats or {(self.bits, self.group_size): len(self.layers)}
+        fmt = name(*next(iter(formats))) if len(formats) == 1 else ", ".join(
+            f"{count} layers {name(*key)}" for key, count in sorted(formats.items(), key=lambda f: (f[0][0], f[0][1] or 0)))
+        return (f"PTQ {self.algorithm} {fmt}: {len(self.blocks)} blocks, "
                 f"{self.nsamples}x{self.seqlen} tokens, {self.steps_per_block} steps/block, "
                 f"{self.seconds:.1f} s (capture {self.capture_seconds:.1f} s)")
 
@@ -511,7 +518,8 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     batch_size = max(1, min(batch_size, n_train))
     steps_per_epoch = math.ceil(n_train / batch_size)
     total_steps = steps if steps is not None else epochs * steps_per_epoch
-    report = PTQReport(algorithm, bits, group_size, nsamples, seqlen, total_steps, layers=list(selected))
+    report = PTQReport(algorithm, bits, group_size, nsamples, seqlen, total_steps, layers=list(selected),
+                       formats=dict(Counter(format_of(name) for name in selected)))
 
     checks = eval_every if eval_every > 0 else max(1, total_steps // 8)
     was_training = model.training
