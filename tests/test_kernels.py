@@ -30,6 +30,7 @@ LAYERS = {
     "int2-row": (2, None, 90, 72),  # K not a multiple of 16: the last word is padded
     "int2-g16": (2, 16, 80, 72),  # five K blocks of 16: split-K leaves an empty split
     "int2-g64": (2, 64, 192, 48),  # three groups, like K = 576 with group 64
+    "int2-g192": (2, 192, 576, 40),  # a group that is no power of two: the bulk of the kv4 mix on the bundled model
     "int4-row": (4, None, 100, 40),  # K not a multiple of 8
     "int4-g32": (4, 32, 96, 100),
 }

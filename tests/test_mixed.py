@@ -55,7 +55,9 @@ def test_mixed_model_saves_reloads_bit_identical_and_reports_its_bits(tmp_path):
     with torch.no_grad():
         logits = model(IDS).logits
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["module_bits"] == KV4
+    # saved as ordered pairs: transformers writes config.json with sorted keys
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["module_bits"] == [
+        [pattern, spec] for pattern, spec in KV4.items()]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert {n: m.bits for n, m in upq_layers(reloaded).items()} == {n: m.bits for n, m in layers.items()}
     with torch.no_grad():
@@ -66,6 +68,30 @@ def test_mixed_model_saves_reloads_bit_identical_and_reports_its_bits(tmp_path):
     n4, n2 = 4 * 64 * 32, info["quantized_weights"] - 4 * 64 * 32
     expected = (n4 * bits_per_weight(4, 32, 64) + n2 * bits_per_weight(2, 16, 64)) / (n4 + n2)
     assert info["bits_per_weight"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("config", [
+    # overlapping patterns whose order matters: sorted, "\\.(k|v)_proj$" would come first and take v_proj to INT4
+    dict(bits=2, group_size=16, module_bits={r"\.v_proj$": 2, r"\.(k|v)_proj$": 4}),
+    # the kv4 mix: its catch-all "." sorts before "\\.(k|v)_proj$" and would take k/v back to INT2
+    dict(bits=2, group_size=16, mix="kv4"),
+], ids=["overlapping", "kv4"])
+def test_pattern_order_survives_config_json(tiny_llama_dir, tmp_path, config):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(**config)).eval()
+    formats = {n: (m.bits, m.group_size) for n, m in upq_layers(model).items()}
+    kinds = {(n.rsplit(".", 1)[1], f) for n, f in formats.items()}
+    if "mix" in config:
+        assert model.config.quantization_config.module_bits == {r"\.(k|v)_proj$": 4, ".": {"bits": 2, "group_size": 32}}
+        assert {k for k, f in kinds if f[0] == 4} == {"k_proj", "v_proj"} and (("q_proj", (2, 32)) in kinds)
+    else:
+        assert ("v_proj", (2, 16)) in kinds and ("k_proj", (4, None)) in kinds
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n: (m.bits, m.group_size) for n, m in upq_layers(reloaded).items()} == formats
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, logits)
 
 
 def test_mixed_quantize_on_load(tiny_llama_dir, tmp_path):
@@ -219,7 +245,7 @@ def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["mix"] == "kv-edge"
-    assert saved["module_bits"] == {r"\.(k|v)_proj$": 4, r"layers\.(0|1)\.mlp\.down_proj$": 4}
+    assert saved["module_bits"] == [[r"\.(k|v)_proj$", 4], [r"layers\.(0|1)\.mlp\.down_proj$", 4]]
     assert "Mixed-precision preset `kv-edge`" in (tmp_path / "README.md").read_text()  # the model card
     from upq_hf import cli
 

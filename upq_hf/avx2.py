@@ -14,8 +14,8 @@ activation dtype first (``tests/test_avx2.py`` checks both against float64).
 The C file is compiled the first time the backend is asked for, with the system's C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``), into ``$UPQ_CACHE/kernels/`` under a name that hashes the source, the flags and the
 compiler, and loaded with ``ctypes``: a fraction of a second, once per machine. Where that cannot happen (no
-compiler, not x86-64, a CPU without AVX2/FMA/F16C) the backend is unavailable, :func:`available` says why, and
-the automatic choice in :mod:`upq_hf.backends` passes it by.
+compiler, not x86-64, a CPU without AVX2/FMA/F16C) the backend is unavailable, :func:`unavailable_reason` says
+why, and the automatic choice in :mod:`upq_hf.backends` passes it by.
 
 A call takes the reference path instead when the kernel cannot or should not run it: more than
 :data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there), a group size that splits a
@@ -132,7 +132,8 @@ def _load() -> tuple[_Kernel | None, str | None]:
 
 
 def kernel() -> _Kernel | None:
-    """The loaded kernel, compiled on first use; None where this machine cannot have it (see :func:`available`)."""
+    """The loaded kernel, compiled on first use; None where this machine cannot have it (see
+    :func:`unavailable_reason`)."""
     return _load()[0]
 
 
@@ -155,7 +156,7 @@ def say_why_once() -> None:
 
 
 def supports(module) -> bool:
-    """Whether the layer's format fits the kernel: a group of more than one word per group split evenly."""
+    """Whether the layer's format fits the kernel: groups made of whole 32-bit words, or one scale per row."""
     per_word = 32 // module.bits
     group = module.group_size or module.in_features
     return group == module.in_features or group % per_word == 0

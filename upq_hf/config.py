@@ -96,6 +96,20 @@ def budget_group_size(shapes: dict[str, tuple[int, int]], wider: set[str], bits:
     return next((g for g in candidates if fixed + cost(rest, bits, g) <= budget), candidates[-1])
 
 
+def _ordered_patterns(module_bits) -> Any:
+    """``module_bits`` as an ordered ``{pattern: spec}``, from a dict or from the ``[[pattern, spec], ...]`` list a
+    saved config holds: transformers writes config.json with sorted keys, which would reorder a dict's patterns,
+    and the first matching pattern decides. Anything else is returned for :meth:`UPQConfig._check_module_bits` to
+    refuse."""
+    if not module_bits:
+        return None
+    if isinstance(module_bits, dict):
+        return dict(module_bits)
+    if isinstance(module_bits, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in module_bits):
+        return {pattern: spec for pattern, spec in module_bits}
+    return module_bits
+
+
 class UPQConfig(QuantizationConfigMixin):
     r"""Configuration of a UPQ quantization.
 
@@ -179,7 +193,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
-        self.module_bits = (dict(module_bits) if isinstance(module_bits, dict) else module_bits) or None
+        self.module_bits = _ordered_patterns(module_bits)
         self.mix = mix
         self.format_version = format_version
         self.dataset = dataset
@@ -367,4 +381,6 @@ class UPQConfig(QuantizationConfigMixin):
         out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
         if not isinstance(out.get("dataset"), (str, type(None))):  # texts passed in memory: record a summary
             out["dataset"] = f"<{len(out['dataset'])} texts given in memory>"
+        if isinstance(out.get("module_bits"), dict):  # ordered pairs: config.json sorts the keys of a dict
+            out["module_bits"] = [[pattern, spec] for pattern, spec in out["module_bits"].items()]
         return out
