@@ -1,10 +1,12 @@
 """`make demo`: quantize the bundled SmolLM2-135M-Instruct to INT2 and print a before/after report.
 
-Default: the `upq` recipe on a budget that ends in about 12 minutes on a 2-core CPU: the model's own
-answers to 64 built-in prompts as data, block-wise PTQ to INT4 (one epoch), INT2 block reconstruction
-from the INT4 stage's latent weights (6 epochs over 56 sequences of 128 tokens), then 10 steps of
-Distill-QAT from the teacher's cached top-64 distributions. `upq quantize --bits 2 --recipe upq` runs
-the full default budget (about 25 minutes); `--recipe rtn` shows what plain rounding does.
+Default: the `upq` recipe with the `kv4` mix (attention k/v at INT4, the other layers INT2 with groups wide
+enough to keep uniform INT2 g64's 2.25 bits per weight: 2.23 on this model), on a budget that ends in about
+9 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
+to INT4 (one epoch), INT2 block reconstruction from the INT4 stage's latent weights (6 epochs over 56
+sequences of 128 tokens), then 10 steps of Distill-QAT from the teacher's cached top-64 distributions.
+`upq quantize --bits 2 --recipe upq` runs the full default budget (about 21 minutes there); `--mix none` gives
+uniform INT2, `--recipe rtn` shows what plain rounding does.
 
 Size on disk, fidelity to the unquantized model (teacher-forced top-1 agreement and KL on held-out
 chat prompts) and one sample answer from each model. Runs offline on a CPU.
