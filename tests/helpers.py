@@ -33,3 +33,50 @@ def random_blocks(n: int = 16, seqlen: int = 24, vocab: int = 128, seed: int = 0
 
     generator = torch.Generator().manual_seed(seed)
     return TokenBlockDataset(torch.randint(0, vocab, (n, seqlen), generator=generator))
+
+
+# ------------------------------------------------------------------------------- the CPU kernels' layers
+
+def upq_layer(bits, group_size, in_features, out_features, bias=True, seed=0, scale_dtype=torch.float16):
+    """A ``UPQLinear`` with output rows of different magnitudes and a random bias (the CPU kernel tests' layer)."""
+    from torch import nn
+
+    from upq_hf import UPQLinear
+
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(out_features, 1) * 4 + 0.1)  # rows of different magnitudes
+        if bias:
+            linear.bias.normal_()
+    return UPQLinear.from_linear(linear, bits, group_size, scale_init="mse", scale_dtype=scale_dtype)
+
+
+def run_on(module, x, backend):
+    """``module(x)`` without gradients on ``backend``."""
+    module.backend = backend
+    with torch.no_grad():
+        return module(x)
+
+
+def check_cpu_kernel_fallbacks(module, backend: str, max_rows: int, calls: list) -> None:
+    """What both CPU kernels promise, on a layer of 128 inputs and 32 outputs with a bias: a call of more than
+    ``max_rows`` rows takes the reference path; one of ``max_rows`` takes the kernel; a call that needs a
+    gradient for x takes the reference path and gets the exact gradient; a bias alone needing a gradient still
+    runs the kernel, and the gradient reaches the bias. ``calls``: where the test's spy records each kernel call."""
+    x = torch.randn(max_rows + 1, 128)
+    assert torch.equal(run_on(module, x, backend), run_on(module, x, "torch"))
+    assert calls == []
+    run_on(module, x[:max_rows], backend)
+    assert len(calls) == 1
+    module.backend = backend
+    xg = torch.randn(4, 128, requires_grad=True)
+    module(xg).square().sum().backward()
+    module.backend = "torch"
+    xr = xg.detach().clone().requires_grad_(True)
+    module(xr).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
+    module.backend = backend
+    module.bias.grad = None
+    module(torch.randn(4, 128)).sum().backward()
+    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))

@@ -15,10 +15,13 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from upq_hf import UPQConfig, UPQLinear, avx2, formats
 from upq_hf.backends import resolve_backend, torch_linear
+
+from helpers import check_cpu_kernel_fallbacks
+from helpers import run_on as run
+from helpers import upq_layer as layer
 
 U32 = 2.0 ** -24
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -29,16 +32,6 @@ def test_the_kernel_builds_on_this_machine():
     assert avx2.available(), avx2.unavailable_reason()
     assert avx2.unavailable_reason() is None
     assert avx2.kernel().path.is_file() and avx2.kernel().path.parent.name == "kernels"
-
-
-def layer(bits, group_size, in_features, out_features, bias=True, seed=0, scale_dtype=torch.float16):
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.mul_(torch.rand(out_features, 1) * 4 + 0.1)  # rows of different magnitudes
-        if bias:
-            linear.bias.normal_()
-    return UPQLinear.from_linear(linear, bits, group_size, scale_init="mse", scale_dtype=scale_dtype)
 
 
 def exact_and_bound(module: UPQLinear, x: torch.Tensor, out_dtype: torch.dtype):
@@ -62,12 +55,6 @@ def exact_and_bound(module: UPQLinear, x: torch.Tensor, out_dtype: torch.dtype):
     bound = (n_terms * U32 * magnitude + UNIT_ROUNDOFF[out_dtype] * exact.abs()) * (1 + 8 * U32)
     shape = (*x.shape[:-1], module.out_features)
     return exact.reshape(shape), bound.reshape(shape)
-
-
-def run(module, x, backend):
-    module.backend = backend
-    with torch.no_grad():
-        return module(x)
 
 
 CASES = [
@@ -152,24 +139,8 @@ def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
             return compiled.linear(*args)
 
     monkeypatch.setattr(avx2, "kernel", lambda: Spy())
-    x = torch.randn(avx2.MAX_ROWS + 1, 128)
-    assert torch.equal(run(module, x, "avx2"), run(module, x, "torch"))
-    assert calls == []
-    run(module, x[:avx2.MAX_ROWS], "avx2")
-    assert calls == [avx2.MAX_ROWS]
-    # a gradient for x: no backward through the kernel, the reference path runs and gives the exact gradient
-    module.backend = "avx2"
-    xg = torch.randn(4, 128, requires_grad=True)
-    module(xg).square().sum().backward()
-    module.backend = "torch"
-    xr = xg.detach().clone().requires_grad_(True)
-    module(xr).square().sum().backward()
-    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
-    # only the bias needing a gradient: the kernel runs, and torch adds the bias, so its gradient arrives
-    module.backend = "avx2"
-    module.bias.grad = None
-    module(torch.randn(4, 128)).sum().backward()
-    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+    check_cpu_kernel_fallbacks(module, "avx2", avx2.MAX_ROWS, calls)
+    assert calls[0] == avx2.MAX_ROWS
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 8), (4, 4)])

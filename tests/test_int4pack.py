@@ -23,26 +23,19 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import upq_hf
 from upq_hf import UPQConfig, UPQLinear, formats, int4pack
 from upq_hf.backends import resolve_backend, torch_linear
 
+from helpers import check_cpu_kernel_fallbacks
+from helpers import run_on as run
+from helpers import upq_layer as layer
+
 pytestmark = pytest.mark.skipif(not int4pack.available(), reason="this torch build has no INT4 CPU kernel")
 
 U = 2.0 ** -8
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-
-
-def layer(bits, group_size, in_features, out_features, bias=True, seed=0, scale_dtype=torch.float16):
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.mul_(torch.rand(out_features, 1) * 4 + 0.1)  # rows of different magnitudes
-        if bias:
-            linear.bias.normal_()
-    return UPQLinear.from_linear(linear, bits, group_size, scale_init="mse", scale_dtype=scale_dtype)
 
 
 def tolerance(module: UPQLinear, x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +58,6 @@ def tolerance(module: UPQLinear, x: torch.Tensor) -> torch.Tensor:
         Y_bias = (xf @ w.t() + module.bias.float()).abs()
         bound = bound + ux * Y_bias  # the bias add rounds a value of this size in both paths
     return (bound * (1 + 4 * U)).reshape(*x.shape[:-1], module.out_features)
-
-
-def run(module, x, backend):
-    module.backend = backend
-    with torch.no_grad():
-        return module(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,24 +181,8 @@ def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
     calls = []
     monkeypatch.setattr(int4pack, "_mm", lambda *args: calls.append(args[0].shape) or
                         torch.ops.aten._weight_int4pack_mm_for_cpu(*args))
-    x = torch.randn(int4pack.MAX_ROWS + 1, 128)
-    assert torch.equal(run(module, x, "cpu"), run(module, x, "torch"))
-    assert calls == []
-    run(module, x[:int4pack.MAX_ROWS], "cpu")
-    assert calls == [(int4pack.MAX_ROWS, 128)]
-    # a gradient for x: the kernel has no backward, the reference path runs and gives the exact gradient
-    module.backend = "cpu"
-    xg = torch.randn(4, 128, requires_grad=True)
-    module(xg).square().sum().backward()
-    module.backend = "torch"
-    xr = xg.detach().clone().requires_grad_(True)
-    module(xr).square().sum().backward()
-    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
-    # the bias alone needing a gradient still runs the kernel, and the gradient reaches it
-    module.backend = "cpu"
-    module.bias.grad = None
-    module(torch.randn(4, 128)).sum().backward()
-    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+    check_cpu_kernel_fallbacks(module, "cpu", int4pack.MAX_ROWS, calls)
+    assert calls[0] == (int4pack.MAX_ROWS, 128)
 
 
 def test_cpu_backend_on_another_device_is_an_error():
