@@ -43,9 +43,15 @@ import torch
 import torch.nn.functional as F
 
 
-# the backends timed: torch's INT4 kernel ("cpu") and upq_hf's own AVX2 kernel ("avx2"), where each runs here
-CPU_BACKENDS = tuple(name for name, ok in (("cpu", "int4pack"), ("avx2", "avx2"))
-                     if __import__(f"upq_hf.{ok}", fromlist=["available"]).available())
+def cpu_backends() -> tuple[str, ...]:
+    """The CPU backends timed: torch's INT4 kernel (``cpu``) and upq_hf's own AVX2 kernel (``avx2``), where each
+    runs on this machine."""
+    from upq_hf import avx2, int4pack
+
+    return tuple(name for name, backend in (("cpu", int4pack), ("avx2", avx2)) if backend.available())
+
+
+CPU_BACKENDS = cpu_backends()
 
 
 def median_ms(fn, runs: int, warmup: int = 1) -> float:

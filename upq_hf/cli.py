@@ -64,15 +64,15 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+DEFAULT_INT2_MIX = "kv4"
+
+
 def default_mix(args) -> str | None:
     """``--mix``, where ``none`` is uniform bits; unset, ``upq`` at INT2 takes ``kv4`` (k/v at INT4 at the bit
     budget of uniform INT2: docs/BENCHMARKS.md measured it far ahead of uniform INT2 at the same size)."""
     if args.mix is None:
         return DEFAULT_INT2_MIX if args.bits == 2 and args.recipe == "upq" else None
     return None if args.mix == "none" else args.mix
-
-
-DEFAULT_INT2_MIX = "kv4"
 
 
 def cmd_quantize(args) -> int:

@@ -105,7 +105,8 @@ def _ordered_patterns(module_bits) -> Any:
         return None
     if isinstance(module_bits, dict):
         return dict(module_bits)
-    if isinstance(module_bits, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in module_bits):
+    if isinstance(module_bits, (list, tuple)) and all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                                      for pair in module_bits):
         return {pattern: spec for pattern, spec in module_bits}
     return module_bits
 
@@ -348,8 +349,8 @@ class UPQConfig(QuantizationConfigMixin):
         return bool(self.module_bits or self.mix)
 
     def resolve_mix(self, layers) -> None:
-        """Add ``mix``'s patterns for ``layers`` (names, or ``{name: module}``) to ``module_bits``, after the patterns given there
-        (which so take precedence). Idempotent: the saved config holds the resolved patterns and the mix's name,
+        """Add ``mix``'s patterns for ``layers`` (names, or ``{name: module}``) to ``module_bits``, after the
+        patterns given there (which so take precedence). Idempotent: the saved config holds the resolved patterns and the mix's name,
         and resolving again on reload adds nothing."""
         if not self.mix:
             return

