@@ -7,6 +7,10 @@ groups and the bias in fp32 and rounds the result once to the output dtype (unit
 fp32 sum of n terms errs by at most n u times the sum of its terms' magnitudes, and no sum here has more
 than ``K + G + 2`` terms, so ``|y - exact| <= (K + G + 2) u S + u_y |exact|`` to first order; the factor
 (1 + 8 u) covers the rest. "exact" is the product with the dequantized weight in float64.
+
+The AVX512-BF16 kernel (several rows, bf16 activations) meets the same bound: codes (0..15) and bf16
+activations are exact in bf16, their products exact in fp32, and VDPBF16PS adds them into fp32 sums, a pair at a
+time, rounding each addition (it flushes subnormals, which normal data does not reach).
 """
 
 from __future__ import annotations
@@ -72,9 +76,35 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def several_rows_kernel(request):
+    """Each several-rows kernel in turn: the fp32 FMA one (every AVX2 CPU) and, where the CPU and the compiler
+    have it, the AVX512-BF16 one (bf16 activations only); restored afterwards."""
+    compiled = avx2.kernel()
+    wanted = request.param == "avx512-bf16"
+    if wanted and not avx2.bf16_wanted():
+        pytest.skip("this CPU has no AVX512-BF16")
+    before = compiled.bf16
+    assert bool(compiled.set_bf16(int(wanted))) == wanted
+    yield request.param
+    compiled.set_bf16(int(before))
+
+
+def test_the_bf16_kernel_is_on_where_the_cpu_has_it(monkeypatch):
+    # the compiler of CI and the development machines (gcc 12) knows AVX512-BF16: it is built in, and on
+    # when the CPU has the instructions
+    assert avx2.kernel().bf16 == avx2.bf16_wanted()
+    monkeypatch.setenv("UPQ_CPU_BF16", "0")
+    assert not avx2.bf16_wanted()
+
+
 @pytest.mark.parametrize("bits,group_size,in_features,out_features", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matches_the_exact_product_within_the_derived_bound(bits, group_size, in_features, out_features, dtype):
+@pytest.mark.parametrize("dtype,several_rows_kernel", [
+    (torch.float32, "fp32-fma"), (torch.bfloat16, "fp32-fma"), (torch.float16, "fp32-fma"),
+    (torch.bfloat16, "avx512-bf16"),  # it takes bf16 activations only
+], indirect=["several_rows_kernel"])
+def test_matches_the_exact_product_within_the_derived_bound(bits, group_size, in_features, out_features, dtype,
+                                                           several_rows_kernel):
     module = layer(bits, group_size, in_features, out_features)
     module.to(dtype)  # bias in the activation dtype, scales stay float16
     for rows in (1, 2, 3, 8, avx2.MAX_ROWS):
@@ -203,6 +233,25 @@ def test_no_compiler_means_no_backend_and_a_working_fallback(monkeypatch, tmp_pa
     finally:
         avx2._load.cache_clear()
     assert avx2.available()
+
+
+def test_a_compiler_without_avx512_bf16_builds_the_rest(monkeypatch, tmp_path):
+    """A compiler that refuses the AVX512-BF16 part (stood in for by a flag it does not know) still gives the
+    backend, with the fp32 FMA kernel for every several-rows call."""
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("UPQ_CACHE", str(tmp_path))
+            patch.setattr(avx2, "BF16_FLAGS", ("-DUPQ_BF16", "-fno-such-option-upq"))
+            avx2._load.cache_clear()
+            assert avx2.available() and not avx2.kernel().bf16
+            module = layer(2, 64, 256, 64)
+            module.to(torch.bfloat16)
+            x = torch.randn(8, 256, dtype=torch.bfloat16)
+            exact, bound = exact_and_bound(module, x, torch.bfloat16)
+            assert ((run(module, x, "avx2").double() - exact).abs() <= bound).all()
+    finally:
+        avx2._load.cache_clear()
+    assert avx2.kernel().bf16 == avx2.bf16_wanted()
 
 
 def test_a_whole_model_on_the_backend_matches_the_reference(tiny_llama_dir, tmp_path, monkeypatch):

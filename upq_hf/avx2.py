@@ -42,13 +42,15 @@ from .machine import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
-ABI = 1
+BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
+ABI = 2
 # Rows above which a call takes the reference path: the kernel's time grows with every row, dequantize +
 # matmul pays the dequantization once; on the bundled model's layers they cross at 128-256 rows
 # (docs/BENCHMARKS.md, "crossover"), where torch's INT4 kernel crosses too.
 MAX_ROWS = 128
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CPU_FLAGS = ("avx2", "fma", "f16c")
+_BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 
 
 def _log(message: str) -> None:
@@ -80,13 +82,13 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _build(compiler: str, openmp: bool) -> Path:
+def _build(compiler: str, openmp: bool, bf16: bool) -> Path:
     """The compiled library in the cache, compiled now if it is not there (atomically: a temporary beside it,
     renamed into place, so concurrent processes never load half a file)."""
     from .atomic import atomic_path
     from .machine import cache_dir
 
-    flags = FLAGS + (("-fopenmp",) if openmp else ())
+    flags = FLAGS + (("-fopenmp",) if openmp else ()) + (BF16_FLAGS if bf16 else ())
     digest = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode())
     target = cache_dir() / "kernels" / f"upq_cpu-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
@@ -101,12 +103,24 @@ def _build(compiler: str, openmp: bool) -> Path:
     return target
 
 
+def bf16_wanted() -> bool:
+    """Whether the several-rows calls with bf16 activations take the AVX512-BF16 kernel: on CPUs that have it,
+    unless ``UPQ_CPU_BF16=0`` (the fp32 FMA kernel then takes them, as on AVX2-only CPUs)."""
+    flags = cpu_flags() or set()
+    return os.environ.get("UPQ_CPU_BF16", "1") != "0" and all(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
 class _Kernel:
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
         if library.upq_cpu_abi() != ABI:
             raise OSError(f"{path} is not the kernel this upq_hf expects (ABI {library.upq_cpu_abi()} != {ABI})")
         self.path = path
+        library.upq_cpu_set_bf16.argtypes = [ctypes.c_int]
+        library.upq_cpu_set_bf16.restype = ctypes.c_int
+        self.set_bf16 = library.upq_cpu_set_bf16
+        #: whether several-rows bf16 calls run on AVX512-BF16 (built with it, and the CPU has it)
+        self.bf16 = bool(self.set_bf16(int(bf16_wanted())))
         self.linear = library.upq_linear
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self.linear.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, integer, pointer,
@@ -123,11 +137,14 @@ def _load() -> tuple[_Kernel | None, str | None]:
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
     errors = []
-    for openmp in (True, False):  # without OpenMP (e.g. Apple clang) the kernel runs on one thread
-        try:
-            return _Kernel(_build(compiler, openmp)), None
-        except (OSError, subprocess.SubprocessError) as error:
-            errors.append(str(error))
+    # without OpenMP (e.g. Apple clang) the kernel runs on one thread; a compiler that does not know
+    # AVX512-BF16 builds the rest
+    for openmp in (True, False):
+        for bf16 in (True, False):
+            try:
+                return _Kernel(_build(compiler, openmp, bf16)), None
+            except (OSError, subprocess.SubprocessError) as error:
+                errors.append(str(error))
     return None, f"{compiler} could not build {SOURCE.name}: {errors[0]}"
 
 

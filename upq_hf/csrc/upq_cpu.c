@@ -11,6 +11,11 @@
 // so the inner loop is integer code -> float, times x, accumulated in fp32 over one group, eight outputs
 // per AVX2 vector (the K-major layout puts eight outputs' words side by side). Activations are read as
 // fp32, bf16 or fp16 and widened exactly; outputs are rounded once, to nearest even.
+//
+// Built with -DUPQ_BF16 (where the compiler knows AVX512-BF16) the file also holds a several-rows kernel for
+// bf16 activations on AVX512-BF16 CPUs: codes become bf16 integers (exact: 0..15) through a 16-bit lookup,
+// and VDPBF16PS multiplies them with the bf16 activations (exact) and sums pairs in fp32, twice the products
+// per instruction of fp32 FMAs. upq_cpu_set_bf16() switches it on; the caller checks the CPU.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -193,7 +198,141 @@ static void store_rows(const problem *p, const float *out, int rows, int n0, int
         }
 }
 
-int upq_cpu_abi(void) { return 1; }
+#ifdef UPQ_BF16
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define NB_BF16 32   // outputs per block of the bf16 several-rows kernel (two 16-lane vectors)
+#define MR_BF16 12   // rows per pass of it (24 accumulators)
+
+BF16_TARGET static inline __m512 load16(const void *p, size_t i, int dtype)
+{
+    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+// two codes of each 32-bit word (the lowest two) as a bf16 pair, lower k in the lower half: the pair one
+// VDPBF16PS lane multiplies with two activations
+BF16_TARGET static inline __m512i code_pairs(__m512i c, __m512i lut, const int BITS)
+{
+    const __m512i lo = _mm512_and_si512(c, _mm512_set1_epi32((1 << BITS) - 1));
+    const __m512i hi = _mm512_and_si512(c, _mm512_set1_epi32(((1 << BITS) - 1) << BITS));
+    return _mm512_permutexvar_epi16(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16 - BITS)), lut);
+}
+
+// rows [m0, m0 + R) x 32 outputs over `pairs` pairs of decoded columns: acc[R][32] += x @ w
+BF16_TARGET static inline __attribute__((always_inline)) void micro_bf16(const uint32_t *w, int pairs,
+                                                                        const uint32_t *x, size_t x_stride,
+                                                                        float *acc, const int R)
+{
+    __m512 a[MR_BF16][2];
+    for (int m = 0; m < R; ++m) {
+        a[m][0] = _mm512_loadu_ps(acc + 32 * m);
+        a[m][1] = _mm512_loadu_ps(acc + 32 * m + 16);
+    }
+    for (int k = 0; k < pairs; ++k) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + 32 * k);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32 * k + 16);
+        for (int m = 0; m < R; ++m) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)x[m * x_stride + k]);
+            a[m][0] = _mm512_dpbf16_ps(a[m][0], w0, b);
+            a[m][1] = _mm512_dpbf16_ps(a[m][1], w1, b);
+        }
+    }
+    for (int m = 0; m < R; ++m) {
+        _mm512_storeu_ps(acc + 32 * m, a[m][0]);
+        _mm512_storeu_ps(acc + 32 * m + 16, a[m][1]);
+    }
+}
+
+BF16_TARGET static void micro_bf16_any(const uint32_t *w, int pairs, const uint32_t *x, size_t x_stride, float *acc,
+                                       int rows)
+{
+    switch (rows) {
+    case 1: micro_bf16(w, pairs, x, x_stride, acc, 1); break;
+    case 2: micro_bf16(w, pairs, x, x_stride, acc, 2); break;
+    case 3: micro_bf16(w, pairs, x, x_stride, acc, 3); break;
+    case 4: micro_bf16(w, pairs, x, x_stride, acc, 4); break;
+    case 5: micro_bf16(w, pairs, x, x_stride, acc, 5); break;
+    case 6: micro_bf16(w, pairs, x, x_stride, acc, 6); break;
+    case 7: micro_bf16(w, pairs, x, x_stride, acc, 7); break;
+    case 8: micro_bf16(w, pairs, x, x_stride, acc, 8); break;
+    case 9: micro_bf16(w, pairs, x, x_stride, acc, 9); break;
+    case 10: micro_bf16(w, pairs, x, x_stride, acc, 10); break;
+    case 11: micro_bf16(w, pairs, x, x_stride, acc, 11); break;
+    default: micro_bf16(w, pairs, x, x_stride, acc, 12); break;
+    }
+}
+
+// All rows, outputs [n0, n0 + 32), bf16 activations xb (M x Kp): as many_rows, with each chunk of codes
+// decoded once into bf16 pairs (w: CHUNK_K / 2 x 32 words) and VDPBF16PS for the products.
+BF16_TARGET static inline __attribute__((always_inline)) void many_rows_bf16_bits(const problem *p,
+                                                                                 const uint16_t *xb, int n0,
+                                                                                 float *out, float *acc,
+                                                                                 uint32_t *w, const int BITS)
+{
+    const int P = 32 / BITS;
+    uint16_t table[32] = {0};
+    for (int i = 0; i < 16; ++i) {
+        const float f = (float)i;
+        uint32_t bits; memcpy(&bits, &f, 4);
+        table[i] = (uint16_t)(bits >> 16);  // exact: small integers
+    }
+    const __m512i lut = _mm512_loadu_si512(table);
+    memset(out, 0, sizeof(float) * 32 * p->M);
+    for (int g = 0; g < p->G; ++g) {
+        memset(acc, 0, sizeof(float) * 32 * p->M);
+        for (int w0 = 0; w0 < p->words_per_group; w0 += CHUNK_K / P) {
+            const int words = p->words_per_group - w0 < CHUNK_K / P ? p->words_per_group - w0 : CHUNK_K / P;
+            for (int i = 0; i < words; ++i) {
+                const size_t word = (size_t)g * p->words_per_group + w0 + i;
+                const int32_t *row = p->codes + word * p->N + n0;
+                __m512i c0 = _mm512_loadu_si512(row), c1 = _mm512_loadu_si512(row + 16);
+                for (int j = 0; j < P; j += 2) {
+                    uint32_t *dst = w + 32 * ((i * P + j) / 2);
+                    _mm512_storeu_si512(dst, code_pairs(c0, lut, BITS));
+                    _mm512_storeu_si512(dst + 16, code_pairs(c1, lut, BITS));
+                    c0 = _mm512_srli_epi32(c0, 2 * BITS);
+                    c1 = _mm512_srli_epi32(c1, 2 * BITS);
+                }
+            }
+            const size_t k0 = ((size_t)g * p->words_per_group + w0) * P;  // even: P is
+            for (int m0 = 0; m0 < p->M; m0 += MR_BF16) {
+                const int rows = p->M - m0 < MR_BF16 ? p->M - m0 : MR_BF16;
+                micro_bf16_any(w, words * P / 2, (const uint32_t *)(xb + (size_t)m0 * p->Kp + k0), p->Kp / 2,
+                               acc + 32 * m0, rows);
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const size_t at = (size_t)g * p->N + n0 + 16 * h;
+            const __m512 s = load16(p->scale, at, p->scale_dtype);
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
+            for (int m = 0; m < p->M; ++m) {
+                const __m512 xs = _mm512_set1_ps(p->xsum[(size_t)m * p->G + g]);
+                float *o = out + 32 * m + 16 * h;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, _mm512_loadu_ps(acc + 32 * m + 16 * h)),
+                                                    _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+BF16_TARGET static void many_rows_bf16(const problem *p, const uint16_t *xb, int n0, float *out, float *acc,
+                                       uint32_t *w)
+{
+    if (p->bits == 2) many_rows_bf16_bits(p, xb, n0, out, acc, w, 2);
+    else many_rows_bf16_bits(p, xb, n0, out, acc, w, 4);
+}
+
+static int use_bf16 = 0;
+int upq_cpu_set_bf16(int on) { use_bf16 = on != 0; return use_bf16; }
+#else
+#define NB_BF16 NB_ROWS
+static const int use_bf16 = 0;
+int upq_cpu_set_bf16(int on) { (void)on; return 0; }  // built without it: the several-rows kernel is fp32
+#endif
+
+int upq_cpu_abi(void) { return 2; }
 
 // returns 0 on success, 1 for a group size that splits a word (the caller takes another path), 2 out of memory
 int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
@@ -219,12 +358,23 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
             xsum[(size_t)m * G + g] = s;
         }
     problem p = {xp, xsum, M, Kp, N, G, group, words_per_group, bits, codes, scale, scale_dtype, zero};
-    const int width = M == 1 ? NB : NB_ROWS;
+    // bf16 activations, several rows, the kernel switched on: the VDPBF16PS path (x is exact in bf16)
+    const int bf16 = use_bf16 && M > 1 && x_dtype == BF16;
+    uint16_t *xb = NULL;
+    if (bf16) {
+        xb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)M * Kp);
+        if (!xb) { free(xp); return 2; }
+        for (size_t i = 0; i < (size_t)M * Kp; ++i) {
+            uint32_t bits32; memcpy(&bits32, xp + i, 4);
+            xb[i] = (uint16_t)(bits32 >> 16);  // exact: widened from bf16 above (padding: zero)
+        }
+    }
+    const int width = M == 1 ? NB : bf16 ? NB_BF16 : NB_ROWS;
     const int blocks = N / width;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1 && blocks > 1)
     {
-        float *work = (float *)malloc(sizeof(float) * (2 * 16 * (size_t)M + 16 * CHUNK_K + NB));
+        float *work = (float *)malloc(sizeof(float) * (2 * 32 * (size_t)M + 16 * CHUNK_K + NB));
         if (!work) {
             #pragma omp atomic write
             failed = 1;
@@ -234,13 +384,20 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
             if (!work) continue;
             if (M == 1) {
                 if (bits == 2) one_row(&p, b * NB, work, 2); else one_row(&p, b * NB, work, 4);
-            } else {
+            }
+#ifdef UPQ_BF16
+            else if (bf16) {
+                many_rows_bf16(&p, xb, b * NB_BF16, work, work + 32 * (size_t)M, (uint32_t *)(work + 2 * 32 * (size_t)M));
+            }
+#endif
+            else {
                 many_rows(&p, b * NB_ROWS, work, work + 16 * (size_t)M, work + 2 * 16 * (size_t)M);
             }
             store_rows(&p, work, M, b * width, width, bias, bias_dtype, y, y_dtype);
         }
         free(work);
     }
+    free(xb);
     if (failed) { free(xp); return 2; }
     for (int n = blocks * width; n < N; ++n) {  // the outputs past the last full block: plain scalar code
         const int mask = (1 << bits) - 1;
