@@ -6,6 +6,12 @@ of a UPQ model is its stored size. Per group of input columns it sums code x act
 the scale once (``s * (sum c x - z * sum x)``, ``z = 1.5`` for SEQ INT2), eight outputs per AVX2 vector, the
 output rows split over ``torch.get_num_threads()`` OpenMP threads (the OpenMP runtime torch has loaded).
 
+On CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later), calls of several rows with bf16 activations take
+a second kernel in the same file: each chunk of codes becomes bf16 integers once (exact), and VDPBF16PS
+multiplies them with the activations (exact in bf16) and sums in fp32, twice the products per instruction of
+fp32 FMAs. It is compiled in where the compiler knows the instructions, used where the CPU has them
+(:func:`bf16_wanted`; ``UPQ_CPU_BF16=0`` turns it off), and gives the same accuracy as below.
+
 Accuracy: activations are widened to fp32 exactly and the sums run in fp32, so the result is the fp32
 product with the exact dequantized weight up to fp32 summation order; a bf16 or fp16 output is rounded once.
 That is closer to the exact product than the reference path, which rounds the dequantized weight to the
