@@ -314,13 +314,23 @@ def part_crossover(args) -> list[dict]:
                         x, pack.packed, pack.group_size, pack.scales_and_zeros), runs)
                 if compiled is not None:
                     y = torch.empty(M, N, dtype=x.dtype)
-                    row["avx2_ms"] = median_ms(lambda: compiled.linear(
-                        x.data_ptr(), 1, M, K, layer.weight.data_ptr(), N, 2, 64, layer.weight_scale.data_ptr(), None,
-                        2, None, 0, y.data_ptr(), 1, torch.get_num_threads()), runs)
+
+                    def call():
+                        compiled.linear(x.data_ptr(), 1, M, K, layer.weight.data_ptr(), N, 2, 64,
+                                        layer.weight_scale.data_ptr(), None, 2, None, 0, y.data_ptr(), 1,
+                                        torch.get_num_threads())
+
+                    row["avx2_ms"] = median_ms(call, runs)  # on AVX512-BF16 CPUs: the bf16 several-rows kernel
+                    if compiled.bf16:  # and its fp32 FMA kernel, as AVX2-only CPUs run it
+                        compiled.set_bf16(0)
+                        try:
+                            row["avx2_fp32fma_ms"] = median_ms(call, runs)
+                        finally:
+                            compiled.set_bf16(1)
                 rows.append(row)
                 print(f"  {K}x{N} M={M}: dequantize + matmul {row['reference_ms']:.2f} ms"
-                      + "".join(f", {key[:-3]} {row[key]:.2f} ms" for key in ("kernel_ms", "avx2_ms") if key in row),
-                      flush=True)
+                      + "".join(f", {key[:-3]} {row[key]:.2f} ms" for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms")
+                                if key in row), flush=True)
     return rows
 
 
@@ -364,9 +374,11 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "crossover" in report:
         lines += ["Kernels against dequantize + matmul, bf16, INT2 g64 (ms per call; `cpu` = torch's INT4 kernel):", "",
-                  "| K x N | M | dequantize + matmul | cpu kernel | avx2 kernel |", "|---|---:|---:|---:|---:|"]
+                  "| K x N | M | dequantize + matmul | cpu kernel | avx2 kernel | avx2, fp32 FMA kernel |",
+                  "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['reference_ms']:.2f} | "
-                  + " | ".join(f"{r[key]:.2f}" if key in r else "-" for key in ("kernel_ms", "avx2_ms")) + " |"
+                  + " | ".join(f"{r[key]:.2f}" if key in r else "-" for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms"))
+                  + " |"
                   for r in report["crossover"]]
     return "\n".join(lines)
 

@@ -209,6 +209,10 @@ def test_the_automatic_choice_on_the_cpu(monkeypatch, fast_bf16):
     assert resolve_backend(one, None) == "avx2"  # a decode step
     expected = "cpu" if fast_bf16 and int4pack.available() else "avx2"
     assert resolve_backend(few, None) == expected
+    # bf16 rows go to the AVX512-BF16 kernel where it runs, up to its limit; past it, as fp32 rows do
+    bf16_few, bf16_many = few.bfloat16(), torch.randn(backends.AVX2_BF16_ROWS + 1, 128, dtype=torch.bfloat16)
+    assert resolve_backend(bf16_few, None) == ("avx2" if avx2.kernel().bf16 else expected)
+    assert resolve_backend(bf16_many, None) == expected
     module = layer(2, 64, 128, 32)
     module.backend = None
     with torch.no_grad():

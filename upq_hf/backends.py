@@ -6,6 +6,7 @@ The choice is made here and nowhere else: ``UPQLinear.backend`` (set from ``UPQC
 
 * CUDA tensors: Triton when it imports, else the reference;
 * CPU tensors (:func:`cpu_backend`): ``avx2`` for calls of up to :data:`AVX2_FIRST_ROWS` rows (a decode step),
+  and for bf16 calls of up to :data:`AVX2_BF16_ROWS` rows where the avx2 kernel runs them on AVX512-BF16;
   then, where the CPU multiplies bf16 natively (AVX512-BF16, AMX) and torch has its INT4 kernel, ``cpu`` for
   more rows (there torch's kernel, on bf16 units, beats fp32 FMAs); elsewhere ``avx2`` for every call it takes;
   and ``torch`` where neither kernel exists. Each kernel hands the calls it does not take (too many rows, a
@@ -46,8 +47,11 @@ def resolve_backend(x: torch.Tensor, requested: str | None) -> str:
 
 
 # Calls of up to this many rows go to the avx2 kernel even where torch's INT4 kernel has bf16 units to run on
-# (measured on an AVX512-BF16 EPYC: docs/BENCHMARKS.md, "upq_hf's own CPU kernel")
+# (measured on an AVX512-BF16 EPYC: docs/BENCHMARKS.md, "upq_hf's own CPU kernel") ...
 AVX2_FIRST_ROWS = 1
+# ... and bf16 calls of up to this many, where the avx2 kernel has its AVX512-BF16 several-rows kernel
+# (docs/BENCHMARKS.md, "The AVX512-BF16 several-rows kernel"); past avx2.MAX_ROWS it takes none
+AVX2_BF16_ROWS = avx2.MAX_ROWS
 
 
 def cpu_backend(x: torch.Tensor) -> str:
@@ -56,7 +60,8 @@ def cpu_backend(x: torch.Tensor) -> str:
         if not cpu_has_fast_bf16() or not cpu_kernel_available():
             return "avx2"
         rows = x.numel() // x.shape[-1] if x.dim() else 1
-        return "avx2" if rows <= AVX2_FIRST_ROWS else "cpu"
+        limit = AVX2_BF16_ROWS if x.dtype == torch.bfloat16 and avx2.kernel().bf16 else AVX2_FIRST_ROWS
+        return "avx2" if rows <= limit else "cpu"
     avx2.say_why_once()
     return "cpu" if cpu_kernel_available() else "torch"
 
