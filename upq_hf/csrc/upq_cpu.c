@@ -211,13 +211,12 @@ BF16_TARGET static inline __m512 load16(const void *p, size_t i, int dtype)
     return _mm512_cvtph_ps(h);
 }
 
-// two codes of each 32-bit word (the lowest two) as a bf16 pair, lower k in the lower half: the pair one
-// VDPBF16PS lane multiplies with two activations
+// codes j and j + P/2 of each 32-bit word (c shifted right by j codes) as a bf16 pair: they sit 16 bits apart, so
+// one mask puts each in its 16-bit half, and a 16-bit lookup makes it bf16. VDPBF16PS multiplies the pair with
+// the activations of columns j and j + P/2, which the caller lays side by side.
 BF16_TARGET static inline __m512i code_pairs(__m512i c, __m512i lut, const int BITS)
 {
-    const __m512i lo = _mm512_and_si512(c, _mm512_set1_epi32((1 << BITS) - 1));
-    const __m512i hi = _mm512_and_si512(c, _mm512_set1_epi32(((1 << BITS) - 1) << BITS));
-    return _mm512_permutexvar_epi16(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16 - BITS)), lut);
+    return _mm512_permutexvar_epi16(_mm512_and_si512(c, _mm512_set1_epi32(((1 << BITS) - 1) * 0x10001)), lut);
 }
 
 // rows [m0, m0 + R) x 32 outputs over `pairs` pairs of decoded columns: acc[R][32] += x @ w
@@ -264,8 +263,9 @@ BF16_TARGET static void micro_bf16_any(const uint32_t *w, int pairs, const uint3
     }
 }
 
-// All rows, outputs [n0, n0 + 32), bf16 activations xb (M x Kp): as many_rows, with each chunk of codes
-// decoded once into bf16 pairs (w: CHUNK_K / 2 x 32 words) and VDPBF16PS for the products.
+// All rows, outputs [n0, n0 + 32), bf16 activations xb (M x Kp, each word's columns in pair order: j, j + P/2
+// for j < P/2): as many_rows, with each chunk of codes decoded once into bf16 pairs (w: CHUNK_K / 2 x 32 words)
+// and VDPBF16PS for the products.
 BF16_TARGET static inline __attribute__((always_inline)) void many_rows_bf16_bits(const problem *p,
                                                                                  const uint16_t *xb, int n0,
                                                                                  float *out, float *acc,
@@ -288,12 +288,12 @@ BF16_TARGET static inline __attribute__((always_inline)) void many_rows_bf16_bit
                 const size_t word = (size_t)g * p->words_per_group + w0 + i;
                 const int32_t *row = p->codes + word * p->N + n0;
                 __m512i c0 = _mm512_loadu_si512(row), c1 = _mm512_loadu_si512(row + 16);
-                for (int j = 0; j < P; j += 2) {
-                    uint32_t *dst = w + 32 * ((i * P + j) / 2);
+                for (int j = 0; j < P / 2; ++j) {  // pair j: codes j and j + P/2
+                    uint32_t *dst = w + 32 * (i * P / 2 + j);
                     _mm512_storeu_si512(dst, code_pairs(c0, lut, BITS));
                     _mm512_storeu_si512(dst + 16, code_pairs(c1, lut, BITS));
-                    c0 = _mm512_srli_epi32(c0, 2 * BITS);
-                    c1 = _mm512_srli_epi32(c1, 2 * BITS);
+                    c0 = _mm512_srli_epi32(c0, BITS);
+                    c1 = _mm512_srli_epi32(c1, BITS);
                 }
             }
             const size_t k0 = ((size_t)g * p->words_per_group + w0) * P;  // even: P is
@@ -364,10 +364,11 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
     if (bf16) {
         xb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)M * Kp);
         if (!xb) { free(xp); return 2; }
-        for (size_t i = 0; i < (size_t)M * Kp; ++i) {
-            uint32_t bits32; memcpy(&bits32, xp + i, 4);
-            xb[i] = (uint16_t)(bits32 >> 16);  // exact: widened from bf16 above (padding: zero)
-        }
+        for (size_t word = 0; word < (size_t)M * Kp / P; ++word)  // in pair order (many_rows_bf16)
+            for (int j = 0; j < P; ++j) {
+                uint32_t bits32; memcpy(&bits32, xp + word * P + (j % 2 ? P / 2 : 0) + j / 2, 4);
+                xb[word * P + j] = (uint16_t)(bits32 >> 16);  // exact: widened from bf16 above (padding: zero)
+            }
     }
     const int width = M == 1 ? NB : bf16 ? NB_BF16 : NB_ROWS;
     const int blocks = N / width;
