@@ -1,6 +1,9 @@
 """Plot fidelity against training budget for the INT2 recipes, from bench_upq.py's results.json.
 
     python examples/plot_budget.py out/bench-upq/results.json docs/budget.png      (needs matplotlib)
+    python examples/plot_budget.py A/results.json B/results.json docs/budget.png   (runs merged, later ones win)
+
+The title names the bits and mix of the first file's settings.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    source, target = sys.argv[1], sys.argv[2]
-    with open(source) as handle:
-        results = json.load(handle)
+    *sources, target = sys.argv[1:]
+    results = {}
+    for source in sources:
+        with open(source) as handle:
+            results.update(json.load(handle))
+    with open(sources[0]) as handle:
+        settings = json.load(handle).get("settings", {})
     fig, (ax_top1, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"upq": ("tab:blue", "o"), "ntp": ("tab:red", "s"), "distill": ("tab:green", "^")}
     for recipe, (color, marker) in styles.items():
@@ -37,7 +44,9 @@ def main() -> int:
               title="KL vs budget (lower is better)", yscale="log")
     ax_top1.legend(fontsize=8)
     ax_kl.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct, INT2 g64: next-token QAT (ntp) vs UPQ")
+    mix = settings.get("mix")
+    fig.suptitle(f"SmolLM2-135M-Instruct, INT2 {'mix ' + mix if mix else 'g64'}, {results.get('split', 'report')} "
+                 f"prompts: next-token QAT (ntp), Distill-QAT from RTN (distill) and UPQ")
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     print(f"wrote {target}")
