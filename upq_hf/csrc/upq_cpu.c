@@ -325,7 +325,14 @@ BF16_TARGET static void many_rows_bf16(const problem *p, const uint16_t *xb, int
 }
 
 static int use_bf16 = 0;
-int upq_cpu_set_bf16(int on) { use_bf16 = on != 0; return use_bf16; }
+// on only where this CPU has the instructions, whatever the caller asks: never an illegal instruction
+int upq_cpu_set_bf16(int on)
+{
+    __builtin_cpu_init();
+    use_bf16 = on != 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+               && __builtin_cpu_supports("avx512bf16");
+    return use_bf16;
+}
 #else
 #define NB_BF16 NB_ROWS
 static const int use_bf16 = 0;
