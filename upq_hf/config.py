@@ -350,8 +350,8 @@ class UPQConfig(QuantizationConfigMixin):
 
     def resolve_mix(self, layers) -> None:
         """Add ``mix``'s patterns for ``layers`` (names, or ``{name: module}``) to ``module_bits``, after the
-        patterns given there (which so take precedence). Idempotent: the saved config holds the resolved patterns and the mix's name,
-        and resolving again on reload adds nothing."""
+        patterns given there (which so take precedence). Idempotent: the saved config holds the resolved patterns
+        and the mix's name, and resolving again on reload adds nothing."""
         if not self.mix:
             return
         # the patterns this config's last resolution added are dropped first, so that one config object can

@@ -15,7 +15,7 @@
 // Built with -DUPQ_BF16 (where the compiler knows AVX512-BF16) the file also holds a several-rows kernel for
 // bf16 activations on AVX512-BF16 CPUs: codes become bf16 integers (exact: 0..15) through a 16-bit lookup,
 // and VDPBF16PS multiplies them with the bf16 activations (exact) and sums pairs in fp32, twice the products
-// per instruction of fp32 FMAs. upq_cpu_set_bf16() switches it on; the caller checks the CPU.
+// per instruction of fp32 FMAs. upq_cpu_set_bf16() switches it on where the CPU reports the instructions.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -211,6 +211,10 @@ BF16_TARGET static inline __m512 load16(const void *p, size_t i, int dtype)
     return _mm512_cvtph_ps(h);
 }
 
+// the bf16 bits of the integers 0..15 (exact), padded to the 32 entries of a 16-bit lookup
+static const uint16_t BF16_OF_CODE[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+                                          0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
 // codes j and j + P/2 of each 32-bit word (c shifted right by j codes) as a bf16 pair: they sit 16 bits apart, so
 // one mask puts each in its 16-bit half, and a 16-bit lookup makes it bf16. VDPBF16PS multiplies the pair with
 // the activations of columns j and j + P/2, which the caller lays side by side.
@@ -272,13 +276,7 @@ BF16_TARGET static inline __attribute__((always_inline)) void many_rows_bf16_bit
                                                                                  uint32_t *w, const int BITS)
 {
     const int P = 32 / BITS;
-    uint16_t table[32] = {0};
-    for (int i = 0; i < 16; ++i) {
-        const float f = (float)i;
-        uint32_t bits; memcpy(&bits, &f, 4);
-        table[i] = (uint16_t)(bits >> 16);  // exact: small integers
-    }
-    const __m512i lut = _mm512_loadu_si512(table);
+    const __m512i lut = _mm512_loadu_si512(BF16_OF_CODE);
     memset(out, 0, sizeof(float) * 32 * p->M);
     for (int g = 0; g < p->G; ++g) {
         memset(acc, 0, sizeof(float) * 32 * p->M);
