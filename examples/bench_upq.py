@@ -5,7 +5,8 @@ the teacher's answers to the built-in seed prompts), the same calibration set an
 is exactly upq's INT2 reconstruction, from the unquantized weights) and the same training budget
 (``ntp``, ``distill`` and ``upq`` train for the same steps on the same sequences). For each model:
 fidelity to the teacher (teacher-forced top-1 agreement, KL, JSD) on a split of the held-out prompts,
-its own greedy answers to them (how many are not empty; all of them in the JSON), the offline
+its own greedy answers to them (how many are not empty, how many the teacher ties to their prompt
+(:mod:`upq_hf.evaluation.topicality`); all of them in the JSON), the offline
 instruction-following check, wall time and training tokens/s; for the training recipes, fidelity at
 chosen training steps (the budget curve; step 0 is where training starts). Writes
 ``OUT/results.json`` (``examples/plot_budget.py`` draws the budget plot from it) and prints markdown.
@@ -30,7 +31,7 @@ import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.atomic import write_text
 from upq_hf.config import MIXES
-from upq_hf.evaluation import FidelityReference, answer_texts, fidelity, instruction_following
+from upq_hf.evaluation import FidelityReference, answer_texts, fidelity, instruction_following, topicality
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import REPORT_PROMPTS, VALIDATION_PROMPTS
 from upq_hf.recipes import RECIPES
@@ -110,9 +111,11 @@ def main() -> int:
     teacher_if = None if args.no_if else instruction_following(teacher, tokenizer)
     print(f"teacher: {len(prompts)} {args.split} prompts, {sum(map(len, reference.answer_ids))} answer tokens "
           f"({time.time() - started:.0f} s)", file=sys.stderr)
+    teacher_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference.answer_ids]
     results = {"settings": {**vars(args), "config": base.to_dict()}, "split": args.split,
                "answer_tokens": sum(map(len, reference.answer_ids)),
-               "teacher": {"if": None if teacher_if is None else teacher_if["score"]}}
+               "teacher": {"if": None if teacher_if is None else teacher_if["score"],
+                           "on_topic": topicality(teacher, tokenizer, prompts, teacher_answers)["on_topic"]}}
     tokens_per_step = base.train_batch_size * base.train_seqlen
     for recipe in args.recipes.split(","):
         model = load_model(source, dtype="float32")
@@ -130,11 +133,13 @@ def main() -> int:
         results[recipe] = {
             **scores, "seconds": seconds, "curve": curve.points, "if": None if follow is None else follow["score"],
             "answers": dict(zip(prompts, answers)), "non_empty": sum(bool(a) for a in answers),
+            "on_topic": topicality(teacher, tokenizer, prompts, answers)["on_topic"],
             "train_tokens": steps * tokens_per_step if trained else 0,
             "train_tokens_per_second": steps * tokens_per_step / runtime if runtime else None,
         }
         print(f"{recipe}: top-1 {scores['top1']:.3f} KL {scores['kl']:.3f}, {results[recipe]['non_empty']}/"
-              f"{len(prompts)} answers not empty, {seconds:.0f} s", file=sys.stderr, flush=True)
+              f"{len(prompts)} answers not empty, {results[recipe]['on_topic']} on topic, {seconds:.0f} s",
+              file=sys.stderr, flush=True)
         write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
 
     print(f"\n## INT2 recipes on SmolLM2-135M-Instruct ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores)\n")
@@ -143,17 +148,17 @@ def main() -> int:
           f"{base.train_batch_size} x {base.train_seqlen} = {steps * tokens_per_step:,} tokens over "
           f"{base.train_samples} distinct sequences; fidelity on the {len(prompts)} {args.split} prompts "
           f"({results['answer_tokens']} teacher answer tokens).\n")
-    print("| model | top-1 | KL(T‖S) | JSD | answers not empty | IF | wall s | train tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | top-1 | KL(T‖S) | JSD | answers not empty | on topic | IF | wall s | train tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     t_if = results["teacher"]["if"]
     print(f"| teacher | 1.000 | 0.000 | 0.000 | {len(prompts)}/{len(prompts)} | "
-          f"{'' if t_if is None else f'{t_if:.3f}'} | | |")
+          f"{results['teacher']['on_topic']}/{len(prompts)} | {'' if t_if is None else f'{t_if:.3f}'} | | |")
     for recipe in args.recipes.split(","):
         r = results[recipe]
         tps = r["train_tokens_per_second"]
         r_if = "" if r["if"] is None else f"{r['if']:.3f}"
         print(f"| {NAMES.get(recipe, recipe)} | {r['top1']:.3f} | {r['kl']:.3f} | {r['jsd']:.3f} | "
-              f"{r['non_empty']}/{len(prompts)} | {r_if} | "
+              f"{r['non_empty']}/{len(prompts)} | {r['on_topic']}/{len(prompts)} | {r_if} | "
               f"{r['seconds']:.0f} | {'' if not tps else f'{tps:.0f}'} |")
     print("\nBudget curve (fidelity inside each training run; step 0 = where training starts):\n")
     print("| recipe | step | training tokens | top-1 | KL |")

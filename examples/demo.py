@@ -106,6 +106,8 @@ def main() -> int:
     record_report(args.out, metrics={"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
                                      "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
                                      "fidelity_prompts": args.prompts, "answers_non_empty": scores["non_empty"],
+                                     "answers_on_topic": scores["on_topic"],
+                                     "teacher_answers_on_topic": scores["teacher_on_topic"],
                                      "answers_prompts": scores["prompts"]},
                   answers=scores["answers"])
 
@@ -127,6 +129,8 @@ def main() -> int:
     print(f"| tokens scored | {scores['tokens']} | {scores['tokens']} |")
     print(f"| greedy answers not empty | {scores['prompts']}/{scores['prompts']} | "
           f"{scores['non_empty']}/{scores['prompts']} |")
+    print(f"| greedy answers on their prompt's subject (the unquantized model picks the prompt) | "
+          f"{scores['teacher_on_topic']}/{scores['prompts']} | {scores['on_topic']}/{scores['prompts']} |")
     print()
     print(f"Prompt: {SAMPLE_PROMPT}")
     print(f"  unquantized: {teacher_answer}")

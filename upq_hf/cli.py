@@ -168,7 +168,8 @@ def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dic
     scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
     metrics = {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
                "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
-               "answers_non_empty": scores["non_empty"], "answers_prompts": scores["prompts"]}
+               "answers_non_empty": scores["non_empty"], "answers_on_topic": scores["on_topic"],
+               "teacher_answers_on_topic": scores["teacher_on_topic"], "answers_prompts": scores["prompts"]}
     return metrics, scores["answers"]
 
 

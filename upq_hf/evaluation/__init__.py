@@ -3,6 +3,7 @@
 * :mod:`.fidelity`: teacher-forced top-1 agreement, KL and JSD on held-out chat prompts, the one
   fidelity run (:func:`measure_fidelity`) that ``upq quantize``, ``upq eval``, the demo and the
   benchmarks use;
+* :mod:`.topicality`: whether free-running answers are on their prompt's subject, judged by the teacher;
 * :mod:`.harness`: the lm-evaluation-harness glue (version gate, task lookup, building tasks);
 * :mod:`.local_tasks`: lm-eval's MMLU and IFEval from local files in their own row formats;
 * :mod:`.runner`: ``upq eval`` (:func:`evaluate_model`), results JSON and the summary table;
@@ -15,6 +16,8 @@ from .fidelity import FidelityReference, answer_texts, fidelity, held_out_prompt
 from .harness import EvalSetupError
 from .instructions import INSTRUCTION_CHECKS, instruction_following
 from .runner import evaluate_model, summary_table
+from .topicality import topicality
 
 __all__ = ["FidelityReference", "answer_texts", "fidelity", "held_out_prompts", "measure_fidelity", "token_divergences",
-           "EvalSetupError", "INSTRUCTION_CHECKS", "instruction_following", "evaluate_model", "summary_table"]
+           "EvalSetupError", "INSTRUCTION_CHECKS", "instruction_following", "evaluate_model", "summary_table",
+           "topicality"]

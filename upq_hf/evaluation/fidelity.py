@@ -8,6 +8,9 @@ tokens only:
 * ``kl``: mean per-token KL(teacher || student) in nats;
 * ``jsd``: mean per-token Jensen-Shannon divergence (beta = 0.5) in nats.
 
+With ``answers=True`` the student also answers the prompts freely (greedy), and the teacher says how many
+of those answers are on their prompt's subject (:mod:`.topicality`).
+
 KL and JSD are :func:`upq_hf.distill.generalized_jsd` (beta 0 and 0.5), the divergence the INT2
 stage trains on. :func:`measure_fidelity` is what ``upq quantize`` (its report and model card),
 ``upq eval --tasks fidelity`` and ``make demo`` run; benchmarks that score several students against
@@ -25,6 +28,7 @@ import torch
 from ..chat import chat_prompt_ids, generate_answers
 from ..distill import generalized_jsd
 from ..prompts import EVAL_PROMPTS
+from .topicality import topicality
 
 
 @dataclass
@@ -103,9 +107,10 @@ def measure_fidelity(student, teacher, tokenizer, limit: int | float | None = No
                      batch_size: int = 8, progress: bool = False, answers: bool = False) -> dict:
     """Top-1 agreement, KL and JSD of ``student`` to ``teacher`` on :func:`held_out_prompts` ``(limit)``,
     with the numbers of answer tokens and prompts scored and the teacher's answer length. ``answers``: also
-    the student's own greedy answers to those prompts (``"answers"``, text, up to ``max_new_tokens``) and how
-    many are not empty (``"non_empty"``): teacher-forced scores do not show a model that ends every answer
-    at once."""
+    the student's own greedy answers to those prompts (``"answers"``, text, up to ``max_new_tokens``), how
+    many are not empty (``"non_empty"``: teacher-forced scores do not show a model that ends every answer
+    at once) and how many the teacher ties to their own prompt (``"on_topic"``, :func:`.topicality.topicality`),
+    with the teacher's own answers' count beside it (``"teacher_on_topic"``, the ceiling)."""
     prompts = held_out_prompts(limit)
     reference = FidelityReference.build(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, progress=progress)
@@ -115,7 +120,10 @@ def measure_fidelity(student, teacher, tokenizer, limit: int | float | None = No
     if answers:
         texts = answer_texts(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=progress)
-        out.update(answers=dict(zip(prompts, texts)), non_empty=sum(bool(t) for t in texts))
+        teacher_texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference.answer_ids]
+        out.update(answers=dict(zip(prompts, texts)), non_empty=sum(bool(t) for t in texts),
+                   on_topic=topicality(teacher, tokenizer, prompts, texts)["on_topic"],
+                   teacher_on_topic=topicality(teacher, tokenizer, prompts, teacher_texts)["on_topic"])
     return out
 
 
