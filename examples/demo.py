@@ -2,9 +2,10 @@
 
 Default: the `upq` recipe with the `kv4` mix (attention k/v at INT4, the other layers INT2 with groups wide
 enough to keep uniform INT2 g64's 2.25 bits per weight: 2.23 on this model), on a budget that ends in about
-9 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
+12 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
 to INT4 (one epoch), INT2 block reconstruction from the INT4 stage's latent weights (6 epochs over 56
-sequences of 128 tokens), then 10 steps of Distill-QAT from the teacher's cached top-64 distributions.
+sequences of 128 tokens), then 20 steps of Distill-QAT from the teacher's cached top-64 distributions (on the
+validation prompts 20 steps kept 14 of 24 answers on topic against 7 at 10 steps: docs/BENCHMARKS.md).
 `upq quantize --bits 2 --recipe upq` runs the full default budget (about 21 minutes there); `--mix none` gives
 uniform INT2, `--recipe rtn` shows what plain rounding does.
 
@@ -57,7 +58,7 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--int4-ptq-epochs", type=int, default=defaults.int4_ptq_epochs)
     parser.add_argument("--ptq-epochs", type=int, default=defaults.ptq_epochs)
-    parser.add_argument("--train-steps", type=int, default=10, help=f"(UPQConfig: {defaults.train_steps})")
+    parser.add_argument("--train-steps", type=int, default=20, help=f"(UPQConfig: {defaults.train_steps})")
     parser.add_argument("--train-samples", type=int, default=64)
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
     parser.add_argument("--bits", type=int, default=defaults.bits)
