@@ -31,7 +31,8 @@ import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.atomic import write_text
 from upq_hf.config import MIXES
-from upq_hf.evaluation import FidelityReference, answer_texts, fidelity, instruction_following, topicality
+from upq_hf.evaluation import (FidelityReference, answer_texts, decode_answers, fidelity, instruction_following,
+                               topicality)
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
 from upq_hf.prompts import REPORT_PROMPTS, VALIDATION_PROMPTS
 from upq_hf.recipes import RECIPES
@@ -111,7 +112,7 @@ def main() -> int:
     teacher_if = None if args.no_if else instruction_following(teacher, tokenizer)
     print(f"teacher: {len(prompts)} {args.split} prompts, {sum(map(len, reference.answer_ids))} answer tokens "
           f"({time.time() - started:.0f} s)", file=sys.stderr)
-    teacher_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference.answer_ids]
+    teacher_answers = decode_answers(tokenizer, reference.answer_ids)
     results = {"settings": {**vars(args), "config": base.to_dict()}, "split": args.split,
                "answer_tokens": sum(map(len, reference.answer_ids)),
                "teacher": {"if": None if teacher_if is None else teacher_if["score"],

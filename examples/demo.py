@@ -31,7 +31,7 @@ from upq_hf.checkpoint import checkpoint_info
 from upq_hf.chat import generate_answers
 from upq_hf.cli import default_mix
 from upq_hf.config import MIXES
-from upq_hf.evaluation import measure_fidelity
+from upq_hf.evaluation import measure_fidelity, report_metrics
 from upq_hf.models import BUNDLED_NAME, autocast_dtype, bundled_model_dir, load_model, load_tokenizer
 from upq_hf.publish import REPORT_FILE, record_report, save_atomic
 from upq_hf.recipes import RECIPES
@@ -104,12 +104,7 @@ def main() -> int:
     scores = measure_fidelity(student, teacher, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
                               progress=True, answers=True)
     # the numbers go into the checkpoint's upq_report.json and model card, as `upq quantize` records them
-    record_report(args.out, metrics={"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
-                                     "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
-                                     "fidelity_prompts": args.prompts, "answers_non_empty": scores["non_empty"],
-                                     "answers_on_topic": scores["on_topic"],
-                                     "teacher_answers_on_topic": scores["teacher_on_topic"],
-                                     "answers_prompts": scores["prompts"]},
+    record_report(args.out, metrics={**report_metrics(scores), "fidelity_prompts": args.prompts},
                   answers=scores["answers"])
 
     print("[4/4] sample answers", file=sys.stderr)

@@ -161,16 +161,12 @@ def _check_before_work(args, config) -> str:
 def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
     """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``) and the
     quantized model's greedy answers to the same held-out prompts."""
-    from .evaluation import measure_fidelity
+    from .evaluation import measure_fidelity, report_metrics
     from .models import load_model
 
     teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
     scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
-    metrics = {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
-               "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
-               "answers_non_empty": scores["non_empty"], "answers_on_topic": scores["on_topic"],
-               "teacher_answers_on_topic": scores["teacher_on_topic"], "answers_prompts": scores["prompts"]}
-    return metrics, scores["answers"]
+    return report_metrics(scores), scores["answers"]
 
 
 def cmd_push(args) -> int:

@@ -12,12 +12,14 @@
 lm-eval is imported only inside functions: importing this package never needs it.
 """
 
-from .fidelity import FidelityReference, answer_texts, fidelity, held_out_prompts, measure_fidelity, token_divergences
+from .fidelity import (FidelityReference, answer_texts, decode_answers, fidelity, held_out_prompts, measure_fidelity,
+                       report_metrics, token_divergences)
 from .harness import EvalSetupError
 from .instructions import INSTRUCTION_CHECKS, instruction_following
 from .runner import evaluate_model, summary_table
 from .topicality import topicality
 
-__all__ = ["FidelityReference", "answer_texts", "fidelity", "held_out_prompts", "measure_fidelity", "token_divergences",
+__all__ = ["FidelityReference", "answer_texts", "decode_answers", "fidelity", "held_out_prompts", "measure_fidelity",
+           "report_metrics", "token_divergences",
            "EvalSetupError", "INSTRUCTION_CHECKS", "instruction_following", "evaluate_model", "summary_table",
            "topicality"]

@@ -120,11 +120,25 @@ def measure_fidelity(student, teacher, tokenizer, limit: int | float | None = No
     if answers:
         texts = answer_texts(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=progress)
-        teacher_texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in reference.answer_ids]
+        teacher_texts = decode_answers(tokenizer, reference.answer_ids)
         out.update(answers=dict(zip(prompts, texts)), non_empty=sum(bool(t) for t in texts),
                    on_topic=topicality(teacher, tokenizer, prompts, texts)["on_topic"],
                    teacher_on_topic=topicality(teacher, tokenizer, prompts, teacher_texts)["on_topic"])
     return out
+
+
+def report_metrics(scores: dict) -> dict:
+    """The numbers of a :func:`measure_fidelity` run with ``answers=True`` as ``upq quantize`` and the demo record
+    them (``upq_report.json`` and the model card)."""
+    return {"fidelity_top1": round(scores["top1"], 4), "fidelity_kl": round(scores["kl"], 4),
+            "fidelity_jsd": round(scores["jsd"], 4), "fidelity_tokens": scores["tokens"],
+            "answers_non_empty": scores["non_empty"], "answers_on_topic": scores["on_topic"],
+            "teacher_answers_on_topic": scores["teacher_on_topic"], "answers_prompts": scores["prompts"]}
+
+
+def decode_answers(tokenizer, rows) -> list[str]:
+    """Generated answer token ids as text: special tokens dropped, whitespace stripped."""
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 def answer_texts(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_size: int = 8,
@@ -132,4 +146,4 @@ def answer_texts(model, tokenizer, prompts, *, max_new_tokens: int = 64, batch_s
     """``model``'s greedy answers to chat ``prompts``, decoded (special tokens dropped, whitespace stripped)."""
     ids = generate_answers(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress, desc="student answers")
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return decode_answers(tokenizer, ids)
