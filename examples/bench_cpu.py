@@ -4,8 +4,9 @@ against the reference ``torch`` backend (dequantize + matmul, the path before th
     python examples/bench_cpu.py [--threads 2] [--tokens 64] [--runs 5] [--json out.json]
                                  [--parts decode,layer,prefill,crossover,profile,floor]
 
-The quantized rows run on each CPU backend this machine has: ``cpu`` (torch's INT4 kernel) and ``avx2``
-(upq_hf's own kernel, upq_hf/csrc/upq_cpu.c), and on the automatic choice (``upq_hf.backends.cpu_backend``:
+The quantized rows run on each CPU backend this machine has: ``cpu`` (torch's INT4 kernel), ``avx2``
+(upq_hf's own kernel, upq_hf/csrc/upq_cpu.c) and ``a8`` (its int8-activation kernel, AVX512-VNNI CPUs; not
+exact: opt-in only), and on the automatic choice (``upq_hf.backends.cpu_backend``:
 what a user gets without setting a backend).
 
 * decode: greedy decoding of ``--tokens`` new tokens (``min_new_tokens`` = ``max_new_tokens``, so every
@@ -44,11 +45,12 @@ import torch.nn.functional as F
 
 
 def cpu_backends() -> tuple[str, ...]:
-    """The CPU backends timed: torch's INT4 kernel (``cpu``) and upq_hf's own AVX2 kernel (``avx2``), where each
-    runs on this machine."""
+    """The CPU backends timed: torch's INT4 kernel (``cpu``), upq_hf's own AVX2 kernel (``avx2``) and its
+    int8-activation kernel (``a8``, AVX512-VNNI; not exact), where each runs on this machine."""
     from upq_hf import avx2, int4pack
 
-    return tuple(name for name, backend in (("cpu", int4pack), ("avx2", avx2)) if backend.available())
+    names = tuple(name for name, backend in (("cpu", int4pack), ("avx2", avx2)) if backend.available())
+    return names + (("a8",) if avx2.available() and avx2.kernel().a8 else ())
 
 
 CPU_BACKENDS = cpu_backends()
@@ -327,9 +329,14 @@ def part_crossover(args) -> list[dict]:
                             row["avx2_fp32fma_ms"] = median_ms(call, runs)
                         finally:
                             compiled.set_bf16(1)
+                    if compiled.a8:  # the a8 backend's int8-activation kernel (not exact)
+                        row["a8_ms"] = median_ms(lambda: compiled.linear_a8(
+                            x.data_ptr(), 1, M, K, layer.weight.data_ptr(), N, 2, 64, layer.weight_scale.data_ptr(),
+                            None, 2, None, 0, y.data_ptr(), 1, torch.get_num_threads()), runs)
                 rows.append(row)
                 print(f"  {K}x{N} M={M}: dequantize + matmul {row['reference_ms']:.2f} ms"
-                      + "".join(f", {key[:-3]} {row[key]:.2f} ms" for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms")
+                      + "".join(f", {key[:-3]} {row[key]:.2f} ms" for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms",
+                                                                            "a8_ms")
                                 if key in row), flush=True)
     return rows
 

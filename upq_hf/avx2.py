@@ -12,7 +12,14 @@ multiplies them with the activations (exact in bf16) and sums in fp32, twice the
 fp32 FMAs. It is compiled in where the compiler knows the instructions, used where the CPU has them
 (:func:`bf16_wanted`; ``UPQ_CPU_BF16=0`` turns it off), and gives the same accuracy as below.
 
-Accuracy: activations are widened to fp32 exactly and the sums run in fp32, so the result is the fp32
+On CPUs with AVX512-VNNI (Ice Lake, Zen 4 and later) the same file holds the ``"a8"`` backend's kernel, which is
+not exact and never chosen automatically: each row's activations are quantized to int8 per weight group on the fly
+(symmetric, ``q = rint(x * 127 / max|x|)``), and VPDPBUSD sums code x int8 products exactly in int32, 64 per
+instruction, twice VDPBF16PS and four times fp32 FMAs; per group the result is ``s * sx * (sum c q - z * sum q)``.
+Its error is the activations' int8 rounding (at most ``max|x| / 254`` per element of a group), the trade torchao's
+dynamic-activation modes and llama.cpp's 8-bit activations make (``tests/test_a8.py`` derives the bound).
+
+Accuracy (``avx2``): activations are widened to fp32 exactly and the sums run in fp32, so the result is the fp32
 product with the exact dequantized weight up to fp32 summation order; a bf16 or fp16 output is rounded once.
 That is closer to the exact product than the reference path, which rounds the dequantized weight to the
 activation dtype first (``tests/test_avx2.py`` checks both against float64).
@@ -49,7 +56,7 @@ from .machine import cpu_flags
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
-ABI = 2
+ABI = 3
 # Rows above which a call takes the reference path: the kernel's time grows with every row, dequantize +
 # matmul pays the dequantization once; on the bundled model's layers they cross at 128-256 rows
 # (docs/BENCHMARKS.md, "crossover"), where torch's INT4 kernel crosses too.
@@ -132,6 +139,11 @@ class _Kernel:
         self.linear.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, integer, pointer,
                                 pointer, integer, pointer, integer, pointer, integer, integer]
         self.linear.restype = integer
+        #: whether this CPU runs the int8-activation kernel (AVX512-VNNI, and built with the AVX-512 kernels)
+        self.a8 = bool(library.upq_cpu_a8_supported())
+        self.linear_a8 = library.upq_linear_a8
+        self.linear_a8.argtypes = self.linear.argtypes
+        self.linear_a8.restype = integer
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,15 +208,19 @@ def takes(x: torch.Tensor, module) -> bool:
     return 0 < x.numel() <= MAX_ROWS * module.in_features and supports(module)
 
 
-def linear(x: torch.Tensor, module) -> torch.Tensor | None:
+def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Tensor | None:
     """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
-    :func:`upq_hf.backends.linear_forward`, then runs the reference path). Called once per layer per decoded
-    token: plain dict lookups for the buffers, nothing allocated but the output."""
+    :func:`upq_hf.backends.linear_forward`, then runs another path). Called once per layer per decoded
+    token: plain dict lookups for the buffers, nothing allocated but the output.
+
+    ``int8_activations``: the ``"a8"`` backend's kernel (activations quantized to int8 per row and weight group,
+    VPDPBUSD; not exact, see the module docstring); None where this CPU lacks AVX512-VNNI."""
     if not x.is_cpu:
-        raise RuntimeError(f"UPQ backend 'avx2' runs on CPU tensors, got a tensor on {x.device}; "
+        name = "a8" if int8_activations else "avx2"
+        raise RuntimeError(f"UPQ backend {name!r} runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
     compiled = kernel()
-    if compiled is None or not takes(x, module):
+    if compiled is None or not takes(x, module) or (int8_activations and not compiled.a8):
         return None
     buffers = module._buffers
     weight, scale = buffers["weight"], buffers["weight_scale"]
@@ -219,11 +235,14 @@ def linear(x: torch.Tensor, module) -> torch.Tensor | None:
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
-    status = compiled.linear(x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, weight.data_ptr(), n, module.bits,
+    call = compiled.linear_a8 if int8_activations else compiled.linear
+    status = call(x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, weight.data_ptr(), n, module.bits,
                              module.group_size or k, scale.data_ptr(), None if zero is None else zero.data_ptr(),
                              _DTYPES[scale.dtype], None if bias is None or bias_apart else bias.data_ptr(),
                              0 if bias is None else _DTYPES[bias.dtype], y.data_ptr(), _DTYPES[y.dtype],
                              torch.get_num_threads())
+    if status in (3, 4):  # the int8 kernel found no AVX512-VNNI, or an inf or NaN in x: the exact kernel runs it
+        return None
     if status:
         raise RuntimeError(f"the avx2 kernel failed on UPQLinear({k}, {n}) with status {status}"
                            + (" (out of memory)" if status == 2 else ""))

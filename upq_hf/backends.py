@@ -2,7 +2,7 @@
 or upq_hf's own AVX2 CPU kernel.
 
 The choice is made here and nowhere else: ``UPQLinear.backend`` (set from ``UPQConfig(backend=...)``), else the
-``UPQ_BACKEND`` environment variable (``torch``, ``triton``, ``cpu`` or ``avx2``), else automatically:
+``UPQ_BACKEND`` environment variable (``torch``, ``triton``, ``cpu``, ``avx2`` or ``a8``), else automatically:
 
 * CUDA tensors: Triton when it imports, else the reference;
 * CPU tensors (:func:`cpu_backend`): ``avx2`` for calls of up to :data:`AVX2_FIRST_ROWS` rows (a decode step),
@@ -17,6 +17,9 @@ The choice is made here and nowhere else: ``UPQLinear.backend`` (set from ``UPQC
 * ``cpu``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a repacked copy of the weight made once
   per layer (see :mod:`upq_hf.int4pack` for the mapping, its rounding and what it falls back on).
 * ``avx2``: ``upq_hf/csrc/upq_cpu.c`` on the stored buffers, compiled once per machine (:mod:`upq_hf.avx2`).
+* ``a8``: the same file's int8-activation kernel (AVX512-VNNI): activations quantized to int8 per row and weight
+  group on the fly, integer dot products. Faster, **not exact**, so only ever chosen by the user; where the CPU
+  lacks AVX512-VNNI its calls run on the exact ``avx2`` kernel.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from . import avx2, int4pack
 from .machine import cpu_has_fast_bf16
 
-BACKENDS = ("torch", "triton", "cpu", "avx2")
+BACKENDS = ("torch", "triton", "cpu", "avx2", "a8")
 ENV = "UPQ_BACKEND"
 
 
@@ -94,8 +97,11 @@ def linear_forward(x: torch.Tensor, module) -> torch.Tensor:
         y = int4pack.linear(x, module)
         if y is not None:
             return y
-    elif backend == "avx2":
-        y = avx2.linear(x, module)
+    elif backend in ("avx2", "a8"):
+        # a8 where this CPU lacks AVX512-VNNI (or the call is not taken) runs the exact avx2 kernel instead
+        y = avx2.linear(x, module, int8_activations=True) if backend == "a8" else None
+        if y is None:
+            y = avx2.linear(x, module)
         if y is not None:
             return y
     return torch_linear(x, module)

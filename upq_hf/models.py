@@ -94,13 +94,16 @@ def autocast_dtype(device, mixed_precision: str = "auto"):
 def check_backend(backend: str | None, asked: str, instead: str) -> None:
     """Before any work starts: the Triton backend needs a CUDA GPU (its kernels run on CUDA tensors; the CPU
     interpreter the kernel tests use is no way to run a model) and Triton itself; the avx2 backend needs its
-    kernel built for this machine (an x86-64 CPU with AVX2, a C compiler)."""
-    if backend == "avx2":
-        from .avx2 import unavailable_reason
+    kernel built for this machine (an x86-64 CPU with AVX2, a C compiler), and the a8 backend AVX512-VNNI too."""
+    if backend in ("avx2", "a8"):
+        from .avx2 import kernel, unavailable_reason
 
         reason = unavailable_reason()
         if reason is not None:
             raise ImportError(f"{asked} needs upq_hf's AVX2 CPU kernel, which cannot run here ({reason}): {instead}")
+        if backend == "a8" and not kernel().a8:
+            raise ImportError(f"{asked} needs a CPU with AVX512-VNNI (Ice Lake, Zen 4 or later) and a compiler that "
+                              f"builds upq_hf's AVX-512 kernels; this machine lacks one or the other: {instead}")
         return
     if backend != "triton":
         return

@@ -45,10 +45,11 @@ class UPQHfQuantizer(HfQuantizer):
 
             if not triton_available():
                 raise ImportError("UPQConfig(backend='triton') needs Triton (pip install triton)")
-        elif self.quantization_config.backend == "avx2":
+        elif self.quantization_config.backend in ("avx2", "a8"):
             from .models import check_backend
 
-            check_backend("avx2", "UPQConfig(backend='avx2')", "use backend='cpu' or 'torch'")
+            backend = self.quantization_config.backend
+            check_backend(backend, f"UPQConfig(backend={backend!r})", "use backend='cpu' or 'torch'")
         if self.quantization_config.backend == "cpu":
             from .backends import cpu_kernel_available
 

@@ -17,6 +17,8 @@
 // and VDPBF16PS multiplies them with the bf16 activations (exact) and sums pairs in fp32, twice the products
 // per instruction of fp32 FMAs. upq_cpu_set_bf16() switches it on where the CPU reports the instructions.
 #include <immintrin.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -331,13 +333,184 @@ int upq_cpu_set_bf16(int on)
                && __builtin_cpu_supports("avx512bf16");
     return use_bf16;
 }
+
+// ---- int8 activations (the "avx512_a8" backend): VPDPBUSD, AVX512-VNNI ----
+// Activations are quantized per row and per weight group to int8 (symmetric: q = rint(x * 127 / max|x|), scale
+// max|x| / 127), codes (0..15, unsigned bytes) times int8 activations are summed exactly in int32 by VPDPBUSD,
+// four products per 32-bit lane, 64 per instruction (twice VDPBF16PS), and per group and output
+//
+//     y += s[g, n] * sx[g] * (sum_k c[n, k] xq[k] - z[g, n] * sum_k xq[k]).
+//
+// Not exact: the activations lose what int8 rounding loses (up to max|x| / 254 per element of a group), the
+// trade torchao's dynamic-activation modes and llama.cpp's Q8 activations make. Byte b of a lane, after the
+// word is shifted right by q codes, holds code j = (P/4) b + q; the activations are laid out to match.
+#define A8_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define NB_A8 32   // outputs per block (two 16-lane vectors)
+#define MR_A8 8    // rows per pass (16 int32 accumulators)
+
+typedef struct {
+    const int32_t *xq;   // M x Kp / 4 dwords: int8 activations, each word's quads in lane order
+    const float *sx;     // M x G: activation scale of each group
+    const float *xsq;    // M x G: sum of the int8 activations of each group
+} act8;
+
+A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const problem *p, const act8 *a, int n0, int m0,
+                                                                    float *out, const int R, const int BITS)
+{
+    const int P = 32 / BITS, Q = P / 4;
+    const size_t xstride = (size_t)p->Kp / 4;
+    const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) * 0x01010101);
+    memset(out, 0, sizeof(float) * NB_A8 * R);
+    for (int g = 0; g < p->G; ++g) {
+        __m512i acc[MR_A8][2];
+        for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        for (int i = 0; i < p->words_per_group; ++i) {
+            const size_t word = (size_t)g * p->words_per_group + i;
+            const int32_t *row = p->codes + word * p->N + n0;
+            const __m512i c0 = _mm512_loadu_si512(row), c1 = _mm512_loadu_si512(row + 16);
+            const int32_t *xw = a->xq + (size_t)m0 * xstride + word * Q;
+            for (int q = 0; q < Q; ++q) {
+                const __m512i w0 = _mm512_and_si512(_mm512_srli_epi32(c0, BITS * q), mask);
+                const __m512i w1 = _mm512_and_si512(_mm512_srli_epi32(c1, BITS * q), mask);
+                for (int m = 0; m < R; ++m) {
+                    const __m512i b = _mm512_set1_epi32(xw[m * xstride + q]);
+                    acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, b);
+                    acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, b);
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const size_t at = (size_t)g * p->N + n0 + 16 * h;
+            const __m512 s = load16(p->scale, at, p->scale_dtype);
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
+            for (int m = 0; m < R; ++m) {
+                const size_t mg = (size_t)(m0 + m) * p->G + g;
+                const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a->xsq[mg]), _mm512_cvtepi32_ps(acc[m][h]));
+                float *o = out + NB_A8 * m + 16 * h;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(a->sx[mg])), t, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+A8_TARGET static void rows_a8_any(const problem *p, const act8 *a, int n0, int m0, float *out, int rows)
+{
+#define A8_CASE(R) case R: if (p->bits == 2) rows_a8(p, a, n0, m0, out, R, 2); else rows_a8(p, a, n0, m0, out, R, 4); break;
+    switch (rows) {
+    A8_CASE(1) A8_CASE(2) A8_CASE(3) A8_CASE(4) A8_CASE(5) A8_CASE(6) A8_CASE(7)
+    default: if (p->bits == 2) rows_a8(p, a, n0, m0, out, MR_A8, 2); else rows_a8(p, a, n0, m0, out, MR_A8, 4);
+    }
+#undef A8_CASE
+}
+
+int upq_cpu_a8_supported(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vnni");
+}
+
+// as upq_linear, with int8 activations; 3 where this CPU lacks AVX512-VNNI, 4 for activations that are not all finite
+// (the caller takes the exact kernel)
+int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
+                  const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype,
+                  void *y, int y_dtype, int threads)
+{
+    if (!upq_cpu_a8_supported()) return 3;
+    const int P = 32 / bits, Q = P / 4;
+    const int G = K / group;
+    const int words_per_group = (group + P - 1) / P;
+    if (G > 1 && group % P) return 1;
+    const int Kp = G * words_per_group * P;
+    int8_t *xq = (int8_t *)calloc((size_t)M * Kp, 1);
+    float *sx = (float *)malloc(sizeof(float) * 2 * (size_t)M * G);
+    if (!xq || !sx) { free(xq); free(sx); return 2; }
+    float *xsq = sx + (size_t)M * G;
+    int finite = 1;
+    for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) {
+            float amax = 0;
+            for (int k = g * group; k < (g + 1) * group; ++k) {
+                const float v = fabsf(to_f32(x, (size_t)m * K + k, x_dtype));
+                finite &= v <= FLT_MAX;  // false for inf and NaN
+                amax = v > amax ? v : amax;
+            }
+            const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+            int32_t total = 0;
+            for (int k = g * group; k < (g + 1) * group; ++k) {
+                float r = rintf(to_f32(x, (size_t)m * K + k, x_dtype) * inv);
+                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                const int j = k - g * group, word = j / P, jj = j % P;  // code jj of its word: byte jj / Q of quad jj % Q
+                xq[(size_t)m * Kp + (size_t)g * words_per_group * P + word * P + (jj % Q) * 4 + jj / Q] = (int8_t)r;
+                total += (int32_t)r;
+            }
+            sx[(size_t)m * G + g] = amax / 127.0f;
+            xsq[(size_t)m * G + g] = (float)total;
+        }
+    if (!finite) { free(xq); free(sx); return 4; }  // no int8 scale for inf or NaN: the exact kernel propagates them
+    problem p = {NULL, NULL, M, Kp, N, G, group, words_per_group, bits, codes, scale, scale_dtype, zero};
+    const act8 a = {(const int32_t *)xq, sx, xsq};
+    const int blocks = N / NB_A8;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1 && blocks > 1)
+    {
+        float *work = (float *)malloc(sizeof(float) * NB_A8 * MR_A8);
+        if (!work) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < blocks; ++b) {
+            if (!work) continue;
+            for (int m0 = 0; m0 < M; m0 += MR_A8) {
+                const int rows = M - m0 < MR_A8 ? M - m0 : MR_A8;
+                rows_a8_any(&p, &a, b * NB_A8, m0, work, rows);
+                store_rows(&p, work, rows, b * NB_A8, NB_A8, bias, bias_dtype,
+                           (char *)y + (size_t)m0 * N * (y_dtype == F32 ? 4 : 2), y_dtype);
+            }
+        }
+        free(work);
+    }
+    if (failed) { free(xq); free(sx); return 2; }
+    for (int n = blocks * NB_A8; n < N; ++n) {  // the outputs past the last full block: the same sums, scalar
+        const int mask = (1 << bits) - 1;
+        for (int m = 0; m < M; ++m) {
+            float total = 0;
+            for (int g = 0; g < G; ++g) {
+                int32_t acc = 0;
+                for (int w = 0; w < words_per_group; ++w) {
+                    const size_t word = (size_t)g * words_per_group + w;
+                    const uint32_t c = (uint32_t)codes[word * N + n];
+                    for (int j = 0; j < P; ++j)
+                        acc += (int32_t)((c >> (bits * j)) & mask) * xq[(size_t)m * Kp + word * P + (j % Q) * 4 + j / Q];
+                }
+                const size_t at = (size_t)g * N + n, mg = (size_t)m * G + g;
+                const float s = to_f32(scale, at, scale_dtype), z = bits == 2 ? 1.5f : to_f32(zero, at, scale_dtype);
+                total = fmaf(s * sx[mg], fmaf(-z, xsq[mg], (float)acc), total);
+            }
+            store_out(y, (size_t)m * N + n, total + (bias ? to_f32(bias, n, bias_dtype) : 0.0f), y_dtype);
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+}
 #else
 #define NB_BF16 NB_ROWS
+int upq_cpu_a8_supported(void) { return 0; }  // built without AVX-512: no int8-activation kernel
+int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
+                  const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype,
+                  void *y, int y_dtype, int threads)
+{
+    (void)x; (void)x_dtype; (void)M; (void)K; (void)codes; (void)N; (void)bits; (void)group; (void)scale;
+    (void)zero; (void)scale_dtype; (void)bias; (void)bias_dtype; (void)y; (void)y_dtype; (void)threads;
+    return 3;
+}
 static const int use_bf16 = 0;
 int upq_cpu_set_bf16(int on) { (void)on; return 0; }  // built without it: the several-rows kernel is fp32
 #endif
 
-int upq_cpu_abi(void) { return 2; }
+int upq_cpu_abi(void) { return 3; }
 
 // returns 0 on success, 1 for a group size that splits a word (the caller takes another path), 2 out of memory
 int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
