@@ -133,6 +133,8 @@ def part_decode(args, dense, tokenizer) -> list[dict]:
                     dense, bits, dtype, None if backend == "automatic" else backend)
     repack = {}
     for name, model in models.items():
+        if not name.endswith(("cpu backend", "automatic backend")):
+            continue  # only torch's INT4 kernel (the cpu backend, and the automatic choice's calls to it) repacks
         start = time.perf_counter()
         nbytes = int4pack.prepare(model)
         if nbytes:
@@ -381,10 +383,11 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "crossover" in report:
         lines += ["Kernels against dequantize + matmul, bf16, INT2 g64 (ms per call; `cpu` = torch's INT4 kernel):", "",
-                  "| K x N | M | dequantize + matmul | cpu kernel | avx2 kernel | avx2, fp32 FMA kernel |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| K x N | M | dequantize + matmul | cpu kernel | avx2 kernel | avx2, fp32 FMA kernel | a8 kernel (int8 "
+                  "activations) |", "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['reference_ms']:.2f} | "
-                  + " | ".join(f"{r[key]:.2f}" if key in r else "-" for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms"))
+                  + " | ".join(f"{r[key]:.2f}" if key in r else "-"
+                               for key in ("kernel_ms", "avx2_ms", "avx2_fp32fma_ms", "a8_ms"))
                   + " |"
                   for r in report["crossover"]]
     return "\n".join(lines)

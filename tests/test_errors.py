@@ -249,6 +249,14 @@ def backend_avx2_unbuildable_cli(ctx):
         avx2._load.cache_clear()  # the next call builds (or finds) the real kernel again
 
 
+def backend_a8_without_vnni_cli(ctx):
+    from upq_hf import avx2
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(avx2.kernel(), "a8", False)  # as on a CPU without AVX512-VNNI
+        return quantize(ctx, "--bits", "2", "--backend", "a8")
+
+
 def device_cuda_python(ctx):
     no_gpu(ctx)
     config = UPQConfig(bits=2, group_size=32, device="cuda")
@@ -469,6 +477,7 @@ CASES: dict[str, Case] = {
     "`--device cuda` without a GPU": Case(device_cuda_cli, before_work=True),
     "`--backend triton` without a GPU": Case(backend_triton_cli, before_work=True),
     "`--backend avx2` where its kernel cannot be built": Case(backend_avx2_unbuildable_cli, before_work=True),
+    "`--backend a8` on a CPU without AVX512-VNNI": Case(backend_a8_without_vnni_cli, before_work=True),
     "`UPQConfig(device=\"cuda\")` without a GPU": Case(device_cuda_python),
     "`UPQConfig(backend=\"triton\")` without a GPU": Case(backend_triton_python),
     "`upq eval --device cuda` without a GPU": Case(eval_device_cuda, before_work=True),
