@@ -132,9 +132,10 @@ def test_three_dimensional_and_non_contiguous_inputs():
 
 
 @needs_vnni
-def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
-    from helpers import check_cpu_kernel_fallbacks
-
+def test_it_takes_prefill_and_gradients_take_the_reference_path(monkeypatch):
+    """Unlike the exact kernels the int8 kernel takes any number of rows (it is faster than dequantize + matmul at
+    every row count measured); a call that needs a gradient for x takes the reference path and gets the exact
+    gradient; a bias alone needing a gradient still runs the kernel, and the gradient reaches the bias."""
     module = layer(2, 64, 128, 32)
     calls = []
     compiled = avx2.kernel()
@@ -150,7 +151,22 @@ def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
             raise AssertionError("the a8 backend ran the exact kernel on a CPU with AVX512-VNNI")
 
     monkeypatch.setattr(avx2, "kernel", lambda: Spy())
-    check_cpu_kernel_fallbacks(module, "a8", avx2.MAX_ROWS, calls)
+    x = torch.randn(4 * avx2.MAX_ROWS + 3, 128)
+    y = run(module, x, "a8")
+    assert calls == [x.shape[0]]
+    expected, bound, _ = int8_product(module, x, torch.float32)
+    assert ((y.double() - expected).abs() <= bound).all()
+    module.backend = "a8"
+    xg = torch.randn(4, 128, requires_grad=True)
+    module(xg).square().sum().backward()
+    module.backend = "torch"
+    xr = xg.detach().clone().requires_grad_(True)
+    module(xr).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
+    module.backend = "a8"
+    module.bias.grad = None
+    module(torch.randn(4, 128)).sum().backward()
+    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
 
 
 def test_without_vnni_the_calls_run_on_the_exact_kernel(monkeypatch):

@@ -31,7 +31,8 @@ compiler, not x86-64, a CPU without AVX2/FMA/F16C) the backend is unavailable, :
 why, and the automatic choice in :mod:`upq_hf.backends` passes it by.
 
 A call takes the reference path instead when the kernel cannot or should not run it: more than
-:data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there), a group size that splits a
+:data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there; the int8 kernel has no such limit),
+a group size that splits a
 32-bit word (INT2 groups not a multiple of 16, INT4 not of 8), calls that need a gradient for ``x``, and
 calls under ``torch.compile``.
 """
@@ -197,15 +198,16 @@ def supports(module) -> bool:
     return group == module.in_features or group % per_word == 0
 
 
-def takes(x: torch.Tensor, module) -> bool:
-    """Whether this call runs on the kernel (else the reference path runs)."""
+def takes(x: torch.Tensor, module, max_rows: int | None = MAX_ROWS) -> bool:
+    """Whether this call runs on the kernel (else the reference path runs). ``max_rows``: None for the int8 kernel,
+    which is faster than dequantize + matmul at every row count measured (docs/BENCHMARKS.md, "The `a8` backend")."""
     if x.dtype not in _DTYPES:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False  # the kernel has no backward: the reference path is differentiable
     if torch.compiler.is_compiling():
         return False
-    return 0 < x.numel() <= MAX_ROWS * module.in_features and supports(module)
+    return 0 < x.numel() and (max_rows is None or x.numel() <= max_rows * module.in_features) and supports(module)
 
 
 def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Tensor | None:
@@ -220,7 +222,8 @@ def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Ten
         raise RuntimeError(f"UPQ backend {name!r} runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
     compiled = kernel()
-    if compiled is None or not takes(x, module) or (int8_activations and not compiled.a8):
+    if compiled is None or not takes(x, module, None if int8_activations else MAX_ROWS) or \
+            (int8_activations and not compiled.a8):
         return None
     buffers = module._buffers
     weight, scale = buffers["weight"], buffers["weight_scale"]

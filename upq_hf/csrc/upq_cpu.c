@@ -403,6 +403,74 @@ A8_TARGET static void rows_a8_any(const problem *p, const act8 *a, int n0, int m
 #undef A8_CASE
 }
 
+// One group of one row: int8 activations into dst (each word's codes in lane order: code jj of a word is byte
+// jj / Q of quad jj % Q), the scale max|x| / 127 and the sum of the int8 values; 0 where x is not all finite.
+static int quantize_group(const void *x, int x_dtype, size_t at, int group, int P, int8_t *dst, float *sx, float *xsq)
+{
+    const int Q = P / 4;
+    int finite = 1;
+    float amax = 0;
+    for (int j = 0; j < group; ++j) {
+        const float v = fabsf(to_f32(x, at + j, x_dtype));
+        finite &= v <= FLT_MAX;  // false for inf and NaN
+        amax = v > amax ? v : amax;
+    }
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    int32_t total = 0;
+    for (int j = 0; j < group; ++j) {
+        float r = rintf(to_f32(x, at + j, x_dtype) * inv);
+        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+        const int word = j / P, jj = j % P;
+        dst[word * P + (jj % Q) * 4 + jj / Q] = (int8_t)r;
+        total += (int32_t)r;
+    }
+    *sx = amax / 127.0f;
+    *xsq = (float)total;
+    return finite;
+}
+
+A8_TARGET static inline __m512 load16_a8(const void *p, size_t i, int dtype)
+{
+    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+// the same for a group of a multiple of 16 columns, 16 at a time (the same numbers: the same fp32 product, rounded
+// to nearest even, clamped): 16 columns are one INT2 word or two INT4 words, put in lane order by one byte shuffle
+A8_TARGET static int quantize_group16(const void *x, int x_dtype, size_t at, int group, int bits, int8_t *dst,
+                                      float *sx, float *xsq)
+{
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    for (int j = 0; j < group; j += 16) {
+        const __m512 v = _mm512_abs_ps(load16_a8(x, at + j, x_dtype));
+        bad |= _mm512_cmp_ps_mask(v, big, _CMP_NLE_UQ);  // inf, and NaN (unordered)
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    // byte i of 16 takes byte order[i]: INT2, code (i % 4) * 4 + i / 4 of the word; INT4, of each 8-byte word,
+    // code (i % 4) * 2 + i / 4
+    const __m128i order = bits == 2 ? _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+                                    : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    __m512i total = _mm512_setzero_si512();
+    for (int j = 0; j < group; j += 16) {
+        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16_a8(x, at + j, x_dtype), inv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
+        const __m512i q = _mm512_cvtps_epi32(r);
+        total = _mm512_add_epi32(total, q);
+        _mm_storeu_si128((__m128i *)(dst + j), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(q), order));
+    }
+    *sx = amax / 127.0f;
+    *xsq = (float)_mm512_reduce_add_epi32(total);
+    return bad == 0;
+}
+
 int upq_cpu_a8_supported(void)
 {
     __builtin_cpu_init();
@@ -427,26 +495,17 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
     if (!xq || !sx) { free(xq); free(sx); return 2; }
     float *xsq = sx + (size_t)M * G;
     int finite = 1;
-    for (int m = 0; m < M; ++m)
-        for (int g = 0; g < G; ++g) {
-            float amax = 0;
-            for (int k = g * group; k < (g + 1) * group; ++k) {
-                const float v = fabsf(to_f32(x, (size_t)m * K + k, x_dtype));
-                finite &= v <= FLT_MAX;  // false for inf and NaN
-                amax = v > amax ? v : amax;
-            }
-            const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-            int32_t total = 0;
-            for (int k = g * group; k < (g + 1) * group; ++k) {
-                float r = rintf(to_f32(x, (size_t)m * K + k, x_dtype) * inv);
-                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
-                const int j = k - g * group, word = j / P, jj = j % P;  // code jj of its word: byte jj / Q of quad jj % Q
-                xq[(size_t)m * Kp + (size_t)g * words_per_group * P + word * P + (jj % Q) * 4 + jj / Q] = (int8_t)r;
-                total += (int32_t)r;
-            }
-            sx[(size_t)m * G + g] = amax / 127.0f;
-            xsq[(size_t)m * G + g] = (float)total;
-        }
+    // one (row, group) at a time, the rows' groups shared among the threads when there are enough of them
+    #pragma omp parallel for num_threads(threads) if(threads > 1 && (size_t)M * K >= 8192) schedule(static) \
+        reduction(&:finite)
+    for (int mg = 0; mg < M * G; ++mg) {
+        const int m = mg / G, g = mg % G;
+        int8_t *dst = xq + (size_t)m * Kp + (size_t)g * words_per_group * P;
+        finite &= group % 16 ? quantize_group(x, x_dtype, (size_t)m * K + (size_t)g * group, group, P, dst,
+                                              sx + mg, xsq + mg)
+                             : quantize_group16(x, x_dtype, (size_t)m * K + (size_t)g * group, group, bits, dst,
+                                                sx + mg, xsq + mg);
+    }
     if (!finite) { free(xq); free(sx); return 4; }  // no int8 scale for inf or NaN: the exact kernel propagates them
     problem p = {NULL, NULL, M, Kp, N, G, group, words_per_group, bits, codes, scale, scale_dtype, zero};
     const act8 a = {(const int32_t *)xq, sx, xsq};
