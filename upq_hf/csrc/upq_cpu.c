@@ -354,6 +354,14 @@ typedef struct {
     const float *xsq;    // M x G: sum of the int8 activations of each group
 } act8;
 
+A8_TARGET static inline __m512 load16_a8(const void *p, size_t i, int dtype)
+{
+    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
 A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const problem *p, const act8 *a, int n0, int m0,
                                                                     float *out, const int R, const int BITS)
 {
@@ -381,8 +389,8 @@ A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const proble
         }
         for (int h = 0; h < 2; ++h) {
             const size_t at = (size_t)g * p->N + n0 + 16 * h;
-            const __m512 s = load16(p->scale, at, p->scale_dtype);
-            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
+            const __m512 s = load16_a8(p->scale, at, p->scale_dtype);
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16_a8(p->zero, at, p->scale_dtype);
             for (int m = 0; m < R; ++m) {
                 const size_t mg = (size_t)(m0 + m) * p->G + g;
                 const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a->xsq[mg]), _mm512_cvtepi32_ps(acc[m][h]));
@@ -415,11 +423,11 @@ static int quantize_group(const void *x, int x_dtype, size_t at, int group, int 
         finite &= v <= FLT_MAX;  // false for inf and NaN
         amax = v > amax ? v : amax;
     }
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    const float inv = amax > 0 && 127.0f / amax <= FLT_MAX ? 127.0f / amax : 0.0f;  // a tiny group: all zero
     int32_t total = 0;
     for (int j = 0; j < group; ++j) {
         float r = rintf(to_f32(x, at + j, x_dtype) * inv);
-        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r == r ? r : 0.0f;  // NaN: 0 (the call is refused)
         const int word = j / P, jj = j % P;
         dst[word * P + (jj % Q) * 4 + jj / Q] = (int8_t)r;
         total += (int32_t)r;
@@ -427,14 +435,6 @@ static int quantize_group(const void *x, int x_dtype, size_t at, int group, int 
     *sx = amax / 127.0f;
     *xsq = (float)total;
     return finite;
-}
-
-A8_TARGET static inline __m512 load16_a8(const void *p, size_t i, int dtype)
-{
-    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
 }
 
 // the same for a group of a multiple of 16 columns, 16 at a time (the same numbers: the same fp32 product, rounded
@@ -451,7 +451,7 @@ A8_TARGET static int quantize_group16(const void *x, int x_dtype, size_t at, int
         vmax = _mm512_max_ps(vmax, v);
     }
     const float amax = _mm512_reduce_max_ps(vmax);
-    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    const __m512 inv = _mm512_set1_ps(amax > 0 && 127.0f / amax <= FLT_MAX ? 127.0f / amax : 0.0f);
     const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
     // byte i of 16 takes byte order[i]: INT2, code (i % 4) * 4 + i / 4 of the word; INT4, of each 8-byte word,
     // code (i % 4) * 2 + i / 4
