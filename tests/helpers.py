@@ -69,14 +69,52 @@ def check_cpu_kernel_fallbacks(module, backend: str, max_rows: int, calls: list)
     assert calls == []
     run_on(module, x[:max_rows], backend)
     assert len(calls) == 1
+    check_gradients_take_the_reference_path(module, backend, calls)
+
+
+def check_gradients_take_the_reference_path(module, backend: str, calls: list) -> None:
+    """On the same layer: a call that needs a gradient for x takes the reference path (no kernel call) and gets the
+    exact gradient; a bias alone needing a gradient still runs the kernel (one call), and the gradient reaches
+    the bias."""
+    before = len(calls)
     module.backend = backend
     xg = torch.randn(4, 128, requires_grad=True)
     module(xg).square().sum().backward()
     module.backend = "torch"
     xr = xg.detach().clone().requires_grad_(True)
     module(xr).square().sum().backward()
-    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
+    assert torch.equal(xg.grad, xr.grad) and len(calls) == before
     module.backend = backend
     module.bias.grad = None
     module(torch.randn(4, 128)).sum().backward()
-    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+    assert len(calls) == before + 1 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+
+
+def whole_model_on(backend: str, tiny_llama_dir, save_dir):
+    """A tiny random Llama quantized on load (INT2 g32, RTN) with ``UPQConfig(backend=backend)``: checks that every
+    ``UPQLinear`` has the backend, and that save + plain ``from_pretrained`` keeps it and the logits bit for bit;
+    returns its logits on five tokens and the same model's on the reference backend."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from upq_hf import UPQConfig, UPQLinear
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
+        bits=2, group_size=32, recipe="rtn", backend=backend)).eval()
+    modules = [m for m in model.modules() if isinstance(m, UPQLinear)]
+    assert modules and all(m.backend == backend for m in modules)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, UPQLinear):
+                m.backend = "torch"
+        expected = reference(ids).logits
+    model.save_pretrained(save_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(save_dir).eval()
+    assert all(m.backend == backend for m in reloaded.modules() if isinstance(m, UPQLinear))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+    return logits, expected

@@ -18,7 +18,6 @@ backend plumbing are tested on every machine.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ import torch
 from upq_hf import UPQConfig, UPQLinear, avx2, formats
 from upq_hf.backends import resolve_backend
 
+from helpers import check_gradients_take_the_reference_path, whole_model_on
 from helpers import run_on as run
 from helpers import upq_layer as layer
 from test_avx2 import CASES, UNIT_ROUNDOFF, U32, exact_and_bound
@@ -157,17 +157,7 @@ def test_it_takes_prefill_and_gradients_take_the_reference_path(monkeypatch):
     assert calls == [x.shape[0]]
     expected, bound, _ = int8_product(module, x, torch.float32)
     assert ((y.double() - expected).abs() <= bound).all()
-    module.backend = "a8"
-    xg = torch.randn(4, 128, requires_grad=True)
-    module(xg).square().sum().backward()
-    module.backend = "torch"
-    xr = xg.detach().clone().requires_grad_(True)
-    module(xr).square().sum().backward()
-    assert torch.equal(xg.grad, xr.grad) and len(calls) == 1
-    module.backend = "a8"
-    module.bias.grad = None
-    module(torch.randn(4, 128)).sum().backward()
-    assert len(calls) == 2 and torch.allclose(module.bias.grad, torch.full((32,), 4.0))
+    check_gradients_take_the_reference_path(module, "a8", calls)
 
 
 def test_without_vnni_the_calls_run_on_the_exact_kernel(monkeypatch):
@@ -209,27 +199,9 @@ def test_the_automatic_choice_never_takes_it(monkeypatch, dtype):
 def test_a_whole_model_on_the_backend(tiny_llama_dir, tmp_path):
     """A tiny random Llama on a8 against the reference: logits within 3% (relative norm: the int8 rounding of
     each layer's input, about 0.5%, through seven quantized layers a block), saved and reloaded unchanged."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
-        bits=2, group_size=32, recipe="rtn", backend="a8")).eval()
-    modules = [m for m in model.modules() if isinstance(m, UPQLinear)]
-    assert modules and all(m.backend == "a8" for m in modules)
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
-    with torch.no_grad():
-        logits = model(ids).logits
-        reference = copy.deepcopy(model)
-        for m in reference.modules():
-            if isinstance(m, UPQLinear):
-                m.backend = "torch"
-        expected = reference(ids).logits
-        error = ((logits - expected).norm() / expected.norm()).item()
-        assert 0 < error < 0.03
-    model.save_pretrained(tmp_path / "saved")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
-    assert all(m.backend == "a8" for m in reloaded.modules() if isinstance(m, UPQLinear))
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
+    logits, expected = whole_model_on("a8", tiny_llama_dir, tmp_path / "saved")
+    error = ((logits - expected).norm() / expected.norm()).item()
+    assert 0 < error < 0.03
 
 
 @needs_vnni

@@ -15,7 +15,6 @@ time, rounding each addition (it flushes subnormals, which normal data does not 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from upq_hf.backends import resolve_backend, torch_linear
 from helpers import check_cpu_kernel_fallbacks
 from helpers import run_on as run
 from helpers import upq_layer as layer
+from helpers import whole_model_on
 
 U32 = 2.0 ** -24
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -258,26 +258,9 @@ def test_a_compiler_without_avx512_bf16_builds_the_rest(monkeypatch, tmp_path):
     assert avx2.kernel().bf16 == avx2.bf16_wanted()
 
 
-def test_a_whole_model_on_the_backend_matches_the_reference(tiny_llama_dir, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
-        bits=2, group_size=32, recipe="rtn", backend="avx2")).eval()
-    modules = [m for m in model.modules() if isinstance(m, UPQLinear)]
-    assert modules and all(m.backend == "avx2" for m in modules)
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
-    with torch.no_grad():
-        logits = model(ids).logits
-        reference = copy.deepcopy(model)
-        for m in reference.modules():
-            if isinstance(m, UPQLinear):
-                m.backend = "torch"
-        assert torch.allclose(logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-    model.save_pretrained(tmp_path / "saved")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
-    assert all(m.backend == "avx2" for m in reloaded.modules() if isinstance(m, UPQLinear))
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
+def test_a_whole_model_on_the_backend_matches_the_reference(tiny_llama_dir, tmp_path):
+    logits, expected = whole_model_on("avx2", tiny_llama_dir, tmp_path / "saved")
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(monkeypatch):
