@@ -205,7 +205,9 @@ static void store_rows(const problem *p, const float *out, int rows, int n0, int
 #define NB_BF16 32   // outputs per block of the bf16 several-rows kernel (two 16-lane vectors)
 #define MR_BF16 12   // rows per pass of it (24 accumulators)
 
-BF16_TARGET static inline __m512 load16(const void *p, size_t i, int dtype)
+// 16 floats from fp32, bf16 or fp16 storage. AVX512F/BW only, the instructions both the bf16 and the int8 kernels
+// have (a function of a narrower target inlines into either).
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 load16(const void *p, size_t i, int dtype)
 {
     if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
@@ -354,14 +356,6 @@ typedef struct {
     const float *xsq;    // M x G: sum of the int8 activations of each group
 } act8;
 
-A8_TARGET static inline __m512 load16_a8(const void *p, size_t i, int dtype)
-{
-    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    if (dtype == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-
 A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const problem *p, const act8 *a, int n0, int m0,
                                                                     float *out, const int R, const int BITS)
 {
@@ -389,8 +383,8 @@ A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const proble
         }
         for (int h = 0; h < 2; ++h) {
             const size_t at = (size_t)g * p->N + n0 + 16 * h;
-            const __m512 s = load16_a8(p->scale, at, p->scale_dtype);
-            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16_a8(p->zero, at, p->scale_dtype);
+            const __m512 s = load16(p->scale, at, p->scale_dtype);
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
             for (int m = 0; m < R; ++m) {
                 const size_t mg = (size_t)(m0 + m) * p->G + g;
                 const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a->xsq[mg]), _mm512_cvtepi32_ps(acc[m][h]));
@@ -446,7 +440,7 @@ A8_TARGET static int quantize_group16(const void *x, int x_dtype, size_t at, int
     __mmask16 bad = 0;
     const __m512 big = _mm512_set1_ps(FLT_MAX);
     for (int j = 0; j < group; j += 16) {
-        const __m512 v = _mm512_abs_ps(load16_a8(x, at + j, x_dtype));
+        const __m512 v = _mm512_abs_ps(load16(x, at + j, x_dtype));
         bad |= _mm512_cmp_ps_mask(v, big, _CMP_NLE_UQ);  // inf, and NaN (unordered)
         vmax = _mm512_max_ps(vmax, v);
     }
@@ -459,7 +453,7 @@ A8_TARGET static int quantize_group16(const void *x, int x_dtype, size_t at, int
                                     : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
     __m512i total = _mm512_setzero_si512();
     for (int j = 0; j < group; j += 16) {
-        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16_a8(x, at + j, x_dtype), inv),
+        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(load16(x, at + j, x_dtype), inv),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
         const __m512i q = _mm512_cvtps_epi32(r);
