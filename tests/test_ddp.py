@@ -2,23 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-
-
-def _free_port() -> int:
-    """A port nobody listens on now (a fixed one fails the test when another job holds it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distill_trainer_runs_ddp_on_two_cpu_processes(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "ddp_distill.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), script, "--out", str(tmp_path), "--steps", "3"],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script, "--out", str(tmp_path), "--steps", "3"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
