@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--int4-ptq-epochs", type=int, default=defaults.int4_ptq_epochs)
-    parser.add_argument("--ptq-epochs", type=int, default=defaults.ptq_epochs)
+    parser.add_argument("--ptq-epochs", type=int, default=6, help=f"(UPQConfig: {defaults.ptq_epochs})")
     parser.add_argument("--train-steps", type=int, default=20, help=f"(UPQConfig: {defaults.train_steps})")
     parser.add_argument("--train-samples", type=int, default=64)
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)

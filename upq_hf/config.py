@@ -152,7 +152,8 @@ class UPQConfig(QuantizationConfigMixin):
 
     Training (recipes ``upq``, ``ntp``, ``distill``):
         train_steps, train_batch_size, train_seqlen: the budget (tokens = their product). The defaults
-            (60 x 4 x 128 = 30,720 tokens; PTQ calibration 32 x 128) are sized so that ``recipe="upq"``
+            (30 x 16 x 128 = 61,440 tokens over 128 distinct sequences; PTQ calibration 128 x 128) are
+            sized so that ``recipe="upq"``
             on the bundled SmolLM2-135M ends within 30 minutes on a 2-core CPU (docs/BENCHMARKS.md); a
             GPU run of a real model wants 10-1000x more.
         learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
@@ -165,6 +166,10 @@ class UPQConfig(QuantizationConfigMixin):
             0.148 (docs/BENCHMARKS.md). A bounded JSD (beta > 0) gives almost no gradient on the tokens
             where the student puts next to no mass on the teacher's choice; forward KL does.
         train_norms: train the normalisation layers' weights along with the quantized layers.
+        e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT (EfficientQAT's
+            E2E-QP): every layer's codes fixed, its scales (and, with ``train_norms``, the norm weights)
+            trained for ``e2e_qp_steps`` more steps on the same data and loss, at ``e2e_qp_learning_rate``
+            (relative change per update). 0 (the default): no such stage (docs/BENCHMARKS.md).
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
         device: where quantization runs (default: where the model is).
         seed: for data order and sampling.
@@ -175,14 +180,14 @@ class UPQConfig(QuantizationConfigMixin):
                  modules_to_not_convert: list[str] | None = None, backend: str | None = None,
                  module_bits: dict[str, Any] | None = None, mix: str | None = None,
                  format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
-                 nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 6,
+                 nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 9,
                  ptq_batch_size: int = 8, ptq_loss: str = "token", ptq_holdout: float = 0.125,
                  int4_group_size: int | None = 64, int4_ptq_epochs: int = 1, int4_checkpoint: str | None = None,
                  int2_ptq: bool = True, int2_scale_init: str = "max", train_steps: int = 30,
                  train_batch_size: int = 16, train_seqlen: int = 128, train_samples: int | None = 128,
                  learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
                  beta: float = 0.0, temperature: float = 1.0, teacher_topk: int = 64, train_norms: bool = True,
-                 mixed_precision: str = "auto",
+                 mixed_precision: str = "auto", e2e_qp_steps: int = 0, e2e_qp_learning_rate: float = 1e-2,
                  work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
@@ -221,6 +226,8 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_learning_rate = scale_learning_rate
         self.beta = beta
         self.train_norms = train_norms
+        self.e2e_qp_steps = e2e_qp_steps
+        self.e2e_qp_learning_rate = e2e_qp_learning_rate
         self.temperature = temperature
         self.work_dir = work_dir
         self.resume = resume
@@ -275,6 +282,14 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
         if float(self.temperature) <= 0:
             raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
+        if not isinstance(self.e2e_qp_steps, int) or isinstance(self.e2e_qp_steps, bool) or self.e2e_qp_steps < 0:
+            raise ValueError(f"UPQConfig: e2e_qp_steps must be a non-negative integer, got {self.e2e_qp_steps!r}")
+        if self.e2e_qp_steps and self.recipe != "upq":
+            raise ValueError(f"UPQConfig: e2e_qp_steps is a last stage of the 'upq' recipe, not of "
+                             f"{self.recipe!r}")
+        if not isinstance(self.e2e_qp_learning_rate, (int, float)) or isinstance(self.e2e_qp_learning_rate, bool) \
+                or not self.e2e_qp_learning_rate > 0:
+            raise ValueError(f"UPQConfig: e2e_qp_learning_rate must be positive, got {self.e2e_qp_learning_rate!r}")
         if self.int2_scale_init not in SCALE_INITS:
             raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
         self._check_module_bits()
