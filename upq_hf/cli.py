@@ -98,7 +98,8 @@ def cmd_quantize(args) -> int:
                    device=args.device or default_device(), seed=args.seed, ptq_loss=args.ptq_loss,
                    ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
                    train_samples=args.train_samples, teacher_topk=args.teacher_topk,
-                   mixed_precision=args.mixed_precision,
+                   mixed_precision=args.mixed_precision, e2e_qp_steps=args.e2e_qp_steps,
+                   e2e_qp_learning_rate=args.e2e_qp_lr,
                    module_bits=dict(args.module_bits) if args.module_bits else None, mix=default_mix(args))
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
     source = _check_before_work(args, config)
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS,
                        help=f"autocast of PTQ and QAT (default {default['mixed_precision']}: bf16 where the device "
                             "multiplies bf16 natively)")
+    train.add_argument("--e2e-qp-steps", type=int, default=None,
+                       help=f"upq: a last stage of this many steps with the codes fixed, training the scales only "
+                            f"(EfficientQAT's E2E-QP; default {default['e2e_qp_steps']}: none)")
+    train.add_argument("--e2e-qp-lr", type=float, default=None,
+                       help=f"the E2E-QP stage's scale learning rate (default {default['e2e_qp_learning_rate']})")
     train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
     train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
     train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")

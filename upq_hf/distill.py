@@ -192,7 +192,8 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
-    """Train only the quantized layers' latent weights, scales and zero points (embeddings and the output
+    """Train only the quantized layers' latent weights, scales and zero points (only their scales where
+    their codes are frozen, :meth:`upq_hf.qat.QATLinear.freeze_codes`; embeddings and the output
     head stay as the teacher has them; everything else gets ``requires_grad=False``), and with
     ``train_norms`` the normalisation layers' weights too (a few thousand parameters that let each block
     rescale what the quantized layers give it). Returns the number of trainable parameters. (Not to be
@@ -203,7 +204,8 @@ def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, QATLinear):
-            names = ("weight", "weight_scale", "weight_zero")
+            # codes frozen (E2E-QP): the scales alone
+            names = ("weight_scale",) if getattr(module, "codes", None) is not None else ("weight", "weight_scale", "weight_zero")
         elif train_norms and _is_norm(module):
             names = ("weight", "bias")
         else:

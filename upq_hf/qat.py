@@ -22,6 +22,11 @@ state: 16 bytes per parameter with Adam.
 Which tensors train is the caller's choice (``requires_grad_``): block-wise PTQ trains scales only or
 weights and scales (:mod:`upq_hf.ptq`), distillation QAT trains everything.
 
+Codes frozen (:meth:`QATLinear.freeze_codes`, EfficientQAT's E2E-QP): the layer keeps its current integer
+codes (and INT4 zero points) in a ``codes`` buffer and computes ``w = s * (k - 1.5)`` (INT2) or
+``s * (k - z)`` (INT4) from them, so that only the scales move: their gradient is ``k - 1.5`` (``k - z``)
+times the weight's, with no rounding in between. The latent weight no longer enters the forward pass.
+
 Constructors: :meth:`QATLinear.from_linear` (a dense ``nn.Linear``) and :meth:`QATLinear.from_upq`
 (a packed ``UPQLinear``: the latent weight is its dequantized weight, which is how the INT4 model
 becomes the start of INT2 training). :func:`to_qat` and :func:`freeze_model` swap every layer of a
@@ -171,6 +176,7 @@ class QATLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("codes", None)  # set by freeze_codes()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -209,6 +215,17 @@ class QATLinear(nn.Module):
         zero = None if qw.zero is None else qw.zero.float()
         return cls(latent, qw.scale.float(), zero, upq.bias, upq.bits, upq.group_size, upq.weight_scale.dtype)
 
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Fix the current codes (and INT4 zero points); from here on only the scales train (E2E-QP). The
+        forward pass is unchanged at this point: the same codes and scales give the same weight. The latent
+        weight and the zero point stop requiring gradients."""
+        self.codes = self.quantized_weight().codes.to(torch.uint8)
+        self.weight.requires_grad_(False)
+        if self.weight_zero is not None:
+            self.weight_zero.copy_(torch.round(self.weight_zero))
+            self.weight_zero.requires_grad_(False)
+
     # ------------------------------------------------------------------ quantization
     def _scale(self) -> torch.Tensor:
         return stored_scale(self.weight_scale, self.scale_dtype)
@@ -219,12 +236,16 @@ class QATLinear(nn.Module):
 
     def fake_quant_weight(self) -> torch.Tensor:
         """The quantized weight the forward pass uses (float32, differentiable)."""
+        if self.codes is not None:
+            levels = formats._grouped(self.codes.float(), self.group_size)
+            levels = levels.sub_(1.5) if self.bits == 2 else levels.sub_(self.weight_zero.detach().unsqueeze(-1))
+            return (levels * self._scale().unsqueeze(-1)).reshape(self.weight.shape)
         if self.bits == 2:
             return formats.fake_quant_seq(self.weight, self._scale(), self.group_size)
         return formats.fake_quant_int4(self.weight, self._scale(), self._zero(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 2:
+        if self.bits == 2 and self.codes is None:
             return _SEQLinear.apply(x, self.weight, self._scale(), self.bias, self.group_size, formats.SEQ_EPS)
         weight = self.fake_quant_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -235,6 +256,10 @@ class QATLinear(nn.Module):
         """Codes and stored scales, computed with the same operations as the forward pass."""
         w = self.weight.detach().float()
         scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype)
+        if self.codes is not None:
+            zero = None if self.bits == 2 else torch.round(self.weight_zero.detach().float()).to(self.scale_dtype)
+            return formats.QuantizedWeight(self.codes.clone(), scale.to(self.scale_dtype), zero, self.bits,
+                                           self.group_size)
         if self.bits == 2:
             codes = formats.seq_codes(w, scale, self.group_size)
             return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), None, 2, self.group_size)
@@ -252,6 +277,7 @@ class QATLinear(nn.Module):
         if scale_dtype is not None and scale_dtype != self.scale_dtype:
             qat = QATLinear(self.weight, self.weight_scale, self.weight_zero, self.bias, self.bits, self.group_size,
                             scale_dtype)
+            qat.codes = self.codes
             return qat.freeze(backend=backend)
         bias = None if self.bias is None else self.bias.detach()
         frozen = UPQLinear.from_quantized(self.quantized_weight(), bias, backend=backend)
@@ -263,7 +289,8 @@ class QATLinear(nn.Module):
         fmt = "INT2 SEQ" if self.bits == 2 else "INT4 asym"
         groups = "per-row" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={fmt}, {groups}, scale_dtype={str(self.scale_dtype).removeprefix('torch.')}")
+                f"format={fmt}, {groups}, scale_dtype={str(self.scale_dtype).removeprefix('torch.')}"
+                + (", codes frozen" if self.codes is not None else ""))
 
 
 # ----------------------------------------------------------------------------------------------

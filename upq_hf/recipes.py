@@ -145,18 +145,25 @@ def load_latents(folder: str) -> dict[str, torch.Tensor] | None:
     return load_file(path)
 
 
-def _train(student, teacher, tokenizer, config, objective: str, progress: bool, callbacks=None):
+def _train(student, teacher, tokenizer, config, objective: str, progress: bool, callbacks=None, dataset=None,
+           stage: str = "trainer"):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``. ``teacher`` is
-    the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``."""
+    the unquantized model: the source of ``"self"`` data for every objective, the target for ``jsd``.
+    ``dataset``: a training set built by an earlier call (its ``trainer.train_dataset``) instead of a new one;
+    ``stage``: the folder under ``config.work_dir`` for this call's trainer checkpoints."""
     from transformers import TrainingArguments
 
     from .data import TokenBlockDataset
     from .distill import UPQDistillTrainer, select_trainable
 
     nsamples = config.train_samples or config.train_steps * config.train_batch_size
-    dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher, nsamples=nsamples,
-                                            seqlen=config.train_seqlen, seed=config.seed + 1, **_self_kwargs(config))
-    if objective == "jsd" and config.teacher_topk:
+    if dataset is None:
+        dataset = TokenBlockDataset.from_source(config.dataset, tokenizer, model=teacher, nsamples=nsamples,
+                                                seqlen=config.train_seqlen, seed=config.seed + 1,
+                                                **_self_kwargs(config))
+    else:
+        nsamples = len(dataset)
+    if objective == "jsd" and config.teacher_topk and not getattr(dataset, "has_teacher", False):
         from .distill import TeacherTargetsDataset
 
         started = time.time()
@@ -172,7 +179,7 @@ def _train(student, teacher, tokenizer, config, objective: str, progress: bool, 
 
     bf16 = autocast_dtype(device, config.mixed_precision) is not None
     args = TrainingArguments(
-        output_dir=os.path.join(work_dir, "trainer"), max_steps=config.train_steps,
+        output_dir=os.path.join(work_dir, stage), max_steps=config.train_steps,
         per_device_train_batch_size=config.train_batch_size, learning_rate=config.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, config.train_steps // 20), weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=max(1, config.train_steps // 20), report_to=[], seed=config.seed,
@@ -295,8 +302,18 @@ def upq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, cal
     else:
         to_qat(model, bits=2, group_size=config.group_size, scale_init=config.int2_scale_init,
                scale_dtype=config.torch_scale_dtype, layer_formats=_layer_formats_of_upq(model, config))
-    # 3. Distill-QAT against the unquantized teacher, then pack
-    _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
+    # 3. Distill-QAT against the unquantized teacher
+    trainer = _train(model, teacher, tokenizer, config, "jsd", progress, callbacks)
+    # 4. optionally EfficientQAT's E2E-QP: the codes fixed, the scales (and norms) alone trained on the same data
+    if config.e2e_qp_steps:
+        for layer in qat_layers(model).values():
+            layer.freeze_codes()
+        qp = type(config)(**{**config.to_dict(), "train_steps": config.e2e_qp_steps,
+                             "scale_learning_rate": config.e2e_qp_learning_rate})
+        _log(f"E2E-QP: codes frozen, {config.e2e_qp_steps} steps on the scales")
+        _train(model, teacher, tokenizer, qp, "jsd", progress, callbacks, dataset=trainer.train_dataset,
+               stage="trainer-e2e-qp")
+    # then pack
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model
 
