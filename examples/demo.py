@@ -58,6 +58,9 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--int4-ptq-epochs", type=int, default=defaults.int4_ptq_epochs)
     parser.add_argument("--ptq-epochs", type=int, default=6, help=f"(UPQConfig: {defaults.ptq_epochs})")
+    # the demo's measured setting (13 min, docs/BENCHMARKS.md) trains the latent weights; UPQConfig's default since
+    # 2026-12-05 keeps the codes fixed: --fixed-codes
+    parser.add_argument("--fixed-codes", action="store_true", help="Distill-QAT of the scales only (UPQConfig's default)")
     parser.add_argument("--train-steps", type=int, default=20, help=f"(UPQConfig: {defaults.train_steps})")
     parser.add_argument("--train-samples", type=int, default=64)
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
@@ -87,7 +90,7 @@ def main() -> int:
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
                        train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
                        seqlen=args.seqlen, self_prompts=args.self_prompts, ptq_epochs=args.ptq_epochs,
-                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args),
+                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args), train_codes=not args.fixed_codes,
                        int4_checkpoint=f"{args.out}-int4" if args.recipe == "upq" else None)
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():

@@ -99,6 +99,9 @@ def test_config_checks_the_e2e_qp_options():
         UPQConfig(recipe="upq", e2e_qp_steps=-1)
     with pytest.raises(ValueError, match="last stage of the 'upq' recipe"):
         UPQConfig(recipe="distill", e2e_qp_steps=2)
+    with pytest.raises(ValueError, match="train_codes must be True or False"):
+        UPQConfig(recipe="upq", train_codes="yes")
+    assert UPQConfig(recipe="upq").train_codes is False
     with pytest.raises(ValueError, match="e2e_qp_learning_rate must be positive"):
         UPQConfig(recipe="upq", e2e_qp_steps=2, e2e_qp_learning_rate=0)
 
@@ -149,3 +152,30 @@ def test_cli_passes_the_e2e_qp_options(monkeypatch, tmp_path):
         cli.main(["quantize", "--bits", "2", "--recipe", "upq", "--e2e-qp-steps", "7", "--e2e-qp-lr", "0.004",
                   "--out", str(tmp_path / "out")])
     assert seen["config"].e2e_qp_steps == 7 and seen["config"].e2e_qp_learning_rate == 0.004
+
+
+@pytest.mark.parametrize("train_codes", [False, True])
+def test_upq_distill_qat_keeps_the_reconstruction_codes_unless_told(train_codes):
+    """The codes at the start of Distill-QAT (the INT2 reconstruction's, read by a callback) are the packed
+    model's codes by default; with train_codes=True and a large weight learning rate some of them flip."""
+    from transformers import TrainerCallback
+
+    from upq_hf.qat import qat_layers
+
+    start = {}
+
+    class Codes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if not start:
+                start.update({n: m.quantized_weight().codes.clone() for n, m in qat_layers(model).items()})
+
+    tokenizer = load_tokenizer(None)
+    model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
+    config = UPQConfig(bits=2, group_size=32, recipe="upq", dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1,
+                       train_steps=3, train_batch_size=2, train_seqlen=32, train_samples=4, int4_group_size=32,
+                       learning_rate=0.5, train_codes=train_codes, mixed_precision="no")
+    upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False, callbacks=[Codes()])
+    final = upq_layers(model)
+    assert start.keys() == final.keys() and len(final) == 14
+    changed = sum(not torch.equal(start[n], final[n].codes()) for n in final)
+    assert (changed > 0) == train_codes, changed

@@ -99,6 +99,7 @@ def cmd_quantize(args) -> int:
                    ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
                    train_samples=args.train_samples, teacher_topk=args.teacher_topk,
                    mixed_precision=args.mixed_precision, e2e_qp_steps=args.e2e_qp_steps,
+                   train_codes=True if args.train_codes else None,
                    e2e_qp_learning_rate=args.e2e_qp_lr,
                    module_bits=dict(args.module_bits) if args.module_bits else None, mix=default_mix(args))
     config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS,
                        help=f"autocast of PTQ and QAT (default {default['mixed_precision']}: bf16 where the device "
                             "multiplies bf16 natively)")
+    train.add_argument("--train-codes", action="store_true",
+                       help="upq: Distill-QAT trains the latent weights too, so codes may flip (default: the INT2 "
+                            "reconstruction's codes stay fixed and the scales and norms train)")
     train.add_argument("--e2e-qp-steps", type=int, default=None,
                        help=f"upq: a last stage of this many steps with the codes fixed, training the scales only "
                             f"(EfficientQAT's E2E-QP; default {default['e2e_qp_steps']}: none)")

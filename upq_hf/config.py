@@ -166,6 +166,11 @@ class UPQConfig(QuantizationConfigMixin):
             0.148 (docs/BENCHMARKS.md). A bounded JSD (beta > 0) gives almost no gradient on the tokens
             where the student puts next to no mass on the teacher's choice; forward KL does.
         train_norms: train the normalisation layers' weights along with the quantized layers.
+        train_codes: ``upq`` only: whether Distill-QAT trains the latent weights (codes may flip) or, the
+            default, keeps the INT2 reconstruction's codes fixed and trains the scales and norm weights alone
+            (EfficientQAT's E2E-QP, with the generalized JSD to the teacher as its loss). On the bundled model,
+            validation prompts: top-1 0.542 / KL 1.21 / 23 of 24 answers on topic with the codes fixed, against
+            0.513 / 1.38 / 18 with them trained (docs/BENCHMARKS.md). ``ntp`` and ``distill`` train everything.
         e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT (EfficientQAT's
             E2E-QP): every layer's codes fixed, its scales (and, with ``train_norms``, the norm weights)
             trained for ``e2e_qp_steps`` more steps on the same data and loss, at ``e2e_qp_learning_rate``
@@ -187,7 +192,8 @@ class UPQConfig(QuantizationConfigMixin):
                  train_batch_size: int = 16, train_seqlen: int = 128, train_samples: int | None = 128,
                  learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
                  beta: float = 0.0, temperature: float = 1.0, teacher_topk: int = 64, train_norms: bool = True,
-                 mixed_precision: str = "auto", e2e_qp_steps: int = 0, e2e_qp_learning_rate: float = 1e-2,
+                 mixed_precision: str = "auto", train_codes: bool = False, e2e_qp_steps: int = 0,
+                 e2e_qp_learning_rate: float = 1e-2,
                  work_dir: str | None = None, resume: bool = False,
                  device: str | None = None, seed: int = 0, **kwargs: Any):
         kwargs.pop("quant_method", None)
@@ -226,6 +232,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_learning_rate = scale_learning_rate
         self.beta = beta
         self.train_norms = train_norms
+        self.train_codes = train_codes
         self.e2e_qp_steps = e2e_qp_steps
         self.e2e_qp_learning_rate = e2e_qp_learning_rate
         self.temperature = temperature
@@ -282,6 +289,8 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
         if float(self.temperature) <= 0:
             raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
+        if not isinstance(self.train_codes, bool):
+            raise ValueError(f"UPQConfig: train_codes must be True or False, got {self.train_codes!r}")
         if not isinstance(self.e2e_qp_steps, int) or isinstance(self.e2e_qp_steps, bool) or self.e2e_qp_steps < 0:
             raise ValueError(f"UPQConfig: e2e_qp_steps must be a non-negative integer, got {self.e2e_qp_steps!r}")
         if self.e2e_qp_steps and self.recipe != "upq":
