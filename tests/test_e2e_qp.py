@@ -97,7 +97,7 @@ def test_config_checks_the_e2e_qp_options():
     assert UPQConfig(recipe="upq", e2e_qp_steps=3).e2e_qp_steps == 3
     with pytest.raises(ValueError, match="e2e_qp_steps must be a non-negative integer"):
         UPQConfig(recipe="upq", e2e_qp_steps=-1)
-    with pytest.raises(ValueError, match="last stage of the 'upq' recipe"):
+    with pytest.raises(ValueError, match="last stage of the 'upq' and 'ptq' recipes"):
         UPQConfig(recipe="distill", e2e_qp_steps=2)
     with pytest.raises(ValueError, match="train_codes must be True or False"):
         UPQConfig(recipe="upq", train_codes="yes")
@@ -106,15 +106,16 @@ def test_config_checks_the_e2e_qp_options():
         UPQConfig(recipe="upq", e2e_qp_steps=2, e2e_qp_learning_rate=0)
 
 
-def test_upq_recipe_e2e_qp_stage_moves_scales_and_keeps_codes():
-    """The same run with and without the stage: Distill-QAT is deterministic on the CPU, so the codes after
-    it are the same; the stage then changes scales (and norms) and leaves every code as it was."""
+@pytest.mark.parametrize("recipe", ["upq", "ptq"])
+def test_e2e_qp_stage_moves_scales_and_keeps_codes(recipe):
+    """The same run with and without the stage: PTQ and Distill-QAT are deterministic on the CPU, so the codes
+    after them are the same; the stage then changes scales (and norms) and leaves every code as it was."""
     tokenizer = load_tokenizer(None)
     results = []
     for steps in (0, 3):
         torch.manual_seed(0)
         model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
-        config = UPQConfig(bits=2, group_size=32, recipe="upq", dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1,
+        config = UPQConfig(bits=2, group_size=32, recipe=recipe, dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1,
                            train_steps=2, train_batch_size=2, train_seqlen=32, train_samples=4,
                            int4_group_size=32, e2e_qp_steps=steps, e2e_qp_learning_rate=0.05, mixed_precision="no")
         upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
@@ -133,8 +134,9 @@ def test_upq_recipe_e2e_qp_stage_moves_scales_and_keeps_codes():
 def test_model_card_names_the_e2e_qp_stage_only_when_it_ran():
     from upq_hf.publish import model_card
 
-    card = model_card(UPQConfig(recipe="upq", e2e_qp_steps=15, e2e_qp_learning_rate=0.003).to_dict())
-    assert "  e2e_qp_steps: 15" in card and "| E2E-QP (codes fixed, scales trained) | 15 steps at 0.003 |" in card
+    for recipe in ("upq", "ptq"):
+        card = model_card(UPQConfig(recipe=recipe, e2e_qp_steps=15, e2e_qp_learning_rate=0.003).to_dict())
+        assert "  e2e_qp_steps: 15" in card and "| E2E-QP (codes fixed, scales trained) | 15 steps at 0.003 |" in card
     assert "E2E-QP" not in model_card(UPQConfig(recipe="upq").to_dict())
 
 

@@ -171,8 +171,9 @@ class UPQConfig(QuantizationConfigMixin):
             (EfficientQAT's E2E-QP, with the generalized JSD to the teacher as its loss). On the bundled model,
             validation prompts: top-1 0.542 / KL 1.21 / 23 of 24 answers on topic with the codes fixed, against
             0.513 / 1.38 / 18 with them trained (docs/BENCHMARKS.md). ``ntp`` and ``distill`` train everything.
-        e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT (EfficientQAT's
-            E2E-QP): every layer's codes fixed, its scales (and, with ``train_norms``, the norm weights)
+        e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT, or of ``ptq`` after
+            the block-wise reconstruction (EfficientQAT's E2E-QP, with the JSD to the unquantized model as its
+            loss and ``ptq`` then keeping a copy of that model in memory): every layer's codes fixed, its scales (and, with ``train_norms``, the norm weights)
             trained for ``e2e_qp_steps`` more steps on the same data and loss, at ``e2e_qp_learning_rate``
             (relative change per update). 0 (the default): no such stage (docs/BENCHMARKS.md).
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
@@ -293,8 +294,8 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: train_codes must be True or False, got {self.train_codes!r}")
         if not isinstance(self.e2e_qp_steps, int) or isinstance(self.e2e_qp_steps, bool) or self.e2e_qp_steps < 0:
             raise ValueError(f"UPQConfig: e2e_qp_steps must be a non-negative integer, got {self.e2e_qp_steps!r}")
-        if self.e2e_qp_steps and self.recipe != "upq":
-            raise ValueError(f"UPQConfig: e2e_qp_steps is a last stage of the 'upq' recipe, not of "
+        if self.e2e_qp_steps and self.recipe not in ("upq", "ptq"):
+            raise ValueError(f"UPQConfig: e2e_qp_steps is a last stage of the 'upq' and 'ptq' recipes, not of "
                              f"{self.recipe!r}")
         if not isinstance(self.e2e_qp_learning_rate, (int, float)) or isinstance(self.e2e_qp_learning_rate, bool) \
                 or not self.e2e_qp_learning_rate > 0:

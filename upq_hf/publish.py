@@ -136,8 +136,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if training:
         meta += [f"  train_steps: {config.get('train_steps')}", f"  train_tokens: {tokens}",
                  f"  beta: {config.get('beta')}"]
-        if config.get("e2e_qp_steps"):
-            meta.append(f"  e2e_qp_steps: {config['e2e_qp_steps']}")
+    if config.get("e2e_qp_steps"):
+        meta.append(f"  e2e_qp_steps: {config['e2e_qp_steps']}")
     metrics = report.get("metrics") or {}
     if metrics:
         meta.append("  metrics:")
@@ -171,9 +171,9 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
         lines.append(f"| data | {config.get('dataset')} |")
     if training:
         lines.append(f"| training budget | {config.get('train_steps')} steps, {tokens:,} tokens, beta {config.get('beta')} |")
-        if config.get("e2e_qp_steps"):
-            lines.append(f"| E2E-QP (codes fixed, scales trained) | {config['e2e_qp_steps']} steps at "
-                         f"{config.get('e2e_qp_learning_rate')} |")
+    if config.get("e2e_qp_steps"):
+        lines.append(f"| E2E-QP (codes fixed, scales trained) | {config['e2e_qp_steps']} steps at "
+                     f"{config.get('e2e_qp_learning_rate')} |")
     if mixed:
         lines += ["", "## Formats", "", "| format | layers |", "|---|---|"]
         lines += [f"| {_format_name(b, g)} | {n} |" for b, g, n in formats]
