@@ -4,9 +4,10 @@ Default: the `upq` recipe with the `kv4` mix (attention k/v at INT4, the other l
 enough to keep uniform INT2 g64's 2.25 bits per weight: 2.23 on this model), on a budget that ends in about
 12 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
 to INT4 (one epoch), INT2 block reconstruction from the INT4 stage's latent weights (6 epochs over 56
-sequences of 128 tokens), then 20 steps of Distill-QAT from the teacher's cached top-64 distributions (on the
-validation prompts 20 steps kept 14 of 24 answers on topic against 7 at 10 steps: docs/BENCHMARKS.md).
-`upq quantize --bits 2 --recipe upq` runs the full default budget (about 21 minutes there); `--mix none` gives
+sequences of 128 tokens), then 20 steps of Distill-QAT of the scales and norms, codes fixed, from the teacher's
+cached top-64 distributions (top-1 0.398 / KL 1.91 in 11 min 16 s, against 0.367 / 2.29 with the latent weights
+trained, `--train-codes`: docs/BENCHMARKS.md).
+`upq quantize --bits 2 --recipe upq` runs the full default budget (about 22 minutes there); `--mix none` gives
 uniform INT2, `--recipe rtn` shows what plain rounding does.
 
 Size on disk, fidelity to the unquantized model (teacher-forced top-1 agreement and KL on held-out
@@ -58,9 +59,8 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--int4-ptq-epochs", type=int, default=defaults.int4_ptq_epochs)
     parser.add_argument("--ptq-epochs", type=int, default=6, help=f"(UPQConfig: {defaults.ptq_epochs})")
-    # the demo's measured setting (13 min, docs/BENCHMARKS.md) trains the latent weights; UPQConfig's default since
-    # 2026-12-05 keeps the codes fixed: --fixed-codes
-    parser.add_argument("--fixed-codes", action="store_true", help="Distill-QAT of the scales only (UPQConfig's default)")
+    parser.add_argument("--train-codes", action="store_true",
+                        help="Distill-QAT trains the latent weights too (default, as UPQConfig: codes fixed, scales trained)")
     parser.add_argument("--train-steps", type=int, default=20, help=f"(UPQConfig: {defaults.train_steps})")
     parser.add_argument("--train-samples", type=int, default=64)
     parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
@@ -90,7 +90,7 @@ def main() -> int:
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
                        train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
                        seqlen=args.seqlen, self_prompts=args.self_prompts, ptq_epochs=args.ptq_epochs,
-                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args), train_codes=not args.fixed_codes,
+                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args), train_codes=args.train_codes,
                        int4_checkpoint=f"{args.out}-int4" if args.recipe == "upq" else None)
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
