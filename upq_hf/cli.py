@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upq: Distill-QAT trains the latent weights too, so codes may flip (default: the INT2 "
                             "reconstruction's codes stay fixed and the scales and norms train)")
     train.add_argument("--e2e-qp-steps", type=int, default=None,
-                       help=f"upq: a last stage of this many steps with the codes fixed, training the scales only "
-                            f"(EfficientQAT's E2E-QP; default {default['e2e_qp_steps']}: none)")
+                       help=f"upq, ptq: a last stage of this many steps with the codes fixed, training the scales "
+                            f"only (EfficientQAT's E2E-QP; default {default['e2e_qp_steps']}: none)")
     train.add_argument("--e2e-qp-lr", type=float, default=None,
                        help=f"the E2E-QP stage's scale learning rate (default {default['e2e_qp_learning_rate']})")
     train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")

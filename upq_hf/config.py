@@ -173,9 +173,10 @@ class UPQConfig(QuantizationConfigMixin):
             0.513 / 1.38 / 18 with them trained (docs/BENCHMARKS.md). ``ntp`` and ``distill`` train everything.
         e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT, or of ``ptq`` after
             the block-wise reconstruction (EfficientQAT's E2E-QP, with the JSD to the unquantized model as its
-            loss and ``ptq`` then keeping a copy of that model in memory): every layer's codes fixed, its scales (and, with ``train_norms``, the norm weights)
-            trained for ``e2e_qp_steps`` more steps on the same data and loss, at ``e2e_qp_learning_rate``
-            (relative change per update). 0 (the default): no such stage (docs/BENCHMARKS.md).
+            loss; ``ptq`` then keeps a copy of that model in memory): every layer's codes fixed, its scales
+            (and, with ``train_norms``, the norm weights) trained for ``e2e_qp_steps`` more steps, at
+            ``e2e_qp_learning_rate`` (relative change per update). 0 (the default): no such stage
+            (docs/BENCHMARKS.md).
         work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
         device: where quantization runs (default: where the model is).
         seed: for data order and sampling.

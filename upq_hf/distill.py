@@ -204,8 +204,8 @@ def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, QATLinear):
-            # codes frozen (E2E-QP): the scales alone
-            names = ("weight_scale",) if getattr(module, "codes", None) is not None else ("weight", "weight_scale", "weight_zero")
+            # codes frozen (QATLinear.freeze_codes): the scales alone
+            names = ("weight_scale",) if module.codes is not None else ("weight", "weight_scale", "weight_zero")
         elif train_norms and _is_norm(module):
             names = ("weight", "bias")
         else:

@@ -236,10 +236,10 @@ class QATLinear(nn.Module):
 
     def fake_quant_weight(self) -> torch.Tensor:
         """The quantized weight the forward pass uses (float32, differentiable)."""
-        if self.codes is not None:
-            levels = formats._grouped(self.codes.float(), self.group_size)
-            levels = levels.sub_(1.5) if self.bits == 2 else levels.sub_(self.weight_zero.detach().unsqueeze(-1))
-            return (levels * self._scale().unsqueeze(-1)).reshape(self.weight.shape)
+        if self.codes is not None:  # codes frozen: the dequantization of the stored format, differentiable in s
+            if self.bits == 2:
+                return formats.dequantize_seq(self.codes, self._scale(), self.group_size)
+            return formats.dequantize_int4(self.codes, self._scale(), self.weight_zero.detach(), self.group_size)
         if self.bits == 2:
             return formats.fake_quant_seq(self.weight, self._scale(), self.group_size)
         return formats.fake_quant_int4(self.weight, self._scale(), self._zero(), self.group_size)
@@ -254,12 +254,12 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def quantized_weight(self) -> formats.QuantizedWeight:
         """Codes and stored scales, computed with the same operations as the forward pass."""
-        w = self.weight.detach().float()
         scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype)
         if self.codes is not None:
             zero = None if self.bits == 2 else torch.round(self.weight_zero.detach().float()).to(self.scale_dtype)
             return formats.QuantizedWeight(self.codes.clone(), scale.to(self.scale_dtype), zero, self.bits,
                                            self.group_size)
+        w = self.weight.detach().float()
         if self.bits == 2:
             codes = formats.seq_codes(w, scale, self.group_size)
             return formats.QuantizedWeight(codes, scale.to(self.scale_dtype), None, 2, self.group_size)
