@@ -174,12 +174,19 @@ def mix_at_4_bits(ctx):
 
 
 def mix_without_its_layers(ctx):
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                                       bos_token_id=1))  # fused qkv_proj: no k_proj / v_proj to place
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                                       eos_token_id=0))  # its FFN's down projection is mlp.c_proj: no down_proj
     return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, mix="kv-edge")))
+
+
+def unknown_decoder_weight(ctx):
+    from helpers import tiny_llama
+
+    model = tiny_llama()
+    model.model.layers[0].mlp.mixer = torch.nn.Conv1d(64, 64, 4)  # as a state-space block's convolution
+    return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32)))
 
 
 def unknown_ptq_loss(ctx):
@@ -347,7 +354,7 @@ def mismatched_python(ctx):
 def newer_format(ctx):
     path = ctx.checkpoint()
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 2
+    config["quantization_config"]["format_version"] = 3
     (path / "config.json").write_text(json.dumps(config))
     return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(path))
 
@@ -465,6 +472,7 @@ CASES: dict[str, Case] = {
     "a `--module-bits` that is not PATTERN=BITS[:GROUP]": Case(module_bits_malformed, before_work=True),
     "`--mix` with `--bits 4`": Case(mix_at_4_bits, before_work=True),
     "a `mix` on a model whose layers it cannot place": Case(mix_without_its_layers),
+    "a model with decoder weights UPQ cannot quantize": Case(unknown_decoder_weight),
     "an unknown PTQ loss": Case(unknown_ptq_loss, before_work=True),
     "a negative `--teacher-topk`": Case(negative_teacher_topk, before_work=True),
     "a `train_samples` that is not positive": Case(python_error(lambda: UPQConfig(train_samples=0))),

@@ -9,12 +9,16 @@ or unreadable entry raises one ``ValueError`` that names the file and the layer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 import torch
 
+from .adapters import ROUTER_LEAVES
 from .packing import FORMAT_VERSION
 
+
+_BLOCK = re.compile(r"\.\d+\.")  # a key inside a numbered decoder block ("model.layers.3.mlp...")
 
 #: safetensors header key holding ``{layer: in_features}`` of the packed layers (JSON)
 IN_FEATURES_KEY = "upq_in_features"
@@ -107,6 +111,7 @@ def checkpoint_info(path: str) -> dict:
     resolved = UPQConfig(**qconfig)  # resolves module_bits patterns to each layer's format
     element_bytes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1}
     layers: dict[str, dict] = {}
+    block_dense: dict[str, int] = {}  # floating matrices of the decoder blocks left dense: {key: weights}
     recorded: dict[str, int] = {}
     other_bytes = 0
     for name in sorted(os.listdir(path)):
@@ -136,6 +141,8 @@ def checkpoint_info(path: str) -> dict:
                     entry[f"{leaf}_bytes"] = nbytes
                 else:
                     other_bytes += nbytes
+                    if len(shape) >= 2 and dtype in ("F16", "BF16", "F32") and _BLOCK.search(key):
+                        block_dense[key] = nbytes // element_bytes[dtype]
     quantized_bytes = sum(e.get("code_bytes", 0) + e.get("weight_scale_bytes", 0) + e.get("weight_zero_bytes", 0)
                           for e in layers.values())
     architecture = None
@@ -154,6 +161,11 @@ def checkpoint_info(path: str) -> dict:
             in_features = architecture.get(layer, entry["packed_words"] * per_word)
         entry["in_features"] = in_features
         n_weights += in_features * entry["out_features"]
+    in_blocks = sum(e["in_features"] * e["out_features"] for name, e in layers.items() if _BLOCK.search(name + "."))
+    with_experts = {key.split(".experts.")[0] for key in layers if ".experts." in key}
+    dense = {key: ("router" if key.rpartition(".")[0].rpartition(".")[0] in with_experts
+                   and key.rpartition(".")[0].rpartition(".")[2] in ROUTER_LEAVES else None)
+             for key in block_dense}
     disk_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                      if os.path.isfile(os.path.join(path, f)))
     return {
@@ -164,5 +176,8 @@ def checkpoint_info(path: str) -> dict:
         "quantized_bytes": quantized_bytes,
         "other_tensor_bytes": other_bytes,
         "bits_per_weight": 8 * quantized_bytes / max(n_weights, 1),
+        # the decoder blocks' weights: the share quantized, and those left dense ({key: reason or None})
+        "decoder_quantized_fraction": in_blocks / max(1, in_blocks + sum(block_dense.values())),
+        "decoder_dense_weights": dense,
         "disk_bytes": disk_bytes,
     }

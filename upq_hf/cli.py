@@ -197,6 +197,12 @@ def cmd_info(args) -> int:
     preset = f", preset {q['mix']}" if q.get("mix") else ""
     print(f"  quantized layers      {len(info['layers'])}{f'  (mixed: {mixed}{preset})' if len(by_bits) > 1 else ''}")
     print(f"  quantized weights     {info['quantized_weights']:,}")
+    routers = sum(1 for reason in info["decoder_dense_weights"].values() if reason == "router")
+    others = len(info["decoder_dense_weights"]) - routers
+    kept = ", ".join(part for part in (f"{routers} routers" if routers else "", f"{others} other" if others else "")
+                     if part)
+    print(f"  decoder quantized     {info['decoder_quantized_fraction']:.1%} of its weights"
+          f"{f'  (dense: {kept})' if kept else ''}")
     zeros = " + zeros" if 4 in by_bits else ""
     print(f"  bits per weight       {info['bits_per_weight']:.3f}  (average: codes + scales{zeros})")
     print(f"  packed tensors        {_human_bytes(info['quantized_bytes'])}")

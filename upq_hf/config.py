@@ -348,25 +348,29 @@ class UPQConfig(QuantizationConfigMixin):
         bits = spec
         return bits, self.group_size if bits == self.bits else self.int4_group_size
 
-    def layer_format(self, name: str) -> tuple[int, int | None]:
-        """``(bits, group_size)`` of the quantized layer called ``name`` (see ``module_bits``)."""
+    def layer_format(self, name: str, aliases: tuple[str, ...] = ()) -> tuple[int, int | None]:
+        """``(bits, group_size)`` of the quantized layer called ``name`` (see ``module_bits``); a pattern may
+        also match one of ``aliases`` (a role of a fused projection answers to its layer's name too)."""
         for pattern, spec in (self.module_bits or {}).items():
-            if re.search(pattern, name):
+            if any(re.search(pattern, n) for n in (name, *aliases)):
                 return self._override(spec)
         return self.bits, self.group_size
 
     def layer_formats(self, layers) -> dict[str, tuple[int, int | None]]:
-        """``{name: (bits, group_size)}`` for the layers among ``layers`` (names, or ``{name: module}``) that
-        ``module_bits`` sets apart; raises if a pattern matches none of them (a typo would otherwise quantize
-        everything at ``bits``)."""
+        """``{name: (bits, group_size)}`` for the layers among ``layers`` (names, ``{name: module}`` or
+        ``{name: upq_hf.adapters.Unit}``) that ``module_bits`` sets apart; raises if a pattern matches none of them
+        (a typo would otherwise quantize everything at ``bits``)."""
         names = list(layers)
+        aliases = {name: tuple(n for n in getattr(layers[name], "names", ()) if n != name)
+                   for name in names} if hasattr(layers, "items") else {}
         self.resolve_mix(layers)
         for pattern in self.module_bits or {}:
-            if not any(re.search(pattern, name) for name in names):
+            if not any(re.search(pattern, n) for name in names for n in (name, *aliases.get(name, ()))):
                 example = names[0] if names else "(none)"
                 raise ValueError(f"UPQConfig: module_bits pattern {pattern!r} matches none of the {len(names)} layers "
                                  f"to quantize (their names look like {example!r})")
-        return {name: fmt for name in names if (fmt := self.layer_format(name)) != (self.bits, self.group_size)}
+        return {name: fmt for name in names
+                if (fmt := self.layer_format(name, aliases.get(name, ()))) != (self.bits, self.group_size)}
 
     @property
     def sets_layers_apart(self) -> bool:

@@ -1,6 +1,9 @@
-"""Model surgery: find the linear layers to quantize, check them, swap them for ``UPQLinear``.
+"""Model surgery: find the layers to quantize, check them, swap them for ``UPQLinear``.
 
-Knows nothing of transformers' loading machinery: it works on any ``nn.Module``.
+Knows nothing of transformers' loading machinery: it works on any ``nn.Module``. How a model holds its weights
+(``Conv1D``, fused experts, fused projections with roles) is :mod:`upq_hf.adapters`' business: :func:`prepare`
+rewrites a model into its canonical form, where every matrix to quantize is an ``nn.Linear``, and the rest of this
+module works on those.
 """
 
 from __future__ import annotations
@@ -10,33 +13,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from . import formats
+from . import adapters, formats
+from .adapters import _skipped, output_module_names  # noqa: F401 - imported from here too
 from .nn import UPQLinear
-
-DEFAULT_SKIPS = ("lm_head",)
-
-
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
-
-
-def output_module_names(model: nn.Module) -> list[str]:
-    """Names of the output embedding and of linears tied to an embedding: never quantized."""
-    names = set(DEFAULT_SKIPS)
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, module in model.named_modules():
-        if module is out or (isinstance(module, nn.Linear) and id(module.weight) in embedding_weights):
-            names.add(name)
-    return sorted(names)
 
 
 def linear_layers(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers to quantize, by name, in model order."""
-    skip = set(output_module_names(model)) | set(modules_to_not_convert or ())
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not isinstance(module, UPQLinear) and not _skipped(name, skip)}
+    """The ``nn.Linear`` layers to quantize, by name, in model order (of a canonical model, :func:`prepare`: in
+    another, the ``Conv1D`` layers and fused experts are not among them)."""
+    return {name: module for name, module in adapters.targets(model, modules_to_not_convert).items()
+            if isinstance(module, nn.Linear)}
 
 
 LayerFormats = dict  # {layer name: (bits, group_size)} for layers quantized otherwise than the default
@@ -44,8 +30,9 @@ LayerFormats = dict  # {layer name: (bits, group_size)} for layers quantized oth
 
 def check_layers(layers: dict[str, nn.Module], group_size: int | None,
                  layer_formats: LayerFormats | None = None) -> None:
-    """Validate every layer before touching any, so that nothing is half-converted. ``layer_formats``
-    gives the layers whose format differs from the default (mixed bits, ``UPQConfig.layer_formats``)."""
+    """Validate every layer (anything with ``in_features``: a module or an :class:`upq_hf.adapters.Unit`) before
+    touching any, so that nothing is half-converted. ``layer_formats`` gives the layers whose format differs from
+    the default (mixed bits, ``UPQConfig.layer_formats``)."""
     if not layers:
         raise ValueError("UPQ found no linear layer to quantize in this model (check modules_to_not_convert)")
     for name, module in layers.items():
@@ -54,14 +41,70 @@ def check_layers(layers: dict[str, nn.Module], group_size: int | None,
 
 def model_layer_formats(model: nn.Module, config) -> LayerFormats:
     """The mixed-precision layers of ``model`` under a ``UPQConfig`` (its ``module_bits`` patterns resolved
-    against the layers it quantizes): ``{name: (bits, group_size)}``, empty when every layer takes the default."""
+    against the matrices it quantizes, :func:`upq_hf.adapters.units`): ``{name: (bits, group_size)}``, empty when
+    every layer takes the default. The names are those of the canonical model: a fused projection whose roles
+    all take one format is one layer (that format); one whose roles differ is one layer per role. The same
+    before and after :func:`prepare`."""
     if not config.sets_layers_apart:
         return {}
-    return config.layer_formats(linear_layers(model, config.modules_to_not_convert))
+    found = adapters.units(model, config.modules_to_not_convert)
+    layer_formats = config.layer_formats(found)
+    default = (config.bits, config.group_size)
+    roles: dict[str, list[str]] = {}
+    for unit in found.values():
+        if unit.kind == "role":
+            roles.setdefault(unit.source, []).append(unit.name)
+    for source, parts in roles.items():
+        part_formats = {layer_formats.get(part, default) for part in parts}
+        if len(part_formats) == 1:  # the layer stays whole and takes its roles' format
+            for part in parts:
+                layer_formats.pop(part, None)
+            if (fmt := part_formats.pop()) != default:
+                layer_formats[source] = fmt
+    return layer_formats
+
+
+def prepare(model: nn.Module, config) -> LayerFormats:
+    """Before quantizing ``model`` under ``config``: refuse a model with decoder weights UPQ cannot quantize
+    (:func:`upq_hf.adapters.check_nothing_silently_dense`), rewrite it into its canonical form
+    (:func:`upq_hf.adapters.canonicalize`: ``Conv1D`` as ``nn.Linear``, experts one linear layer each, fused
+    projections split where their roles' formats differ) and check every layer against its format. Returns the
+    layer formats (:func:`model_layer_formats`). Idempotent; works on the meta device."""
+    skip = config.modules_to_not_convert
+    adapters.check_nothing_silently_dense(model, skip)
+    layer_formats = model_layer_formats(model, config)
+    default = (config.bits, config.group_size)
+    adapters.canonicalize(model, skip, format_of=lambda unit: layer_formats.get(unit.name, default))
+    check_layers(linear_layers(model, skip), config.group_size, layer_formats)
+    return layer_formats
+
+
+def check_before_loading(model: nn.Module, config) -> None:
+    """On the model as transformers builds it (meta device, the family's layout) before its weights load: what
+    :func:`prepare` will refuse, refused now, without changing the model."""
+    adapters.check_nothing_silently_dense(model, config.modules_to_not_convert)
+    check_layers(adapters.units(model, config.modules_to_not_convert), config.group_size,
+                 model_layer_formats(model, config))
+
+
+def check_quantized(model: nn.Module, config) -> None:
+    """After quantizing: no layer UPQ was to quantize is left in high precision, and no decoder weight without a
+    documented reason (:func:`upq_hf.adapters.check_nothing_silently_dense`)."""
+    left = adapters.targets(model, config.modules_to_not_convert)
+    if left:
+        name, module = next(iter(left.items()))
+        raise ValueError(f"UPQ left {len(left)} layers in high precision that it was to quantize (e.g. {name}, a "
+                         f"{type(module).__name__})")
+    adapters.check_nothing_silently_dense(model, config.modules_to_not_convert)
 
 
 def _format(name: str, bits, group_size, layer_formats: LayerFormats | None) -> tuple:
     return (layer_formats or {}).get(name, (bits, group_size))
+
+
+def _canonical(model: nn.Module, bits, group_size, modules_to_not_convert, layer_formats: LayerFormats | None):
+    adapters.canonicalize(model, modules_to_not_convert,
+                          format_of=lambda unit: _format(unit.name, bits, group_size, layer_formats))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -73,7 +116,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def empty_upq_model(model: nn.Module, bits: int, group_size: int | None, scale_dtype: torch.dtype,
                     modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
                     layer_formats: LayerFormats | None = None) -> list[str]:
-    """Swap linears for empty ``UPQLinear`` shells (for loading a packed checkpoint). Returns the names."""
+    """Swap linears for empty ``UPQLinear`` shells (for loading a packed checkpoint), the model made canonical
+    first (:func:`upq_hf.adapters.canonicalize`). Returns the names."""
+    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
     layers = linear_layers(model, modules_to_not_convert)
     check_layers(layers, group_size, layer_formats)
     for name, linear in layers.items():
@@ -91,9 +136,11 @@ def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, sc
                          scale_dtype: torch.dtype = torch.float16,
                          modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
                          progress: bool = False, layer_formats: LayerFormats | None = None) -> list[str]:
-    """Round-to-nearest: replace each selected ``nn.Linear`` by its ``UPQLinear``, in place."""
+    """Round-to-nearest: replace each selected ``nn.Linear`` by its ``UPQLinear``, in place (the model made
+    canonical first, :func:`upq_hf.adapters.canonicalize`)."""
     from tqdm.auto import tqdm
 
+    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
     layers = linear_layers(model, modules_to_not_convert)
     check_layers(layers, group_size, layer_formats)
     for name, linear in tqdm(layers.items(), desc=f"RTN INT{bits}", disable=not progress, unit="layer"):

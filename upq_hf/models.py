@@ -203,8 +203,7 @@ def check_layers_of(source: str, config) -> None:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     except Exception:  # noqa: BLE001 - whatever it is, from_pretrained will say it with its own words
         return
-    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
-                         convert.model_layer_formats(model, config))
+    convert.check_before_loading(model, config)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")

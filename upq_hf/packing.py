@@ -1,6 +1,6 @@
 """The one place that knows how UPQ codes are laid out in memory and on disk.
 
-Storage format, version 1 (``UPQConfig.format_version``):
+Storage format, version 2 (``UPQConfig.format_version``; version 1 reads the same way):
 
 * A quantized ``nn.Linear`` of ``out_features = N`` and ``in_features = K`` has integer codes
   ``codes[n, k]`` in ``[0, 2**bits)`` (``bits`` is 2 or 4).
@@ -17,6 +17,12 @@ Storage format, version 1 (``UPQConfig.format_version``):
   the weight is ``w[n, k] = scale[g, n] * (codes[n, k] - zero[g, n])`` with ``g = k // group_size``.
   INT2 (SEQ) has no zero tensor: its zero is the constant 1.5, ``w = scale * (codes - 1.5)``.
 
+* Version 2 (upq_hf 0.2) saves every model in its canonical layout (:mod:`upq_hf.adapters`) under the model's own
+  names, where version 1 knew ``nn.Linear`` only: fused MoE experts one layer per expert and projection
+  (``mlp.experts.3.down_proj.weight``), a ``Conv1D`` as the ``nn.Linear`` of its transposed weight, and a fused
+  projection whose roles take different formats one layer per role (``attn.c_attn.k_proj.weight``). A version-1
+  reader would load the experts of such a checkpoint as missing (randomly initialised): it refuses version 2.
+
 Everything else in the package (formats, modules, kernels) works on codes in their natural
 ``(N, K)`` orientation and calls :func:`pack_codes` / :func:`unpack_codes` here.
 """
@@ -27,7 +33,7 @@ import torch
 
 from .formats import check_bits, effective_group_size, num_groups
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def codes_per_word(bits: int) -> int:

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .convert import check_layers, linear_layers, replace_module
+from .adapters import find_decoder_layers  # noqa: F401 - part of this module's API too
+from .convert import _canonical, check_layers, linear_layers, replace_module
 from .nn import UPQLinear
 from .optim import StepAdam, quantized_param_groups
 from .qat import QATLinear, init_quant_params, stored_scale
@@ -205,25 +206,6 @@ class PTQReport:
 # Finding and feeding the decoder blocks
 # ----------------------------------------------------------------------------------------------
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder blocks: the ``nn.ModuleList`` holding the most parameters among
-    those whose every element contains an ``nn.Linear`` (``model.layers`` in Llama/Qwen/Mistral,
-    ``transformer.h`` in GPT-2, ...)."""
-    best, best_size = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if not all(any(isinstance(m, (nn.Linear, UPQLinear, QATLinear)) for m in block.modules()) for block in module):
-            continue
-        size = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
-        if size > best_size:
-            best, best_size = (name, module), size
-    if best is None:
-        raise ValueError("block-wise PTQ found no list of decoder blocks (nn.ModuleList of modules with linear "
-                         "layers) in this model")
-    return best
-
-
 class _InputsCaptured(Exception):
     pass
 
@@ -289,9 +271,18 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
     return torch.cat(hidden), _to(shared, device)
 
 
+#: block keyword arguments whose first dimension folds the batch into another (Bloom's ALiBi bias,
+#: ``(batch * heads, 1, seq)``): captured for one sample, repeated for a batch of several
+_BATCH_FOLDED_KWARGS = ("alibi",)
+
+
 def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     extra = kwargs.get("_extra_args", ())
-    out = block(x, *extra, **{k: v for k, v in kwargs.items() if k != "_extra_args"})
+    kwargs = {k: v for k, v in kwargs.items() if k != "_extra_args"}
+    for key in _BATCH_FOLDED_KWARGS:
+        if len(x) > 1 and torch.is_tensor(kwargs.get(key)):
+            kwargs[key] = kwargs[key].repeat(len(x), *[1] * (kwargs[key].dim() - 1))
+    out = block(x, *extra, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -494,8 +485,9 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     device = torch.device(device) if device is not None else model_device
     storage = device if activations_on_device else torch.device("cpu")
 
-    selected = linear_layers(model, modules_to_not_convert)
     layer_formats = dict(layer_formats or {})
+    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
+    selected = linear_layers(model, modules_to_not_convert)
     unknown = sorted(set(layer_formats) - set(selected))
     if unknown:
         raise ValueError(f"layer_formats names {unknown[0]!r}, which is not one of the layers to quantize")

@@ -330,6 +330,12 @@ def _push_with_card(self, repo_id: str, *, commit_message: str | None = None, pr
                            commit_message=commit_message or "Upload UPQ checkpoint")
 
 
+def remove_card_hooks(model) -> None:
+    """Undo :func:`install_card_hooks` (a model dequantized to dense saves as any dense model)."""
+    for name in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(name, None)
+
+
 def install_card_hooks(model) -> None:
     """Make ``model.save_pretrained`` and ``model.push_to_hub`` write the UPQ model card (per instance)."""
     import types

@@ -21,7 +21,7 @@ from . import convert, recipes, streaming
 from .checkpoint import IN_FEATURES_KEY, expected_upq_tensors, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
-from .publish import install_card_hooks, save_atomic
+from .publish import install_card_hooks, remove_card_hooks, save_atomic
 
 QUANT_METHOD = "upq"
 
@@ -32,7 +32,8 @@ class UPQHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: UPQConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.quantization_config = quantization_config
-        self.on_load_layers: dict[str, tuple] = {}  # layers quantized as their weights load: {name: (bits, group)}
+        # the dense tensors quantized as they load: {checkpoint name: function to the canonical model's tensors}
+        self.on_load_layers: dict[str, object] = {}
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -63,10 +64,7 @@ class UPQHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         """The float weights of the layers quantized on load (recipe ``rtn``); everything else loads as it is
         (the other recipes run after loading)."""
-        if self.pre_quantized or not self.on_load_layers:
-            return False
-        layer, _, leaf = param_name.rpartition(".")
-        return leaf == "weight" and layer in self.on_load_layers
+        return not self.pre_quantized and param_name in self.on_load_layers
 
     def get_quantize_ops(self):
         return streaming.UPQQuantizeOnLoad(self)
@@ -80,22 +78,30 @@ class UPQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
                                     config.modules_to_not_convert, config.backend,
-                                    layer_formats=convert.model_layer_formats(model, config))
+                                    layer_formats=convert.prepare(model, config))
             files = kwargs.get("checkpoint_files")
             if files:
                 validate_checkpoint(files, expected_upq_tensors(model))
         elif streaming.on_load_applies(config, self.pre_quantized):
             self.on_load_layers = streaming.prepare_on_load(model, config)
         else:  # fail before spending time on loading weights
-            convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
-                                 convert.model_layer_formats(model, config))
+            convert.check_before_loading(model, config)
         return model
+
+    def update_weight_conversions(self, weight_conversions, *args, **kwargs):
+        """A UPQ checkpoint holds the tensors under the model's own names (:func:`attach`): none of the family's
+        conversions (merging per-expert tensors, renaming) applies to it. A dense checkpoint quantized on load
+        keeps them: the quantize operation sees each tensor as the model holds it (experts merged)."""
+        if self.pre_quantized:
+            return []
+        return super().update_weight_conversions(weight_conversions, *args, **kwargs)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.on_load_layers:
             streaming.check_converted(model, self.on_load_layers)
         elif not self.pre_quantized:
             recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
+        model._weight_conversions = []  # saved under the model's own names (see attach)
         install_card_hooks(model)
         return model
 
@@ -120,7 +126,11 @@ class UPQHfQuantizer(HfQuantizer):
                       IN_FEATURES_KEY: json.dumps({name: m.in_features for name, m in convert.upq_layers(model).items()})}
 
     def _dequantize(self, model, dtype=None):
+        from .adapters import refuse
+
         convert.dequantize_layers(model, dtype or torch.float32)
+        refuse(model)
+        remove_card_hooks(model)  # a dense model again: it saves without the UPQ model card
         return model
 
 
@@ -130,6 +140,9 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.config.quantization_config = config
+    # save_pretrained would map the tensors back to the family's checkpoint layout (per-expert tensors, old names)
+    # through its conversions: a UPQ checkpoint keeps the model's own names, which no conversion touches on reload
+    model._weight_conversions = []
     install_card_hooks(model)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
@@ -162,7 +175,7 @@ def save_checkpoint(model: nn.Module, config: UPQConfig, path, tokenizer=None):
     saves the INT4 model in the middle of quantizing to INT2."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
     restore = _swapped_back([(model, ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained",
-                                      "push_to_hub"))]
+                                      "push_to_hub", "_weight_conversions"))]
                             + [(c, ("quantization_config", "_is_quantized")) for c in configs.values()])
     attach(model, config)
     try:

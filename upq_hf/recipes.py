@@ -222,14 +222,16 @@ def apply_recipe(model: nn.Module, config, tokenizer=None, progress: bool = Fals
     if recipe is None:
         raise ValueError(f"unknown recipe {config.recipe!r}: one of {list(RECIPES)}")
     config.check_device()
-    return recipe.apply(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
-                        save_int4=save_int4)
+    was_training = model.training
+    recipe.apply(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks, save_int4=save_int4)
+    convert.check_quantized(model, config)
+    return model.train(was_training)  # training recipes leave the model in training mode (dropout on)
 
 
 def _prepared(model: nn.Module, config, tokenizer):
-    """Check every layer before any is touched; the tokenizer for the data; the model in eval mode."""
-    convert.check_layers(convert.linear_layers(model, config.modules_to_not_convert), config.group_size,
-                         convert.model_layer_formats(model, config))
+    """The model made canonical and every layer checked before any is touched (:func:`upq_hf.convert.prepare`);
+    the tokenizer for the data; the model in eval mode."""
+    convert.prepare(model, config)
     tokenizer = _tokenizer_for(model, tokenizer)
     model.eval()
     return tokenizer
@@ -247,7 +249,7 @@ def _int2_start(model: nn.Module, config, tokenizer):
 def rtn(model: nn.Module, config, *, progress: bool = False, **unused) -> nn.Module:
     convert.quantize_linears_rtn(model, config.bits, config.group_size, config.scale_init,
                                  config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
-                                 progress=progress, layer_formats=convert.model_layer_formats(model, config))
+                                 progress=progress, layer_formats=convert.prepare(model, config))
     return model
 
 

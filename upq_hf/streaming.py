@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
-from . import convert, formats, packing
+from collections.abc import Callable
+
+from . import adapters, convert, formats, packing
 from .nn import UPQLinear
 
 
@@ -36,26 +38,104 @@ def on_load_applies(config, pre_quantized: bool) -> bool:
     return not pre_quantized and config.recipe == "rtn"
 
 
-def prepare_on_load(model: nn.Module, config) -> dict[str, tuple[int, int | None]]:
-    """Swap every linear to quantize for a ``UPQLinear`` shell with a float ``weight`` placeholder of the dense
-    shape and dtype (on the meta device while ``from_pretrained`` builds the model). Returns
-    ``{layer name: (bits, group_size)}`` of every swapped layer. Raises before anything is swapped if a
-    layer does not fit its format."""
-    layers = convert.linear_layers(model, config.modules_to_not_convert)
-    layer_formats = convert.model_layer_formats(model, config)
-    convert.check_layers(layers, config.group_size, layer_formats)
-    swapped = {}
-    for name, linear in layers.items():
-        bits, group_size = layer_formats.get(name, (config.bits, config.group_size))
-        weight = linear.weight
-        shell = UPQLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
-                          group_size=group_size, scale_dtype=config.torch_scale_dtype,
-                          dtype=None if linear.bias is None else linear.bias.dtype, device=weight.device,
-                          backend=config.backend)
-        shell.weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # the float placeholder
-        convert.replace_module(model, name, shell)
-        swapped[name] = (bits, group_size)
-    return swapped
+def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
+    """Make ``model`` (on the meta device while ``from_pretrained`` builds it) canonical
+    (:func:`upq_hf.convert.prepare`) and swap every linear to quantize for a ``UPQLinear`` shell; give each dense
+    tensor the checkpoint holds for them a float placeholder under the checkpoint's own name, of its shape and the
+    model's dtype (a ``Conv1D``'s transposed weight, the fused experts' 3-D parameters, a fused projection split
+    by role). Returns ``{checkpoint tensor name: function}``, the function turning that tensor, as loaded, into
+    the canonical model's tensors (``{name: tensor}``: packed codes and scales, or a split bias). Raises before
+    anything is swapped if a layer does not fit its format."""
+    transposed = {name for name, m in adapters.targets(model, config.modules_to_not_convert).items()
+                  if adapters.is_conv1d(m)}  # the checkpoint holds these weights (in, out)
+    layer_formats = convert.prepare(model, config)
+    default = (config.bits, config.group_size)
+    modules = dict(model.named_modules())
+    sources: dict[str, list] = {}
+    for unit in adapters.units(model, config.modules_to_not_convert).values():
+        sources.setdefault(unit.source, []).append(unit)
+    shells, dtypes = {}, {}
+    for name, linear in convert.linear_layers(model, config.modules_to_not_convert).items():
+        bits, group_size = layer_formats.get(name, default)
+        shells[name] = UPQLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
+                                 group_size=group_size, scale_dtype=config.torch_scale_dtype,
+                                 dtype=None if linear.bias is None else linear.bias.dtype,
+                                 device=linear.weight.device, backend=config.backend)
+        dtypes[name] = linear.weight.dtype  # the placeholders' dtype: the model's
+        convert.replace_module(model, name, shells[name])
+
+    def quantize(layer: str, transpose: bool = False):
+        bits, group_size = layer_formats.get(layer, default)
+
+        def convert_(weight):
+            weight = weight.t() if transpose else weight
+            packed = quantize_weight(weight, bits, group_size, config.scale_init, config.torch_scale_dtype)
+            return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
+        return convert_
+
+    conversions: dict[str, Callable] = {}
+    for source in sources:
+        container = modules.get(source)
+        if isinstance(container, adapters.ExpertLinears):
+            _expert_placeholders(container, source, shells, dtypes, quantize, conversions)
+        elif isinstance(container, adapters.RoleSplitLinear):
+            _role_placeholders(container, source, shells, dtypes, quantize, conversions, source in transposed)
+        else:  # one layer; a Conv1D holds its weight transposed
+            shell = shells[source]
+            transpose = source in transposed
+            shape = (shell.in_features, shell.out_features) if transpose else (shell.out_features, shell.in_features)
+            shell.weight = torch.empty(shape, dtype=dtypes[source], device=shell.weight.device)
+            conversions[f"{source}.weight"] = quantize(source, transpose)
+    return conversions
+
+
+def _expert_placeholders(container, source: str, shells: dict, dtypes: dict, quantize, conversions: dict) -> None:
+    """The fused experts' 3-D parameters (and biases) as placeholders on the :class:`ExpertLinears`; each expert's
+    slice goes to its own layer."""
+    transposed = getattr(container, "is_transposed", False)
+    for projection in container.projections:
+        layers = [f"{source}.{e}.{projection}" for e in range(container.num_experts)]
+        first = shells[layers[0]]
+        shape = (first.in_features, first.out_features) if transposed else (first.out_features, first.in_features)
+        container.register_parameter(projection, nn.Parameter(
+            torch.empty(len(layers), *shape, dtype=dtypes[layers[0]], device=first.weight.device), requires_grad=False))
+
+        def experts(weight, layers=layers):
+            out = {}
+            for expert, layer in enumerate(layers):
+                out.update(quantize(layer, transposed)(weight[expert]))
+            return out
+        conversions[f"{source}.{projection}"] = experts
+        if first.bias is not None:
+            container.register_parameter(f"{projection}_bias", nn.Parameter(
+                torch.empty(len(layers), first.out_features, dtype=first.bias.dtype), requires_grad=False))
+            conversions[f"{source}.{projection}_bias"] = (
+                lambda bias, layers=layers: {f"{layer}.bias": bias[e] for e, layer in enumerate(layers)})
+
+
+def _role_placeholders(container, source: str, shells: dict, dtypes: dict, quantize, conversions: dict,
+                       transpose: bool) -> None:
+    """A fused projection split by role: its weight (and bias) as placeholders on the :class:`RoleSplitLinear`;
+    each role's rows go to its own layer."""
+    rows = container.rows()
+    first = shells[f"{source}.{container.roles[0]}"]
+    shape = (container.in_features, container.out_features) if transpose else \
+        (container.out_features, container.in_features)
+    container.register_parameter("weight", nn.Parameter(torch.empty(
+        shape, dtype=dtypes[f"{source}.{container.roles[0]}"], device=first.weight.device), requires_grad=False))
+
+    def split(weight):
+        weight = weight.t() if transpose else weight
+        out = {}
+        for role, index in rows.items():
+            out.update(quantize(f"{source}.{role}")(weight[index]))
+        return out
+    conversions[f"{source}.weight"] = split
+    if first.bias is not None:
+        container.register_parameter("bias", nn.Parameter(torch.empty(container.out_features, dtype=first.bias.dtype),
+                                                          requires_grad=False))
+        conversions[f"{source}.bias"] = lambda bias: {f"{source}.{role}.bias": bias[index]
+                                                      for role, index in rows.items()}
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, scale_init: str,
@@ -71,8 +151,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, sca
 
 
 class UPQQuantizeOnLoad(ConversionOps):
-    """transformers 5's per-tensor quantize operation: one float ``<layer>.weight`` in, that layer's packed
-    ``weight``, ``weight_scale`` (and ``weight_zero``) out, under their full names."""
+    """transformers 5's per-tensor operation: one dense checkpoint tensor in (as the model's converters left it:
+    fused experts already merged), the canonical model's tensors out, under their full names (see
+    :func:`prepare_on_load`), and the placeholder emptied."""
 
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
@@ -80,32 +161,37 @@ class UPQQuantizeOnLoad(ConversionOps):
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 **kwargs):
         if len(input_dict) != 1:
-            raise ValueError(f"UPQ quantize-on-load expects one weight per layer, got {sorted(input_dict)}")
+            raise ValueError(f"UPQ quantize-on-load expects one tensor at a time, got {sorted(input_dict)}")
         (key, value), = input_dict.items()
         value = value[0] if isinstance(value, (list, tuple)) else value
-        name = key if key.endswith(".weight") else (full_layer_name or key)
-        layer = name.removesuffix(".weight")
-        formats_ = self.hf_quantizer.on_load_layers
-        if layer not in formats_:
-            raise ValueError(f"UPQ quantize-on-load got {name}, which is not a layer it quantizes")
-        bits, group_size = formats_[layer]
-        placeholder = model.get_submodule(layer).weight if model is not None else value
-        # the tensor a dense load would have put in the nn.Linear: the model's dtype (a no-op where
-        # transformers already cast it to the placeholder's dtype)
-        weight = value.to(placeholder.dtype) if placeholder.dtype.is_floating_point else value
-        config = self.hf_quantizer.quantization_config
-        packed = quantize_weight(weight, bits, group_size, config.scale_init, config.torch_scale_dtype)
-        del weight, value
-        return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
+        conversions = self.hf_quantizer.on_load_layers
+        name = full_layer_name if full_layer_name in conversions else key
+        if name not in conversions:
+            raise ValueError(f"UPQ quantize-on-load got {name}, which is not a tensor it quantizes")
+        layer, _, leaf = name.rpartition(".")
+        placeholder = getattr(model.get_submodule(layer), leaf) if model is not None else value
+        # the tensor a dense load would have put in the layer: the model's dtype (a no-op where transformers
+        # already cast it to the placeholder's dtype)
+        tensor = value.to(placeholder.dtype) if placeholder.dtype.is_floating_point else value
+        out = conversions[name](tensor)
+        del tensor, value
+        if name not in out:  # the placeholder of a container (experts, roles) is emptied, then removed after loading
+            out[name] = torch.empty(0, dtype=placeholder.dtype)
+        return out
 
 
-def check_converted(model: nn.Module, layers) -> None:
-    """After loading: every shell holds packed codes; a weight the checkpoint lacked would otherwise be left
-    as a randomly initialised float placeholder."""
-    missing = [name for name in layers if model.get_submodule(name).weight.dtype != torch.int32]
+def check_converted(model: nn.Module, conversions) -> None:
+    """After loading: every shell holds packed codes (a weight the checkpoint lacked would otherwise be left as a
+    randomly initialised float placeholder); the containers' placeholders are removed."""
+    missing = [name for name, m in model.named_modules() if isinstance(m, UPQLinear) and m.weight.dtype != torch.int32]
     if missing:
         raise ValueError(f"UPQ quantize-on-load: {len(missing)} layers got no weight from the checkpoint "
                          f"(e.g. {missing[0]}): the checkpoint does not match the model's config")
+    for name in conversions:
+        layer, _, leaf = name.rpartition(".")
+        module = model.get_submodule(layer)
+        if not isinstance(module, UPQLinear) and leaf in module._parameters:
+            del module._parameters[leaf]
 
 
 def quantized_element_size(config) -> float:

@@ -1,0 +1,235 @@
+"""The family matrix: every family of tests/families.py through every stage, on tiny random models (no hub).
+
+Each family: INT2 and INT4 round to nearest on load, equal bit for bit to quantizing the dense model in memory,
+every decoder weight quantized but the documented exceptions (routers), save + plain ``from_pretrained`` with
+logits bit-equal, ``generate``; ``ptq`` and ``upq`` at a tiny budget; the ``kv4`` mix placing k/v at INT4 by role,
+fused or not; LoRA with the codes unchanged; the avx2 CPU backend equal to the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import upq_hf
+from upq_hf import UPQConfig, adapters, formats
+from upq_hf.convert import upq_layers
+
+from families import COLUMNS, FAMILIES, build, supported_models_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+IDS = torch.tensor([[3, 5, 9, 2, 7, 11, 4, 8]])
+BY_NAME = {family.name: family for family in FAMILIES}
+names = pytest.mark.parametrize("name", list(BY_NAME))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def dense_dirs(tmp_path_factory):
+    """Each family's tiny dense model saved once (the checkpoint layout transformers writes for it)."""
+    saved = {}
+
+    def get(name):
+        if name not in saved:
+            path = tmp_path_factory.mktemp(re.sub(r"\W", "", name.lower()))
+            build(BY_NAME[name]).save_pretrained(path)
+            saved[name] = str(path)
+        return saved[name]
+    return get
+
+
+def check_all_quantized(model):
+    """Every matrix UPQ quantizes is a UPQLinear; the only dense decoder weights are the documented exceptions."""
+    assert adapters.targets(model) == {}
+    kept = adapters.dense_decoder_weights(model)
+    assert all(w.reason == "router" for w in kept), [w for w in kept if w.reason != "router"]
+    quantized = sum(m.in_features * m.out_features for m in upq_layers(model).values())
+    documented = sum(w.numel for w in kept)
+    return quantized, documented
+
+
+@names
+@pytest.mark.parametrize("bits", [2, 4])
+def test_round_to_nearest_on_load(name, bits, dense_dirs, tmp_path):
+    family = BY_NAME[name]
+    config = UPQConfig(bits=bits, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=config).eval()
+    quantized, routers = check_all_quantized(model)
+    assert (routers > 0) == family.moe  # the routers, and only they, stay dense
+    assert all(m.bits == bits for m in upq_layers(model).values())
+    # the same as quantizing the dense model in memory, bit for bit
+    in_memory = upq_hf.quantize_model(build(family), UPQConfig(bits=bits, group_size=32), progress=False)
+    expected = logits(in_memory)
+    assert torch.equal(logits(model), expected)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded), expected)
+    out = reloaded.generate(IDS[:, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_moe_experts_are_quantized_one_by_one(dense_dirs):
+    """Mixtral: 4 experts x (gate_up_proj, down_proj) x 2 blocks become 16 UPQLinear, each expert's matrix quantized
+    as its own rows and groups (its codes and scales those of the expert's slice of the fused parameter)."""
+    dense = build(BY_NAME["Mixtral"])
+    fused = dense.model.layers[1].mlp.experts.down_proj.detach().clone()  # (4, 64, 128)
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs("Mixtral"), quantization_config=UPQConfig(
+        bits=2, group_size=32)).eval()
+    experts = [n for n in upq_layers(model) if ".experts." in n]
+    assert len(experts) == 16 and "model.layers.1.mlp.experts.3.down_proj" in experts
+    layer = model.get_submodule("model.layers.1.mlp.experts.3.down_proj")
+    qw = formats.quantize(fused[3], 2, 32, "mse", torch.float16)
+    assert torch.equal(layer.codes(), qw.codes) and torch.equal(layer.weight_scale.t(), qw.scale)
+
+
+# hand-read from each family's attention code for the tiny config (4 heads of 16, 2 kv heads where grouped)
+KV_ROWS = {
+    "Phi-3": (torch.arange(64, 96), torch.arange(96, 128)),  # [q 64 | k 32 | v 32]
+    "GPT-NeoX": (torch.cat([torch.arange(48 * h + 16, 48 * h + 32) for h in range(4)]),
+                 torch.cat([torch.arange(48 * h + 32, 48 * h + 48) for h in range(4)])),  # per head [q k v]
+    "Bloom": (torch.cat([torch.arange(48 * h + 16, 48 * h + 32) for h in range(4)]),
+              torch.cat([torch.arange(48 * h + 32, 48 * h + 48) for h in range(4)])),
+    "Falcon": (torch.arange(64, 80), torch.arange(80, 96)),  # multi-query: [q 64 | k 16 | v 16]
+    "GPT-BigCode": (torch.arange(64, 80), torch.arange(80, 96)),
+    "GPT-2": (torch.arange(64, 128), torch.arange(128, 192)),  # c_attn: [q | k | v], stored (in, out)
+}
+
+
+@names
+def test_kv4_mix_finds_k_and_v_by_role(name, dense_dirs, tmp_path):
+    family = BY_NAME[name]
+    config = UPQConfig(bits=2, group_size=32, mix="kv4", int4_group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=config).eval()
+    check_all_quantized(model)
+    layers = upq_layers(model)
+    kv = {n for n in layers if re.search(r"\.(k|v)_proj$", n)}
+    assert kv and all(layers[n].bits == 4 for n in kv)
+    assert all(m.bits == 2 for n, m in layers.items() if n not in kv)
+    if name in KV_ROWS:  # a fused projection: the k and v rows of the dense weight, INT4 round to nearest
+        dense = build(family)
+        source = next(n.rpartition(".")[0] for n in kv)
+        weight = dense.get_submodule(source).weight.detach()
+        weight = weight.t() if name == "GPT-2" else weight
+        for role, rows in zip(("k_proj", "v_proj"), KV_ROWS[name]):
+            expected = formats.quantize(weight[rows], 4, 32, "mse", torch.float16)
+            assert torch.equal(layers[f"{source}.{role}"].dequantize(torch.float32), formats.dequantize(expected))
+    bits_per_weight = sum(m.bits_per_weight * m.in_features * m.out_features for m in layers.values()) / sum(
+        m.in_features * m.out_features for m in layers.values())
+    assert 2.0 < bits_per_weight <= 3.0
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), logits(model))
+
+
+TEXTS = [f"Note {i}: the {w} of the {v} is {i * 7 % 13} units, and it keeps changing every day."
+         for i, (w, v) in enumerate([("height", "tree"), ("weight", "box"), ("price", "apple"), ("age", "cat")] * 4)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from upq_hf.models import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@names
+@pytest.mark.parametrize("recipe", ["ptq", "upq"])
+def test_data_recipes_at_a_tiny_budget(name, recipe, tokenizer, tmp_path):
+    family = BY_NAME[name]
+    model = build(family, vocab_size=len(tokenizer))
+    config = UPQConfig(bits=2, group_size=32, recipe=recipe, dataset=TEXTS, nsamples=4, seqlen=16, ptq_epochs=1,
+                       ptq_batch_size=2, train_steps=1, train_batch_size=2, train_seqlen=16, train_samples=2,
+                       int4_group_size=32, teacher_topk=8, mixed_precision="no")
+    upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
+    check_all_quantized(model)
+    assert all(m.bits == 2 for m in upq_layers(model).values())
+    ids = torch.randint(0, len(tokenizer), (1, 6), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), logits(model, ids))
+
+
+@names
+def test_lora_trains_with_codes_unchanged(name, dense_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=UPQConfig(
+        bits=2, group_size=32)).eval()
+    packed = {n: [b.clone() for b in m.buffers()] for n, m in upq_layers(model).items()}
+    before = logits(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    wrapped = {n for n in upq_layers(peft_model)}
+    assert len(wrapped) == len(packed)  # every quantized layer carries an adapter
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    for _ in range(2):
+        loss = peft_model(IDS, labels=IDS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): [b for b in m.buffers()]
+             for n, m in upq_layers(peft_model).items()}
+    assert all(torch.equal(x, y) for n in packed for x, y in zip(packed[n], after[n]))
+    with torch.no_grad():
+        assert not torch.equal(peft_model(IDS).logits, before)
+
+
+@names
+def test_avx2_backend_equals_the_reference(name, dense_dirs):
+    from upq_hf import avx2
+
+    if avx2.unavailable_reason() is not None:
+        pytest.skip(f"no avx2 kernel here: {avx2.unavailable_reason()}")
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=UPQConfig(
+        bits=2, group_size=32, backend="avx2")).eval()
+    reference = copy.deepcopy(model)
+    for layer in upq_layers(reference).values():
+        layer.backend = "torch"
+    for ids in (IDS[:, :1], IDS):  # a decode step (the kernel) and a prompt
+        assert torch.allclose(logits(model, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_readme_table_is_the_matrix():
+    """README's "Supported models" table is the one tests/families.py renders (python tests/families.py)."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    assert supported_models_table() in readme
+    assert set(COLUMNS) >= {"rtn", "ptq", "upq", "kv4 mix", "LoRA", "backends"}
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "GPT-2"])
+def test_info_reports_the_decoder_share_quantized(name, dense_dirs, tmp_path):
+    from upq_hf.checkpoint import checkpoint_info
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=UPQConfig(bits=2, group_size=32))
+    model.save_pretrained(tmp_path)
+    info = checkpoint_info(str(tmp_path))
+    quantized, routers = check_all_quantized(model)
+    assert info["decoder_quantized_fraction"] == pytest.approx(quantized / (quantized + routers))
+    assert set(info["decoder_dense_weights"].values()) <= {"router"}
+    assert len(info["decoder_dense_weights"]) == (2 if BY_NAME[name].moe else 0)  # one router per block
+
+
+@pytest.mark.parametrize("name, mix", [("Mixtral", None), ("Phi-3", "kv4"), ("GPT-NeoX", "kv4")])
+def test_dequantize_gives_the_family_layout_back(name, mix, dense_dirs, tmp_path):
+    """``model.dequantize()`` stacks the experts and fuses the split roles again: the dense model saves and loads
+    without upq_hf's layouts, with the same logits."""
+    config = UPQConfig(bits=2, group_size=32, mix=mix, int4_group_size=32, backend="torch")  # float32 throughout
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=config).eval()
+    quantized = logits(model)
+    model.dequantize()
+    assert not any(isinstance(m, (adapters.ExpertLinears, adapters.RoleSplitLinear)) for m in model.modules())
+    assert upq_layers(model) == {}
+    assert torch.allclose(logits(model), quantized, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    dense = build(BY_NAME[name])
+    assert set(dense.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tmp_path).state_dict())
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), quantized, atol=1e-5, rtol=1e-4)
