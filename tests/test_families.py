@@ -146,7 +146,8 @@ def test_data_recipes_at_a_tiny_budget(name, recipe, tokenizer, tmp_path):
     model = build(family, vocab_size=len(tokenizer))
     config = UPQConfig(bits=2, group_size=32, recipe=recipe, dataset=TEXTS, nsamples=4, seqlen=16, ptq_epochs=1,
                        ptq_batch_size=2, train_steps=1, train_batch_size=2, train_seqlen=16, train_samples=2,
-                       int4_group_size=32, teacher_topk=8, mixed_precision="no")
+                       int4_group_size=32, teacher_topk=8, mixed_precision="no",
+                       e2e_qp_steps=1)  # every stage: the reconstruction, Distill-QAT (upq), E2E-QP
     upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
     check_all_quantized(model)
     assert all(m.bits == 2 for m in upq_layers(model).values())

@@ -1,11 +1,13 @@
 """Quantize on load: round-to-nearest tensor by tensor while ``from_pretrained`` reads the checkpoint.
 
 ``from_pretrained(path, quantization_config=UPQConfig(recipe="rtn", ...))`` never holds the dense model:
-before the weights load, every linear to quantize becomes a :class:`~upq_hf.nn.UPQLinear` shell whose
-``weight`` is a *float* placeholder of the dense shape (:func:`prepare_on_load`); transformers 5 then
-hands each float weight, as it is read, to :class:`UPQQuantizeOnLoad` (the quantizer's
-``param_needs_quantization`` marks it and ``get_quantize_ops`` returns the op), which rounds it and
-returns the packed codes and scales that replace the placeholder. Peak memory is the quantized model,
+before the weights load, the model is made canonical (:func:`upq_hf.convert.prepare`) and every linear to
+quantize becomes a :class:`~upq_hf.nn.UPQLinear` shell; each dense tensor the checkpoint holds for them gets a
+*float* placeholder under the checkpoint's own name and shape (:func:`prepare_on_load`: a layer's ``weight``, a
+``Conv1D``'s transposed weight, the fused experts' 3-D parameters, a fused projection split by role). transformers
+5 then hands each such tensor, as it is read (fused experts already merged by the family's conversions), to
+:class:`UPQQuantizeOnLoad` (the quantizer's ``param_needs_quantization`` marks it and ``get_quantize_ops``
+returns the op), which rounds it and returns the packed codes and scales of the layers it holds. Peak memory is the quantized model,
 the unquantized tensors (embeddings, norms, biases) and one dense layer being converted.
 
 Why a float placeholder: transformers 5.0-5.22 cast the checkpoint tensor to the placeholder's dtype
@@ -51,9 +53,8 @@ def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
     layer_formats = convert.prepare(model, config)
     default = (config.bits, config.group_size)
     modules = dict(model.named_modules())
-    sources: dict[str, list] = {}
-    for unit in adapters.units(model, config.modules_to_not_convert).values():
-        sources.setdefault(unit.source, []).append(unit)
+    # the modules holding the matrices in the checkpoint's layout (a fused projection, the experts), in order
+    sources = dict.fromkeys(unit.source for unit in adapters.units(model, config.modules_to_not_convert).values())
     shells, dtypes = {}, {}
     for name, linear in convert.linear_layers(model, config.modules_to_not_convert).items():
         bits, group_size = layer_formats.get(name, default)
