@@ -52,6 +52,9 @@ FAMILIES = [
     Family("Qwen2-MoE", "qwen2_moe", "fused experts (3-D), router, shared expert and its gate",
            {**MOE, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}, moe=True),
     Family("OLMoE", "olmoe", "fused experts (3-D), router", MOE, moe=True),
+    Family("GPT-OSS", "gpt_oss", "fused experts, transposed, with biases and a clamped gate; router with bias",
+           {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"]}, moe=True),
 ]
 
 #: the README table's columns, each checked for every family by tests/test_families.py

@@ -219,7 +219,8 @@ def test_info_reports_the_decoder_share_quantized(name, dense_dirs, tmp_path):
     assert len(info["decoder_dense_weights"]) == (2 if BY_NAME[name].moe else 0)  # one router per block
 
 
-@pytest.mark.parametrize("name, mix", [("Mixtral", None), ("Phi-3", "kv4"), ("GPT-NeoX", "kv4")])
+@pytest.mark.parametrize("name, mix", [("Mixtral", None), ("GPT-OSS", None), ("Phi-3", "kv4"), ("GPT-NeoX", "kv4"),
+                                       ("GPT-2", None), ("GPT-2", "kv4"), ("Falcon", "kv4")])
 def test_dequantize_gives_the_family_layout_back(name, mix, dense_dirs, tmp_path):
     """``model.dequantize()`` stacks the experts and fuses the split roles again: the dense model saves and loads
     without upq_hf's layouts, with the same logits."""
@@ -230,7 +231,121 @@ def test_dequantize_gives_the_family_layout_back(name, mix, dense_dirs, tmp_path
     assert not any(isinstance(m, (adapters.ExpertLinears, adapters.RoleSplitLinear)) for m in model.modules())
     assert upq_layers(model) == {}
     assert torch.allclose(logits(model), quantized, atol=1e-5, rtol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())  # a dense model to train, as loaded
     model.save_pretrained(tmp_path)
     dense = build(BY_NAME[name])
-    assert set(dense.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tmp_path).state_dict())
-    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), quantized, atol=1e-5, rtol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the family's own loader, no UPQ in the way
+    shapes = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in reloaded.state_dict().items()} == shapes
+    assert torch.allclose(logits(reloaded), quantized, atol=1e-5, rtol=1e-4)
+
+
+def _drop_from_checkpoint(folder, prefix):
+    from safetensors.torch import load_file, save_file
+
+    path = f"{folder}/model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if not k.startswith(prefix)}, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name, prefix, mix", [
+    ("Mixtral", "model.layers.1.block_sparse_moe.experts.", None),  # the family's per-expert checkpoint names
+    ("GPT-NeoX", "gpt_neox.layers.1.attention.query_key_value.", "kv4"),
+    ("Llama", "model.layers.1.self_attn.k_proj.", None)])
+def test_a_tensor_missing_from_the_checkpoint_is_an_error(name, prefix, mix, tmp_path):
+    build(BY_NAME[name]).save_pretrained(tmp_path)
+    _drop_from_checkpoint(tmp_path, prefix)
+    with pytest.raises(ValueError, match="to quantize (is|are) not in the checkpoint"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=UPQConfig(bits=2, group_size=32, mix=mix))
+
+
+@pytest.mark.parametrize("name, skip, mix", [("Mixtral", "experts.0.down_proj", None),
+                                             ("Phi-3", "qkv_proj.k_proj", "kv4"),
+                                             ("GPT-2", "c_attn.v_proj", "kv4")])
+def test_an_expert_or_a_role_kept_dense(name, skip, mix, dense_dirs, tmp_path):
+    """``modules_to_not_convert`` naming one expert's projection or one role of a fused projection: that layer
+    stays dense (its weight the dense slice), the rest is quantized, on load as in memory."""
+    config = dict(bits=2, group_size=32, mix=mix, int4_group_size=32, modules_to_not_convert=[skip])
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=UPQConfig(**config)).eval()
+    kept = [n for n, m in model.named_modules() if n.endswith(skip)]
+    assert kept and all(type(model.get_submodule(n)) is torch.nn.Linear for n in kept)
+    in_memory = upq_hf.quantize_model(build(BY_NAME[name]), UPQConfig(**config), progress=False)
+    assert torch.equal(logits(model), logits(in_memory))
+    model.save_pretrained(tmp_path)
+    # the dense layer reloads memory-mapped from the file, 8 bytes off a 64-byte boundary: the CPU's matmul sums in
+    # another order there (a copy of the same tensor gives the in-memory result bit for bit)
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), logits(in_memory), rtol=0,
+                          atol=1e-6)
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path):
+    """Format 1 (upq_hf before 0.2) knew nn.Linear alone: a Mixtral's attention quantized, its experts dense and
+    saved in the family's own checkpoint layout. It loads as it was."""
+    from upq_hf import convert
+    from upq_hf.quantizer import attach
+
+    model = build(BY_NAME["Mixtral"])
+    config = UPQConfig(bits=2, group_size=32)
+    convert.quantize_linears_rtn(model, 2, 32, canonical=False)  # what format 1 quantized
+    expected = logits(model)
+    attach(model, config)
+    assert config.format_version == 1  # attach finds nothing format 1 cannot hold; saved in the family's layout
+    model.save_pretrained(tmp_path)
+    assert any(".experts.0.w1.weight" in k for k in __import__("safetensors").safe_open(
+        f"{tmp_path}/model.safetensors", "pt").keys())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.quantization_config.format_version == 1
+    assert torch.equal(logits(reloaded), expected)
+
+
+def test_format_2_only_where_the_layout_changed(dense_dirs, tmp_path):
+    from safetensors import safe_open
+
+    for name, version in (("Llama", "1"), ("Mixtral", "2"), ("GPT-2", "2")):
+        model = AutoModelForCausalLM.from_pretrained(dense_dirs(name), quantization_config=UPQConfig(bits=2,
+                                                                                                    group_size=32))
+        model.save_pretrained(tmp_path / name)
+        with safe_open(f"{tmp_path / name}/model.safetensors", "pt") as f:
+            assert f.metadata()["upq_format_version"] == version
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / name).config.quantization_config.format_version == \
+            int(version)
+
+
+def test_upq_int4_checkpoint_of_a_split_projection_restarts(tokenizer, tmp_path):
+    """Phi-3 under kv4: the INT4 stage runs on the split q/k/v (one format); its checkpoint holds them split, and
+    reloads (the checkpoint says so), so that a second run restarts from it."""
+    family = BY_NAME["Phi-3"]
+    config = dict(bits=2, group_size=32, recipe="upq", mix="kv4", dataset=TEXTS, nsamples=4, seqlen=16,
+                  ptq_epochs=1, ptq_batch_size=2, train_steps=1, train_batch_size=2, train_seqlen=16,
+                  train_samples=2, int4_group_size=32, teacher_topk=8, mixed_precision="no",
+                  int4_checkpoint=str(tmp_path / "int4"))
+    upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config), tokenizer=tokenizer,
+                          progress=False)
+    int4 = AutoModelForCausalLM.from_pretrained(tmp_path / "int4")
+    assert {m.bits for m in upq_layers(int4).values()} == {4}
+    assert "model.layers.0.self_attn.qkv_proj.k_proj" in upq_layers(int4)
+    again = upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config),
+                                  tokenizer=tokenizer, progress=False)
+    check_all_quantized(again)
+
+
+def test_to_qat_of_a_dense_model_takes_every_family_layout():
+    from upq_hf.qat import QATLinear, to_qat
+
+    for name in ("GPT-2", "Mixtral"):
+        model = build(BY_NAME[name])
+        swapped = to_qat(model, bits=2, group_size=32)
+        assert adapters.targets(model) == {} and len(swapped) == sum(
+            isinstance(m, QATLinear) for m in model.modules())
+
+
+def test_experts_of_an_unknown_class_are_refused():
+    """3-D expert weights of a class off transformers' experts interface (as Llama 4's): UPQ cannot tell their
+    orientation nor their gate, so it says so instead of quantizing them wrong or leaving them dense."""
+    model = build(BY_NAME["Llama"])
+    block = model.model.layers[0]
+    block.mlp.experts = torch.nn.Module()
+    block.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.randn(2, 64, 256))
+    block.mlp.experts.down_proj = torch.nn.Parameter(torch.randn(2, 128, 64))
+    with pytest.raises(ValueError, match="does not know how to quantize Module in this llama model"):
+        upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32))

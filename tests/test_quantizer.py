@@ -50,7 +50,7 @@ def test_checkpoint_holds_packed_weights_and_version(tiny_llama_dir, tmp_path):
     model = load_quantized(tiny_llama_dir, quantization_config=UPQConfig(bits=2, group_size=None))
     model.save_pretrained(tmp_path)
     with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
-        assert f.metadata()["upq_format_version"] == "2"
+        assert f.metadata()["upq_format_version"] == "1"  # a Llama's layout is format 1's (upq_hf.packing)
         q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
         s = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
         assert q.dtype == torch.int32 and q.shape == (64 // 16, 64)

@@ -77,8 +77,8 @@ def test_a_weight_missing_from_the_checkpoint_is_an_error_not_a_random_layer(tmp
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"1 layers got no weight from the checkpoint \(e.g. "
-                                         r"model\.layers\.1\.mlp\.up_proj\)"):
+    with pytest.raises(ValueError, match=r"1 tensor to quantize is not in the checkpoint \(e.g. "
+                                         r"model\.layers\.1\.mlp\.up_proj\.weight\)"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=UPQConfig(bits=2, group_size=32))
 
 

@@ -50,11 +50,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers 5 experts module: ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) as 3-D parameters."""
+    """A transformers 5 experts module: ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) as 3-D parameters, of a
+    class on transformers' experts interface (``use_experts_implementation``: it says whether the weights are
+    transposed and how the gate applies). Another class with 3-D weights (Llama 4's) is not one UPQ knows."""
     params = module._parameters
     down = params.get("down_proj")
     up = params.get("gate_up_proj", params.get("up_proj"))
-    return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
+    return down is not None and up is not None and down.dim() == 3 and up.dim() == 3 \
+        and hasattr(module, "is_transposed") and hasattr(type(module), "_apply_gate")
 
 
 def has_experts(module: nn.Module) -> bool:
@@ -145,7 +148,6 @@ def _gpt2_c_attn(config, out_features: int) -> dict[str, torch.Tensor]:
 ROLE_MAPS: dict[tuple[str, str], Callable] = {
     ("phi3", "qkv_proj"): _qkv_contiguous,
     ("phi3", "gate_up_proj"): _gate_up,
-    ("phimoe", "qkv_proj"): _qkv_contiguous,
     ("gpt_neox", "query_key_value"): _qkv_per_head,
     ("bloom", "query_key_value"): _qkv_per_head,
     ("falcon", "query_key_value"): _falcon_qkv,
@@ -285,22 +287,20 @@ class ExpertLinears(nn.Module):
     experts some token is routed to run (a loop over the active experts).
 
     Built by :func:`canonicalize` from the family's module, whose non-tensor attributes (the gate rule's
-    constants, the flags) and sub-modules (activation, post-expert norm) it keeps; :meth:`fused` gives the
-    family's module back."""
+    constants, the flags, its config) and sub-modules (activation, post-expert norm) it keeps; :meth:`fused`
+    gives the family's module back."""
 
     def __init__(self, experts: nn.Module, layers: list[dict[str, nn.Module]]):
         super().__init__()
-        # the family module's own attributes (flags, constants of its gate rule, its config), for the gate rule
-        # here and for fused()
         internal = set(vars(nn.Module()))
-        self._family_attributes = {key: value for key, value in vars(experts).items()
-                                   if key not in internal and not isinstance(value, (torch.Tensor, nn.Module))}
-        self.__dict__.update(self._family_attributes)
+        self._family = type(experts)
+        self._family_keys = tuple(key for key, value in vars(experts).items()
+                                  if key not in internal and not isinstance(value, (torch.Tensor, nn.Module)))
+        self.__dict__.update({key: experts.__dict__[key] for key in self._family_keys})
         for key, child in experts.named_children():
             self.add_module(key, child)
         self.num_experts = len(layers)
         self.projections = tuple(layers[0])
-        self._family = type(experts)
         for index, projections in enumerate(layers):
             self.add_module(str(index), nn.ModuleDict(projections))
 
@@ -308,11 +308,7 @@ class ExpertLinears(nn.Module):
         return self._modules[str(index)]
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        rule = getattr(self._family, "_apply_gate", None)
-        if rule is not None:
-            return rule(self, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        return self._family._apply_gate(self, gate_up)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -339,7 +335,7 @@ class ExpertLinears(nn.Module):
         """The family's experts module with these experts' (dense) weights stacked into its 3-D parameters."""
         module = self._family.__new__(self._family)
         nn.Module.__init__(module)
-        module.__dict__.update(self._family_attributes)
+        module.__dict__.update({key: self.__dict__[key] for key in self._family_keys})
         module.train(self.training)
         for key, child in self.named_children():
             if not key.isdigit():
@@ -348,10 +344,10 @@ class ExpertLinears(nn.Module):
         for projection in self.projections:
             layers = [self[e][projection] for e in range(self.num_experts)]
             weights = torch.stack([(layer.weight.t() if transposed else layer.weight).detach() for layer in layers])
-            module.register_parameter(projection, nn.Parameter(weights, requires_grad=False))
+            module.register_parameter(projection, nn.Parameter(weights, requires_grad=layers[0].weight.requires_grad))
             if layers[0].bias is not None:
                 module.register_parameter(f"{projection}_bias", nn.Parameter(
-                    torch.stack([layer.bias.detach() for layer in layers]), requires_grad=False))
+                    torch.stack([layer.bias.detach() for layer in layers]), requires_grad=layers[0].bias.requires_grad))
         return module
 
 
@@ -366,22 +362,13 @@ class RoleSplitLinear(nn.Module):
         self.roles = tuple(parts)
         for role, part in parts.items():
             self.add_module(role, part)
-        concatenated = torch.cat([rows[role] for role in self.roles])
-        # output row r of the fused layer is row order[r] of the concatenated parts
-        order = torch.empty_like(concatenated)
+        # plain attributes, not buffers: transformers re-creates a model's buffers empty while it loads weights
+        self.rows = {role: rows[role].cpu() for role in self.roles}  # {role: its rows in the fused layer}
+        concatenated = torch.cat(list(self.rows.values()))
+        order = torch.empty_like(concatenated)  # output row r of the fused layer is row order[r] of the parts
         order[concatenated] = torch.arange(len(concatenated), device="cpu")
-        identity = torch.equal(order, torch.arange(len(order), device="cpu"))
-        # a plain attribute, not a buffer: transformers re-creates a model's buffers empty while it loads weights
-        self.order = None if identity else order
+        self.order = None if torch.equal(order, torch.arange(len(order), device="cpu")) else order
         self._orders: dict = {}  # the order on each device the forward pass has run on
-
-    def rows(self) -> dict[str, torch.Tensor]:
-        """``{role: row indices}`` in the fused layer."""
-        sizes = [getattr(self, role).out_features for role in self.roles]
-        order = self.order if self.order is not None else torch.arange(self.out_features, device="cpu")
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device="cpu")
-        return dict(zip(self.roles, inverse.split(sizes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([getattr(self, role)(x) for role in self.roles], dim=-1)
@@ -398,20 +385,27 @@ class RoleSplitLinear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------- rewriting
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in ``model`` under the name ``name`` (``"model.layers.0.mlp"``)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` ``(out, in)`` (shared storage where it can be, meta tensors kept)."""
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` ``(out, in)`` itself (meta tensors kept)."""
     n, k = weight.shape
     layer = nn.Linear(k, n, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=requires_grad)
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=requires_grad)
     return layer
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a slice (nothing on the meta device): each layer owns its weight, so that the fused
+    tensor is freed once split, and a layer kept dense computes as it does loaded from a checkpoint."""
+    return tensor if tensor.is_meta else tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _split_experts(module: nn.Module) -> ExpertLinears:
@@ -422,79 +416,121 @@ def _split_experts(module: nn.Module) -> ExpertLinears:
     for expert in range(n_experts):
         projections = {}
         for projection in present:
-            weight = module._parameters[projection][expert]
+            param = module._parameters[projection]
             bias = module._parameters.get(f"{projection}_bias")
-            projections[projection] = _linear(weight.t() if transposed else weight,
-                                              None if bias is None else bias[expert])
+            projections[projection] = _linear(_own(param[expert].t() if transposed else param[expert]),
+                                              None if bias is None else _own(bias[expert]), param.requires_grad)
         layers.append(projections)
     return ExpertLinears(module, layers)
 
 
 def _split_roles(layer: nn.Linear, rows: dict[str, torch.Tensor]) -> RoleSplitLinear:
     parts = {}
+    on_meta = layer.weight.is_meta
     for role, index in rows.items():
-        on_meta = layer.weight.is_meta
         weight = layer.weight.new_empty(len(index), layer.in_features) if on_meta else layer.weight[index]
         bias = None
         if layer.bias is not None:
             bias = layer.bias.new_empty(len(index)) if on_meta else layer.bias[index]
-        parts[role] = _linear(weight.detach() if not on_meta else weight, bias)
+        parts[role] = _linear(weight, bias, layer.weight.requires_grad)
     return RoleSplitLinear(parts, rows, layer.in_features)
 
 
 def _conv1d_as_linear(module: nn.Module) -> nn.Linear:
     weight = module.weight
     transposed = weight.new_empty(weight.shape[::-1]) if weight.is_meta else weight.detach().t().contiguous()
-    bias = None if module.bias is None else module.bias.detach()
-    return _linear(transposed, bias)
+    return _linear(transposed, module.bias, weight.requires_grad)
 
 
 def canonicalize(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None,
-                 format_of: Callable[[Unit], tuple] | None = None) -> dict[str, Unit]:
+                 format_of: Callable[[Unit], tuple] | None = None, split: Iterable[str] = ()) -> None:
     """Rewrite ``model`` in place so that every matrix UPQ quantizes is an ``nn.Linear`` named as :func:`units`
-    names it: ``Conv1D`` as ``nn.Linear``, fused experts as :class:`ExpertLinears`, and, where ``format_of``
-    (``Unit -> (bits, group_size)``) gives a fused projection's roles different formats, that projection as a
-    :class:`RoleSplitLinear`. Idempotent; meta tensors stay on the meta device (a model being built for loading).
-    Returns the units (of the canonical model)."""
+    names it: ``Conv1D`` as ``nn.Linear``, fused experts as :class:`ExpertLinears`, and a fused projection as a
+    :class:`RoleSplitLinear` where ``format_of`` (``Unit -> (bits, group_size)``) gives its roles different
+    formats or ``split`` names it (a checkpoint saved it split). Idempotent; meta tensors stay on the meta
+    device (a model being built for loading)."""
+    split = set(split)
     for name, module in targets(model, modules_to_not_convert).items():
         if is_fused_experts(module):
-            _replace(model, name, _split_experts(module))
+            replace_module(model, name, _split_experts(module))
             continue
         if is_conv1d(module):
             module = _conv1d_as_linear(module)
-            _replace(model, name, module)
-        if format_of is None:
-            continue
-        rows = role_rows(model, name, module.out_features)
+            replace_module(model, name, module)
+        rows = role_rows(model, name, module.out_features) if format_of is not None or name in split else None
         if rows is None:
             continue
         part_formats = {format_of(Unit(f"{name}.{role}", name, "role", module.in_features, len(index)))
-                        for role, index in rows.items()}
-        if len(part_formats) > 1:
-            _replace(model, name, _split_roles(module, rows))
-    return units(model, modules_to_not_convert)
+                        for role, index in rows.items()} if format_of is not None else set()
+        if len(part_formats) > 1 or name in split:
+            replace_module(model, name, _split_roles(module, rows))
+
+
+def family_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of ``model``'s architecture as its family builds it (on the meta device, no weights):
+    where :func:`canonicalize` changed a module, what it was. Empty for a model that is no transformers model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    import copy
+
+    config = copy.copy(config)
+    config.__dict__.pop("quantization_config", None)
+    try:
+        with torch.device("meta"):
+            family = type(model)(config)
+    except Exception:  # noqa: BLE001 - a model class that cannot be rebuilt from its config
+        return {}
+    return dict(family.named_modules())
+
+
+def _dense_like(original: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                requires_grad: bool) -> nn.Module:
+    """The family's own layer (``original``'s class: ``Conv1D``, ``FalconLinear``, ...) holding the dense ``(out,
+    in)`` ``weight``; an ``nn.Linear`` where the family's layer is unknown."""
+    if original is not None and is_conv1d(original):
+        layer = type(original)(weight.shape[0], weight.shape[1])
+        layer.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=requires_grad)
+        layer.bias = nn.Parameter(bias.detach() if bias is not None else torch.zeros(weight.shape[0]),
+                                  requires_grad=requires_grad)
+        return layer
+    layer = _linear(weight, bias, requires_grad)
+    if isinstance(original, nn.Linear) and type(original) is not nn.Linear:
+        layer.__class__ = type(original)  # FalconLinear and kin: nn.Linear's state, their own forward
+    return layer
 
 
 def refuse(model: nn.Module) -> None:
-    """Put the family's layout back where :func:`canonicalize` changed it and the weights are dense again
-    (after dequantizing): experts stacked into their 3-D parameters, split roles fused into one layer. (A
-    ``Conv1D`` stays the ``nn.Linear`` it became: same function, same state-dict names.)"""
+    """Put the family's layout back where :func:`canonicalize` changed it and the weights are dense again (after
+    dequantizing): experts stacked into their 3-D parameters, split roles fused into one layer, ``Conv1D`` as
+    ``Conv1D``: the dense model saves as its family's checkpoint."""
+    family = family_modules(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, ExpertLinears) and all(
                 isinstance(module[e][p], nn.Linear) for e in range(module.num_experts) for p in module.projections):
-            _replace(model, name, module.fused())
+            replace_module(model, name, module.fused())
         elif isinstance(module, RoleSplitLinear) and all(
                 isinstance(getattr(module, role), nn.Linear) for role in module.roles):
-            rows = module.rows()
             first = getattr(module, module.roles[0])
             weight = first.weight.new_empty(module.out_features, module.in_features)
             bias = None if first.bias is None else first.bias.new_empty(module.out_features)
-            for role, index in rows.items():
+            for role, index in module.rows.items():
                 part = getattr(module, role)
                 weight[index] = part.weight.detach()
                 if bias is not None:
                     bias[index] = part.bias.detach()
-            _replace(model, name, _linear(weight, bias))
+            replace_module(model, name, _dense_like(family.get(name), weight, bias, first.weight.requires_grad))
+        elif type(module) is nn.Linear and is_conv1d(family.get(name)):
+            replace_module(model, name, _dense_like(family[name], module.weight, module.bias,
+                                                     module.weight.requires_grad))
+
+
+def layout_version(model: nn.Module) -> int:
+    """The storage format a UPQ checkpoint of ``model`` needs (:mod:`upq_hf.packing`): 2 where canonicalize changed
+    the family's layout (experts, split roles, ``Conv1D``), else 1, which older upq_hf reads too."""
+    if any(isinstance(m, (ExpertLinears, RoleSplitLinear)) for m in model.modules()):
+        return 2
+    return 2 if any(is_conv1d(m) for m in family_modules(model).values()) else 1
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -39,6 +39,32 @@ def expected_upq_tensors(model: torch.nn.Module) -> dict[str, tuple[tuple[int, .
     return expected
 
 
+def checkpoint_keys(files: Iterable[str]) -> set[str]:
+    """The tensor names in the safetensors files among ``files`` (headers only); unreadable files are left to
+    :func:`validate_checkpoint` to report."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys.update(handle.keys())
+            except Exception:  # noqa: BLE001 - validate_checkpoint names the damage
+                continue
+    return keys
+
+
+def split_sources(keys: set[str], model: torch.nn.Module, modules_to_not_convert=None) -> set[str]:
+    """The fused projections of ``model`` that a checkpoint with tensors ``keys`` holds split by role
+    (``...qkv_proj.k_proj.weight``): whether one was split is the checkpoint's to say, not the config's (the INT4
+    stage of ``upq`` splits as the INT2 mix does, at one format)."""
+    from .adapters import units
+
+    return {unit.source for unit in units(model, modules_to_not_convert).values()
+            if unit.kind == "role" and f"{unit.name}.weight" in keys}
+
+
 def validate_checkpoint(files: Iterable[str], expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     from safetensors import safe_open
 

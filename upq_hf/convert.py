@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import adapters, formats
-from .adapters import _skipped, output_module_names  # noqa: F401 - imported from here too
+from .adapters import _skipped, output_module_names, replace_module  # noqa: F401 - imported from here too
 from .nn import UPQLinear
 
 
@@ -64,18 +64,16 @@ def model_layer_formats(model: nn.Module, config) -> LayerFormats:
     return layer_formats
 
 
-def prepare(model: nn.Module, config) -> LayerFormats:
+def prepare(model: nn.Module, config, split=()) -> LayerFormats:
     """Before quantizing ``model`` under ``config``: refuse a model with decoder weights UPQ cannot quantize
     (:func:`upq_hf.adapters.check_nothing_silently_dense`), rewrite it into its canonical form
     (:func:`upq_hf.adapters.canonicalize`: ``Conv1D`` as ``nn.Linear``, experts one linear layer each, fused
-    projections split where their roles' formats differ) and check every layer against its format. Returns the
-    layer formats (:func:`model_layer_formats`). Idempotent; works on the meta device."""
-    skip = config.modules_to_not_convert
-    adapters.check_nothing_silently_dense(model, skip)
+    projections split where their roles' formats differ or ``split`` names them) and check every layer against its
+    format. Returns the layer formats (:func:`model_layer_formats`). Idempotent; works on the meta device."""
+    adapters.check_nothing_silently_dense(model, config.modules_to_not_convert)
     layer_formats = model_layer_formats(model, config)
-    default = (config.bits, config.group_size)
-    adapters.canonicalize(model, skip, format_of=lambda unit: layer_formats.get(unit.name, default))
-    check_layers(linear_layers(model, skip), config.group_size, layer_formats)
+    _canonical(model, config.bits, config.group_size, config.modules_to_not_convert, layer_formats, split)
+    check_layers(linear_layers(model, config.modules_to_not_convert), config.group_size, layer_formats)
     return layer_formats
 
 
@@ -83,8 +81,12 @@ def check_before_loading(model: nn.Module, config) -> None:
     """On the model as transformers builds it (meta device, the family's layout) before its weights load: what
     :func:`prepare` will refuse, refused now, without changing the model."""
     adapters.check_nothing_silently_dense(model, config.modules_to_not_convert)
-    check_layers(adapters.units(model, config.modules_to_not_convert), config.group_size,
-                 model_layer_formats(model, config))
+    layer_formats = model_layer_formats(model, config)
+    default = (config.bits, config.group_size)
+    found = adapters.units(model, config.modules_to_not_convert)
+    # a fused projection left whole has its format under its own name (the source of its role units)
+    check_layers(found, config.group_size, {name: layer_formats.get(name, layer_formats.get(unit.source, default))
+                                            for name, unit in found.items()})
 
 
 def check_quantized(model: nn.Module, config) -> None:
@@ -102,23 +104,20 @@ def _format(name: str, bits, group_size, layer_formats: LayerFormats | None) -> 
     return (layer_formats or {}).get(name, (bits, group_size))
 
 
-def _canonical(model: nn.Module, bits, group_size, modules_to_not_convert, layer_formats: LayerFormats | None):
-    adapters.canonicalize(model, modules_to_not_convert,
+def _canonical(model: nn.Module, bits, group_size, modules_to_not_convert, layer_formats: LayerFormats | None,
+               split=()) -> None:
+    adapters.canonicalize(model, modules_to_not_convert, split=split,
                           format_of=lambda unit: _format(unit.name, bits, group_size, layer_formats))
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def empty_upq_model(model: nn.Module, bits: int, group_size: int | None, scale_dtype: torch.dtype,
                     modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
-                    layer_formats: LayerFormats | None = None) -> list[str]:
+                    layer_formats: LayerFormats | None = None, canonical: bool = True) -> list[str]:
     """Swap linears for empty ``UPQLinear`` shells (for loading a packed checkpoint), the model made canonical
-    first (:func:`upq_hf.adapters.canonicalize`). Returns the names."""
-    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
+    first (:func:`upq_hf.adapters.canonicalize`) unless ``canonical`` is False (a format-1 checkpoint: its
+    ``nn.Linear`` layers alone). Returns the names."""
+    if canonical:
+        _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
     layers = linear_layers(model, modules_to_not_convert)
     check_layers(layers, group_size, layer_formats)
     for name, linear in layers.items():
@@ -135,12 +134,15 @@ def empty_upq_model(model: nn.Module, bits: int, group_size: int | None, scale_d
 def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, scale_init: str = "mse",
                          scale_dtype: torch.dtype = torch.float16,
                          modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
-                         progress: bool = False, layer_formats: LayerFormats | None = None) -> list[str]:
+                         progress: bool = False, layer_formats: LayerFormats | None = None,
+                         canonical: bool = True) -> list[str]:
     """Round-to-nearest: replace each selected ``nn.Linear`` by its ``UPQLinear``, in place (the model made
-    canonical first, :func:`upq_hf.adapters.canonicalize`)."""
+    canonical first, :func:`upq_hf.adapters.canonicalize`, unless ``canonical`` is False: its ``nn.Linear`` layers
+    alone, as storage format 1 knew them)."""
     from tqdm.auto import tqdm
 
-    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
+    if canonical:
+        _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
     layers = linear_layers(model, modules_to_not_convert)
     check_layers(layers, group_size, layer_formats)
     for name, linear in tqdm(layers.items(), desc=f"RTN INT{bits}", disable=not progress, unit="layer"):

@@ -310,7 +310,7 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
     from their dense weights (:meth:`QATLinear.from_linear`).
     sets the format of the layers that differ from ``bits``/``group_size`` (mixed precision).
     """
-    from .convert import _format, _skipped
+    from .convert import _canonical, _format, _skipped
 
     skip = tuple(modules_to_not_convert or ())
     upq = {name: m for name, m in model.named_modules() if isinstance(m, UPQLinear) and not _skipped(name, skip)}
@@ -326,6 +326,7 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
     if bits is None:
         raise ValueError("to_qat found no UPQLinear in the model; pass bits (and group_size) to start from its "
                          "dense linear layers")
+    _canonical(model, bits, group_size, skip, layer_formats)  # Conv1D, fused experts: as nn.Linear layers
     dense = linear_layers(model, skip)
     for name, linear in dense.items():
         replace_module(model, name, QATLinear.from_linear(linear, *_format(name, bits, group_size, layer_formats),

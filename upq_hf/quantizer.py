@@ -18,7 +18,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from . import convert, recipes, streaming
-from .checkpoint import IN_FEATURES_KEY, expected_upq_tensors, validate_checkpoint
+from .adapters import layout_version
+from .checkpoint import IN_FEATURES_KEY, checkpoint_keys, expected_upq_tensors, split_sources, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
 from .publish import install_card_hooks, remove_card_hooks, save_atomic
@@ -34,6 +35,7 @@ class UPQHfQuantizer(HfQuantizer):
         self.quantization_config = quantization_config
         # the dense tensors quantized as they load: {checkpoint name: function to the canonical model's tensors}
         self.on_load_layers: dict[str, object] = {}
+        self.on_load_done: set[str] = set()  # the names the quantize operation has converted
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -76,10 +78,15 @@ class UPQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         if self.pre_quantized:
+            files = kwargs.get("checkpoint_files") or []
+            if config.format_version < 2:  # version 1 knew nn.Linear alone, saved in the family's layout
+                layer_formats = convert.model_layer_formats(model, config)
+            else:
+                split = split_sources(checkpoint_keys(files), model, config.modules_to_not_convert)
+                layer_formats = convert.prepare(model, config, split=split)
             convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype,
-                                    config.modules_to_not_convert, config.backend,
-                                    layer_formats=convert.prepare(model, config))
-            files = kwargs.get("checkpoint_files")
+                                    config.modules_to_not_convert, config.backend, layer_formats=layer_formats,
+                                    canonical=config.format_version >= 2)
             if files:
                 validate_checkpoint(files, expected_upq_tensors(model))
         elif streaming.on_load_applies(config, self.pre_quantized):
@@ -89,19 +96,23 @@ class UPQHfQuantizer(HfQuantizer):
         return model
 
     def update_weight_conversions(self, weight_conversions, *args, **kwargs):
-        """A UPQ checkpoint holds the tensors under the model's own names (:func:`attach`): none of the family's
-        conversions (merging per-expert tensors, renaming) applies to it. A dense checkpoint quantized on load
-        keeps them: the quantize operation sees each tensor as the model holds it (experts merged)."""
-        if self.pre_quantized:
+        """A UPQ checkpoint of format 2 holds the tensors under the model's own names (:func:`attach`): none of the
+        family's conversions (merging per-expert tensors, renaming) applies to it. Format 1 was saved in the
+        family's layout, and a dense checkpoint quantized on load keeps the conversions too: the quantize operation
+        sees each tensor as the model holds it (experts merged)."""
+        if self.pre_quantized and self.quantization_config.format_version >= 2:
             return []
         return super().update_weight_conversions(weight_conversions, *args, **kwargs)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.on_load_layers:
-            streaming.check_converted(model, self.on_load_layers)
+            streaming.check_converted(model, self.on_load_layers, self.on_load_done)
         elif not self.pre_quantized:
             recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
-        model._weight_conversions = []  # saved under the model's own names (see attach)
+        if not self.pre_quantized:
+            self.quantization_config.format_version = layout_version(model)
+        if self.quantization_config.format_version >= 2:
+            model._weight_conversions = []  # saved under the model's own names (see attach)
         install_card_hooks(model)
         return model
 
@@ -122,7 +133,7 @@ class UPQHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         # in_features is recorded because the packed shape cannot tell it (K = 90 and K = 96 pack alike)
-        return None, {"upq_format_version": str(FORMAT_VERSION),
+        return None, {"upq_format_version": str(self.quantization_config.format_version),
                       IN_FEATURES_KEY: json.dumps({name: m.in_features for name, m in convert.upq_layers(model).items()})}
 
     def _dequantize(self, model, dtype=None):
@@ -131,6 +142,7 @@ class UPQHfQuantizer(HfQuantizer):
         convert.dequantize_layers(model, dtype or torch.float32)
         refuse(model)
         remove_card_hooks(model)  # a dense model again: it saves without the UPQ model card
+        model.__dict__.pop("_weight_conversions", None)  # and in its family's checkpoint layout
         return model
 
 
@@ -140,9 +152,11 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.config.quantization_config = config
-    # save_pretrained would map the tensors back to the family's checkpoint layout (per-expert tensors, old names)
-    # through its conversions: a UPQ checkpoint keeps the model's own names, which no conversion touches on reload
-    model._weight_conversions = []
+    config.format_version = layout_version(model)
+    if config.format_version >= 2:
+        # save_pretrained would map the tensors back to the family's checkpoint layout (per-expert tensors, old
+        # names) through its conversions: format 2 keeps the model's own names, which no conversion touches
+        model._weight_conversions = []
     install_card_hooks(model)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):

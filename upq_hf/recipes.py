@@ -237,12 +237,18 @@ def _prepared(model: nn.Module, config, tokenizer):
     return tokenizer
 
 
+def _teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of the dense model, in its family's layout (its own experts implementation), before
+    :func:`upq_hf.convert.prepare` rewrites the model."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def _int2_start(model: nn.Module, config, tokenizer):
     """The INT2 recipes' start: the prepared model and a frozen copy of it as the teacher."""
-    tokenizer = _prepared(model, config, tokenizer)
     if config.bits != 2:
         raise ValueError(f"recipe {config.recipe!r} produces INT2: use bits=2 (or recipe='ptq' for INT4)")
-    return tokenizer, copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = _teacher(model)
+    return _prepared(model, config, tokenizer), teacher
 
 
 @register_recipe("rtn", "round to nearest (no data)")
@@ -255,9 +261,9 @@ def rtn(model: nn.Module, config, *, progress: bool = False, **unused) -> nn.Mod
 
 @register_recipe("ptq", "block-wise PTQ at `bits`")
 def ptq(model: nn.Module, config, *, tokenizer=None, progress: bool = False, callbacks=None, **unused) -> nn.Module:
-    tokenizer = _prepared(model, config, tokenizer)
     # with e2e_qp_steps, EfficientQAT's two stages: block-wise PTQ, then the scales distilled from the dense model
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.e2e_qp_steps else None
+    teacher = _teacher(model) if config.e2e_qp_steps else None
+    tokenizer = _prepared(model, config, tokenizer)
     _ptq(model, _calibration(model, tokenizer, config), config, config.bits, config.group_size, progress,
          layer_formats=convert.model_layer_formats(model, config))
     if teacher is not None:

@@ -46,97 +46,91 @@ def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
     tensor the checkpoint holds for them a float placeholder under the checkpoint's own name, of its shape and the
     model's dtype (a ``Conv1D``'s transposed weight, the fused experts' 3-D parameters, a fused projection split
     by role). Returns ``{checkpoint tensor name: function}``, the function turning that tensor, as loaded, into
-    the canonical model's tensors (``{name: tensor}``: packed codes and scales, or a split bias). Raises before
+    the canonical model's tensors (``{name: tensor}``: packed codes and scales; a layer kept dense by
+    ``modules_to_not_convert`` inside experts or a split projection gets its slice as it is). Raises before
     anything is swapped if a layer does not fit its format."""
-    transposed = {name for name, m in adapters.targets(model, config.modules_to_not_convert).items()
+    skip = config.modules_to_not_convert
+    transposed = {name for name, m in adapters.targets(model, skip).items()
                   if adapters.is_conv1d(m)}  # the checkpoint holds these weights (in, out)
     layer_formats = convert.prepare(model, config)
     default = (config.bits, config.group_size)
-    modules = dict(model.named_modules())
     # the modules holding the matrices in the checkpoint's layout (a fused projection, the experts), in order
-    sources = dict.fromkeys(unit.source for unit in adapters.units(model, config.modules_to_not_convert).values())
-    shells, dtypes = {}, {}
-    for name, linear in convert.linear_layers(model, config.modules_to_not_convert).items():
-        bits, group_size = layer_formats.get(name, default)
-        shells[name] = UPQLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
-                                 group_size=group_size, scale_dtype=config.torch_scale_dtype,
-                                 dtype=None if linear.bias is None else linear.bias.dtype,
-                                 device=linear.weight.device, backend=config.backend)
-        dtypes[name] = linear.weight.dtype  # the placeholders' dtype: the model's
-        convert.replace_module(model, name, shells[name])
+    sources = dict.fromkeys(unit.source for unit in adapters.units(model, skip).values())
+    dtypes = {name: m.weight.dtype for name, m in convert.linear_layers(model, skip).items()}
+    convert.empty_upq_model(model, config.bits, config.group_size, config.torch_scale_dtype, skip, config.backend,
+                            layer_formats=layer_formats)
+    modules = dict(model.named_modules())
 
-    def quantize(layer: str, transpose: bool = False):
+    def tensors(layer: str, weight: torch.Tensor, transpose: bool = False) -> dict[str, torch.Tensor]:
+        """The canonical tensors of ``layer`` from its dense weight ``(out, in)`` (``(in, out)`` if ``transpose``)."""
+        weight = weight.t() if transpose else weight
+        if not isinstance(modules[layer], UPQLinear):  # kept dense: as it is
+            return {f"{layer}.weight": weight.contiguous()}
         bits, group_size = layer_formats.get(layer, default)
+        packed = quantize_weight(weight, bits, group_size, config.scale_init, config.torch_scale_dtype)
+        return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
 
-        def convert_(weight):
-            weight = weight.t() if transpose else weight
-            packed = quantize_weight(weight, bits, group_size, config.scale_init, config.torch_scale_dtype)
-            return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
-        return convert_
+    def placeholder(layer: str, shape) -> torch.Tensor:
+        """A float tensor of the model's dtype for ``layer``, where its module is (the meta device)."""
+        module = modules[layer]
+        return torch.empty(shape, dtype=dtypes.get(layer, module.weight.dtype), device=module.weight.device)
 
     conversions: dict[str, Callable] = {}
     for source in sources:
         container = modules.get(source)
         if isinstance(container, adapters.ExpertLinears):
-            _expert_placeholders(container, source, shells, dtypes, quantize, conversions)
+            _expert_placeholders(container, source, modules, placeholder, tensors, conversions)
         elif isinstance(container, adapters.RoleSplitLinear):
-            _role_placeholders(container, source, shells, dtypes, quantize, conversions, source in transposed)
+            _role_placeholders(container, source, modules, placeholder, tensors, conversions, source in transposed)
         else:  # one layer; a Conv1D holds its weight transposed
-            shell = shells[source]
+            shell = modules[source]
             transpose = source in transposed
-            shape = (shell.in_features, shell.out_features) if transpose else (shell.out_features, shell.in_features)
-            shell.weight = torch.empty(shape, dtype=dtypes[source], device=shell.weight.device)
-            conversions[f"{source}.weight"] = quantize(source, transpose)
+            shell.weight = placeholder(source, (shell.in_features, shell.out_features) if transpose
+                                       else (shell.out_features, shell.in_features))
+            conversions[f"{source}.weight"] = lambda weight, layer=source, t=transpose: tensors(layer, weight, t)
     return conversions
 
 
-def _expert_placeholders(container, source: str, shells: dict, dtypes: dict, quantize, conversions: dict) -> None:
+def _expert_placeholders(container, source: str, modules: dict, placeholder, tensors, conversions: dict) -> None:
     """The fused experts' 3-D parameters (and biases) as placeholders on the :class:`ExpertLinears`; each expert's
     slice goes to its own layer."""
     transposed = getattr(container, "is_transposed", False)
     for projection in container.projections:
         layers = [f"{source}.{e}.{projection}" for e in range(container.num_experts)]
-        first = shells[layers[0]]
+        first = modules[layers[0]]
         shape = (first.in_features, first.out_features) if transposed else (first.out_features, first.in_features)
-        container.register_parameter(projection, nn.Parameter(
-            torch.empty(len(layers), *shape, dtype=dtypes[layers[0]], device=first.weight.device), requires_grad=False))
-
-        def experts(weight, layers=layers):
-            out = {}
-            for expert, layer in enumerate(layers):
-                out.update(quantize(layer, transposed)(weight[expert]))
-            return out
-        conversions[f"{source}.{projection}"] = experts
+        container.register_parameter(projection, nn.Parameter(placeholder(layers[0], (len(layers), *shape)),
+                                                              requires_grad=False))
+        conversions[f"{source}.{projection}"] = lambda weight, layers=layers: {
+            name: tensor for e, layer in enumerate(layers) for name, tensor in tensors(layer, weight[e], transposed).items()}
         if first.bias is not None:
             container.register_parameter(f"{projection}_bias", nn.Parameter(
-                torch.empty(len(layers), first.out_features, dtype=first.bias.dtype), requires_grad=False))
+                torch.empty(len(layers), first.out_features, dtype=first.bias.dtype, device=first.bias.device),
+                requires_grad=False))
             conversions[f"{source}.{projection}_bias"] = (
                 lambda bias, layers=layers: {f"{layer}.bias": bias[e] for e, layer in enumerate(layers)})
 
 
-def _role_placeholders(container, source: str, shells: dict, dtypes: dict, quantize, conversions: dict,
+def _role_placeholders(container, source: str, modules: dict, placeholder, tensors, conversions: dict,
                        transpose: bool) -> None:
     """A fused projection split by role: its weight (and bias) as placeholders on the :class:`RoleSplitLinear`;
     each role's rows go to its own layer."""
-    rows = container.rows()
-    first = shells[f"{source}.{container.roles[0]}"]
+    first = f"{source}.{container.roles[0]}"
     shape = (container.in_features, container.out_features) if transpose else \
         (container.out_features, container.in_features)
-    container.register_parameter("weight", nn.Parameter(torch.empty(
-        shape, dtype=dtypes[f"{source}.{container.roles[0]}"], device=first.weight.device), requires_grad=False))
+    container.register_parameter("weight", nn.Parameter(placeholder(first, shape), requires_grad=False))
 
     def split(weight):
         weight = weight.t() if transpose else weight
-        out = {}
-        for role, index in rows.items():
-            out.update(quantize(f"{source}.{role}")(weight[index]))
-        return out
+        return {name: tensor for role, index in container.rows.items()
+                for name, tensor in tensors(f"{source}.{role}", weight[index]).items()}
     conversions[f"{source}.weight"] = split
-    if first.bias is not None:
-        container.register_parameter("bias", nn.Parameter(torch.empty(container.out_features, dtype=first.bias.dtype),
-                                                          requires_grad=False))
+    bias = modules[first].bias
+    if bias is not None:
+        container.register_parameter("bias", nn.Parameter(
+            torch.empty(container.out_features, dtype=bias.dtype, device=bias.device), requires_grad=False))
         conversions[f"{source}.bias"] = lambda bias: {f"{source}.{role}.bias": bias[index]
-                                                      for role, index in rows.items()}
+                                                      for role, index in container.rows.items()}
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, scale_init: str,
@@ -175,19 +169,23 @@ class UPQQuantizeOnLoad(ConversionOps):
         # already cast it to the placeholder's dtype)
         tensor = value.to(placeholder.dtype) if placeholder.dtype.is_floating_point else value
         out = conversions[name](tensor)
+        self.hf_quantizer.on_load_done.add(name)
         del tensor, value
         if name not in out:  # the placeholder of a container (experts, roles) is emptied, then removed after loading
             out[name] = torch.empty(0, dtype=placeholder.dtype)
         return out
 
 
-def check_converted(model: nn.Module, conversions) -> None:
-    """After loading: every shell holds packed codes (a weight the checkpoint lacked would otherwise be left as a
-    randomly initialised float placeholder); the containers' placeholders are removed."""
-    missing = [name for name, m in model.named_modules() if isinstance(m, UPQLinear) and m.weight.dtype != torch.int32]
+def check_converted(model: nn.Module, conversions, done) -> None:
+    """After loading: every dense tensor the layers to quantize need came from the checkpoint (``done``: the names
+    the operation converted; a tensor the checkpoint lacked would leave a layer's codes empty, or a float
+    placeholder in place); the containers' placeholders are removed."""
+    missing = [name for name in conversions if name not in done]
     if missing:
-        raise ValueError(f"UPQ quantize-on-load: {len(missing)} layers got no weight from the checkpoint "
-                         f"(e.g. {missing[0]}): the checkpoint does not match the model's config")
+        many = len(missing) != 1
+        raise ValueError(f"UPQ quantize-on-load: {len(missing)} tensor{'s' if many else ''} to quantize "
+                         f"{'are' if many else 'is'} not in the checkpoint (e.g. {missing[0]}): the checkpoint does "
+                         f"not match the model's config")
     for name in conversions:
         layer, _, leaf = name.rpartition(".")
         module = model.get_submodule(layer)

@@ -1,0 +1,201 @@
+"""The stages of the recipes and their configs: one small typed config per stage, each default written here once.
+
+A recipe (:data:`upq_hf.recipes.RECIPES`) names the stages it runs; ``UPQConfig`` carries one config per stage,
+given as the dataclass or as a dict of its fields::
+
+    UPQConfig(bits=2, recipe="upq", ptq=PTQConfig(epochs=6), distill={"steps": 20})
+
+The command line takes them from ``--config FILE`` (YAML or JSON, ``{"ptq": {"epochs": 6}, ...}``) and
+``upq quantize --print-config`` shows them resolved. Each field that was measured against the alternatives says
+where (docs/BENCHMARKS.md); the defaults are the measured winners on the bundled SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .formats import SCALE_INITS
+
+MIXED_PRECISIONS = ("auto", "bf16", "no")
+
+
+def _positive_int(config, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(config).__name__}: {name} must be a positive integer"
+                             f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _positive_number(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{type(config).__name__}: {name} must be positive, got {value!r}")
+
+
+@dataclass
+class RTNConfig:
+    """Round to nearest: the whole of recipe ``rtn``, and where every other recipe starts (and a block whose
+    reconstruction does not improve on it ends).
+
+    scale_init: the scale of each group: ``"mse"``, the error-minimising shrink of the range (searched over 31
+        fractions), or ``"max"``, the range itself (ParetoQ's start; kept for that comparison: "mse" measured
+        better on every layer shape, docs/BENCHMARKS.md).
+    """
+
+    scale_init: str = "mse"
+
+    def __post_init__(self):
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(f"RTNConfig: scale_init must be one of {list(SCALE_INITS)}, got {self.scale_init!r}")
+
+
+@dataclass
+class DataConfig:
+    """The text calibration and training read (recipes ``ptq``, ``upq``, ``ntp``, ``distill``).
+
+    dataset: ``"self"`` (the model's own greedy answers to upq_hf's built-in chat prompts: offline, no private
+        data), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
+    prompts: how many built-in prompts ``"self"`` answers (None: all of them).
+    calibration_samples, calibration_seqlen: the sequences block-wise PTQ reconstructs on.
+    """
+
+    dataset: Any = "self"
+    prompts: int | None = None
+    calibration_samples: int = 128
+    calibration_seqlen: int = 128
+
+    def __post_init__(self):
+        _positive_int(self, "calibration_samples", "calibration_seqlen")
+        _positive_int(self, "prompts", allow_none=True)
+
+
+@dataclass
+class PTQConfig:
+    """Block-wise PTQ (EfficientQAT's Block-AP, :mod:`upq_hf.ptq`): each decoder block's latent weights, scales and
+    INT4 zero points trained to reconstruct the unquantized block's output, token by token relative to the
+    token's size (the error as the next block's norm sees it; plain MSE and a per-channel weighting measured
+    worse, docs/BENCHMARKS.md).
+
+    epochs: passes over the calibration set per block, INT2 (and ``ptq`` at any bits); 9 measured better than 6
+        over training seeds (docs/BENCHMARKS.md).
+    int4_epochs: the same for the INT4 stage of ``upq``.
+    batch_size: calibration sequences per step.
+    holdout: the share of calibration sequences held out to choose each block's state (its round-to-nearest start
+        included): the block ends in the state with the lowest held-out error. 0: no hold-out.
+    """
+
+    epochs: int = 9
+    int4_epochs: int = 1
+    batch_size: int = 8
+    holdout: float = 0.125
+
+    def __post_init__(self):
+        _positive_int(self, "epochs", "int4_epochs", "batch_size")
+        if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
+                or not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"PTQConfig: holdout is the share of calibration sequences held out, in [0, 1), "
+                             f"got {self.holdout!r}")
+
+
+@dataclass
+class DistillConfig:
+    """Distill-QAT (:mod:`upq_hf.distill`): the student trained to match the unquantized teacher's next-token
+    distributions with the generalized Jensen-Shannon divergence (recipes ``upq``, ``distill``; ``ntp`` trains
+    on next-token cross-entropy with the same budget). ``upq`` keeps the codes of its INT2 reconstruction and
+    trains the scales and norm weights alone (training the latent weights flipped well-placed codes and cost
+    answers, docs/BENCHMARKS.md); ``ntp`` and ``distill`` start from the dense weights and train them too.
+
+    steps, batch_size, seqlen: the budget (tokens = their product).
+    samples: distinct training sequences (None: steps x batch_size).
+    learning_rate: of the latent weights (``ntp``, ``distill``), as the fraction of a quantization step a weight
+        moves per update.
+    scale_learning_rate: of the scales and norm weights, as their relative change per update.
+    beta: of the generalized JSD; 0 is its forward-KL limit, KL(teacher || student), measured ahead of 0.1 to 0.5
+        (a bounded JSD gives almost no gradient where the student misses the teacher's choice).
+    temperature: of both distributions.
+    teacher_topk: the teacher's top-k log-probabilities cached once before training (no teacher pass while
+        training); 0: the teacher runs at every step over the full vocabulary (exact, slower).
+    train_norms: train the normalisation layers' weights too.
+    mixed_precision: ``"auto"`` (bf16 where the GPU or CPU multiplies it natively), ``"bf16"`` or ``"no"``.
+    """
+
+    steps: int = 30
+    batch_size: int = 16
+    seqlen: int = 128
+    samples: int | None = 128
+    learning_rate: float = 0.02
+    scale_learning_rate: float = 0.01
+    beta: float = 0.0
+    temperature: float = 1.0
+    teacher_topk: int = 64
+    train_norms: bool = True
+    mixed_precision: str = "auto"
+
+    def __post_init__(self):
+        _positive_int(self, "steps", "batch_size", "seqlen")
+        _positive_int(self, "samples", allow_none=True)
+        _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
+        if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")
+        if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
+            raise ValueError(f"DistillConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
+                             f"training), got {self.teacher_topk!r}")
+        if not isinstance(self.train_norms, bool):
+            raise ValueError(f"DistillConfig: train_norms must be True or False, got {self.train_norms!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"DistillConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
+
+
+@dataclass
+class E2EQPConfig:
+    """A last stage of ``upq`` (after Distill-QAT) or ``ptq`` (after the reconstruction): EfficientQAT's E2E-QP,
+    every code fixed, the scales (and norm weights) trained against the unquantized model with the
+    generalized JSD, on the distillation's data. Off by default: on the bundled model it added one answer on
+    topic, not the two its rule asked (docs/BENCHMARKS.md).
+
+    steps: 0 for none. learning_rate: relative change per update.
+    """
+
+    steps: int = 0
+    learning_rate: float = 0.01
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"E2EQPConfig: steps must be a non-negative integer, got {self.steps!r}")
+        _positive_number(self, "learning_rate")
+
+
+#: every stage, under the name ``UPQConfig`` and ``--config`` files use for it
+STAGES: dict[str, type] = {"rtn": RTNConfig, "data": DataConfig, "ptq": PTQConfig, "distill": DistillConfig,
+                           "e2e_qp": E2EQPConfig}
+
+
+def stage_config(name: str, value) -> Any:
+    """The config of stage ``name`` from ``value``: the dataclass itself, a dict of its fields, or None (the
+    defaults). Unknown fields are an error naming the stage and its fields."""
+    cls = STAGES[name]
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"UPQConfig: {name} must be a {cls.__name__} or a dict of its fields, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"UPQConfig: {cls.__name__} has no field {unknown[0]!r} (its fields: {sorted(known)})")
+    return cls(**value)
+
+
+def as_dict(config) -> dict:
+    """A stage config as a JSON-serialisable dict (an in-memory dataset is named, not copied)."""
+    out = asdict(config)
+    if "dataset" in out and not isinstance(out["dataset"], (str, type(None))):
+        out["dataset"] = f"<{len(out['dataset'])} texts given in memory>"
+    return out
