@@ -17,11 +17,13 @@ Storage format, version 2 (``UPQConfig.format_version``; version 1 reads the sam
   the weight is ``w[n, k] = scale[g, n] * (codes[n, k] - zero[g, n])`` with ``g = k // group_size``.
   INT2 (SEQ) has no zero tensor: its zero is the constant 1.5, ``w = scale * (codes - 1.5)``.
 
-* Version 2 (upq_hf 0.2) saves every model in its canonical layout (:mod:`upq_hf.adapters`) under the model's own
-  names, where version 1 knew ``nn.Linear`` only: fused MoE experts one layer per expert and projection
-  (``mlp.experts.3.down_proj.weight``), a ``Conv1D`` as the ``nn.Linear`` of its transposed weight, and a fused
-  projection whose roles take different formats one layer per role (``attn.c_attn.k_proj.weight``). A version-1
-  reader would load the experts of such a checkpoint as missing (randomly initialised): it refuses version 2.
+* Version 2 (upq_hf 0.2) is written where the model's canonical layout (:mod:`upq_hf.adapters`) differs from its
+  family's, under the model's own names (no transformers conversion applies on save or load): fused MoE experts
+  one layer per expert and projection (``mlp.experts.3.down_proj.weight``), a ``Conv1D`` as the ``nn.Linear`` of
+  its transposed weight, a fused projection split one layer per role (``attn.c_attn.k_proj.weight``). A version-1
+  reader would load such experts as missing (randomly initialised): it refuses version 2. Every other model is
+  written as version 1, which older upq_hf reads; a version-1 checkpoint (``nn.Linear`` layers alone, saved in the
+  family's layout) loads as it was.
 
 Everything else in the package (formats, modules, kernels) works on codes in their natural
 ``(N, K)`` orientation and calls :func:`pack_codes` / :func:`unpack_codes` here.
