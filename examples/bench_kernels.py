@@ -185,7 +185,7 @@ def bench_decode(quick: bool) -> list[dict]:
     bf16_tps = decode_tokens_per_second(model, 32, short, long, reps)
     results.append(dict(model="Llama 1B-shaped, bf16", decode_tokens_per_s=bf16_tps, speedup=1.0))
     print(f"  bf16: {bf16_tps:.1f} tokens/s", flush=True)
-    upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=None, recipe="rtn", scale_init="max"),
+    upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=None, recipe="rtn", rtn={"scale_init": "max"}),
                           progress=False)
     model.cuda()
     int2_tps = decode_tokens_per_second(model, 32, short, long, reps)

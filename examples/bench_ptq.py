@@ -1,17 +1,18 @@
 """Benchmark block-wise PTQ against round-to-nearest on the bundled SmolLM2-135M-Instruct.
 
 For each format (INT4 g64, INT2 SEQ per-row, INT2 SEQ g64 by default) and each method (RTN with
-``scale_init="max"`` and ``"mse"``, PTQ with each algorithm), a fresh copy of the model is quantized in
+``scale_init="max"`` and ``"mse"``, block-wise PTQ: Block-AP), a fresh copy of the model is quantized in
 its own process, so that the reported peak memory (``ru_maxrss``) is that of quantizing alone
 (Python, torch, the float32 model, calibration activations and the optimizer state). Fidelity to the
 unquantized model is then measured on the held-out ``EVAL_PROMPTS`` (never used for calibration) with
 :func:`upq_hf.evaluation.fidelity`: top-1 next-token agreement and KL(teacher || student) on the teacher's
 greedy answers. Calibration is ``upq_hf.data.calibration_data("self", ...)``: the teacher's own answers
-to ``SEED_PROMPTS`` (generated once and cached).
+to ``SEED_PROMPTS`` (generated once and cached). PTQ: 2 epochs of batch 4, no hold-out, unless flags say otherwise.
+No ``lwc`` method nor plain-MSE loss any more: upq_hf keeps Block-AP and the token-relative reconstruction loss.
 
     python examples/bench_ptq.py                          # everything (about an hour on 2 CPU cores)
     python examples/bench_ptq.py --bits 4 --group-size 64 --algorithm rtn-mse blockap
-    python examples/bench_ptq.py --bits 2 --group-size row --algorithm rtn-mse lwc blockap
+    python examples/bench_ptq.py --bits 2 --group-size row --algorithm rtn-mse blockap
     python examples/bench_ptq.py --random-1b              # seconds per block of a 1B-shaped Llama (CUDA)
 
 Prints a markdown table; ``--json FILE`` also writes the rows.
@@ -31,11 +32,21 @@ import torch
 
 from upq_hf.formats import SUPPORTED_BITS
 
-METHODS = ("rtn-max", "rtn-mse", "lwc", "blockap")
+METHODS = ("rtn-max", "rtn-mse", "blockap")
 
 
 def _group(value: str):
     return None if value.lower() in ("row", "none", "per-row") else int(value)
+
+
+def ptq_config(args):
+    """The block-wise PTQ settings of the command line, over this benchmark's own defaults (2 epochs of batch 4,
+    no hold-out) and ``PTQConfig``'s learning rates."""
+    from upq_hf.stages import PTQConfig
+
+    rates = {"learning_rate": args.lr, "scale_learning_rate": args.scale_lr}
+    return PTQConfig(epochs=args.epochs or 2, steps=args.steps, batch_size=args.batch_size or 4, holdout=0.0,
+                     **{k: v for k, v in rates.items() if v is not None})
 
 
 def _fmt(bits: int, group_size) -> str:
@@ -83,9 +94,8 @@ def run_one(job: dict) -> dict:
     else:
         from upq_hf.ptq import blockwise_ptq
 
-        options = {k: v for k, v in job["ptq"].items() if v is not None}
-        report = blockwise_ptq(model, job["input_ids"], job["bits"], job["group_size"], algorithm=job["method"],
-                               progress=job["progress"], **options)
+        report = blockwise_ptq(model, job["input_ids"], job["bits"], job["group_size"], job["ptq"],
+                               scale_init=job["scale_init"], progress=job["progress"])
     seconds = time.perf_counter() - started
     cpu_seconds = _cpu_seconds() - cpu_started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -106,29 +116,29 @@ def run_one(job: dict) -> dict:
 
 def bench_model(args) -> None:
     from upq_hf.data import calibration_data
-    from upq_hf import UPQConfig
     from upq_hf.models import load_model, load_tokenizer
+    from upq_hf.stages import DataConfig
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(None)
     teacher = load_model(None)
     reference = load_reference(teacher, tokenizer, args.eval_tokens)
-    defaults = UPQConfig()
-    nsamples = args.nsamples or defaults.nsamples
-    seqlen = args.seqlen or defaults.seqlen
+    defaults = DataConfig()
+    nsamples = args.nsamples or defaults.calibration_samples
+    seqlen = args.seqlen or defaults.calibration_seqlen
     input_ids = calibration_data("self", tokenizer, model=teacher, nsamples=nsamples, seqlen=seqlen)
     del teacher
 
     formats = [(b, g) for b in args.bits for g in args.group_size] if args.bits else \
         [(4, 64), (2, None), (2, 64)]
-    ptq = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "scale_lr": args.scale_lr,
-           "batch_size": args.batch_size, "scale_init": args.scale_init}
+    ptq = ptq_config(args)
     rows = []
     context = mp.get_context("spawn")
     for bits, group_size in formats:
         for method in args.algorithm:
             job = {"bits": bits, "group_size": group_size, "method": method, "input_ids": input_ids,
-                   "reference": reference, "ptq": ptq, "threads": args.threads, "progress": args.progress}
+                   "reference": reference, "ptq": ptq, "scale_init": args.scale_init or "mse",
+                   "threads": args.threads, "progress": args.progress}
             with context.Pool(1) as pool:
                 row = pool.apply(run_one, (job,))
             rows.append(row)
@@ -177,9 +187,8 @@ def bench_random_1b(args) -> None:
     for method in [m for m in args.algorithm if not m.startswith("rtn")] or ["blockap"]:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        report = blockwise_ptq(model, input_ids, bits, group_size, algorithm=method, device=device,
-                               progress=args.progress, epochs=args.epochs or 2, steps=args.steps,
-                               batch_size=args.batch_size or 4, lr=args.lr, scale_lr=args.scale_lr)
+        report = blockwise_ptq(model, input_ids, bits, group_size, ptq_config(args), device=device,
+                               progress=args.progress)
         per_block = [b.seconds for b in report.blocks]
         gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
                if device.startswith("cuda") else "")

@@ -1,9 +1,10 @@
 """INT2 recipes on the bundled SmolLM2-135M-Instruct: upq against its baselines at the same budget.
 
-Every recipe runs with ``UPQConfig``'s defaults unless a flag changes them, so the same data (``"self"``:
-the teacher's answers to the built-in seed prompts), the same calibration set and PTQ budget (``ptq``
-is exactly upq's INT2 reconstruction, from the unquantized weights) and the same training budget
-(``ntp``, ``distill`` and ``upq`` train for the same steps on the same sequences). For each model:
+Every recipe runs with ``UPQConfig``'s defaults unless a flag changes them (but uniform INT2 unless ``--mix``
+names a mix for all), so the same data (``"self"``: the teacher's answers to the built-in seed prompts), the
+same calibration set and PTQ budget (``ptq`` is exactly upq's INT2 reconstruction, from the unquantized
+weights) and the same training budget (``ntp``, ``distill`` and ``upq`` train for the same steps on the same
+sequences). For each model:
 fidelity to the teacher (teacher-forced top-1 agreement, KL, JSD) on a split of the held-out prompts,
 its own greedy answers to them (how many are not empty, how many the teacher ties to their prompt
 (:mod:`upq_hf.evaluation.topicality`); all of them in the JSON), the offline
@@ -30,7 +31,7 @@ from transformers import TrainerCallback
 import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.atomic import write_text
-from upq_hf.config import MIXES
+from upq_hf.config import LEGACY_KEYS, MIXES
 from upq_hf.evaluation import (FidelityReference, answer_texts, decode_answers, fidelity, instruction_following,
                                topicality)
 from upq_hf.models import bundled_model_dir, load_model, load_tokenizer
@@ -69,15 +70,28 @@ class BudgetCurve(TrainerCallback):
 
 
 def overrides(args) -> dict:
-    """The UPQConfig fields the command line sets (everything else: the defaults)."""
-    names = ("group_size", "train_steps", "train_batch_size", "train_samples", "ptq_epochs", "int4_ptq_epochs",
-             "nsamples", "self_prompts", "learning_rate", "scale_learning_rate", "beta", "teacher_topk")
-    out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    """The UPQConfig keyword arguments the command line sets (everything else: the defaults): the format, and the
+    stage fields (``{stage: {field: value}}``; each flag is named after its upq_hf 0.1 key, ``LEGACY_KEYS``). No
+    mix unless ``--mix`` names one, for every recipe alike (uniform INT2)."""
+    names = ("train_steps", "train_batch_size", "train_samples", "ptq_epochs", "int4_ptq_epochs", "nsamples",
+             "self_prompts", "learning_rate", "scale_learning_rate", "beta", "teacher_topk")
+    out = {"mix": args.mix}
+    if args.group_size is not None:
+        out["group_size"] = args.group_size
+    for name in names:
+        if getattr(args, name) is not None:
+            stage, field = LEGACY_KEYS[name]
+            out.setdefault(stage, {})[field] = getattr(args, name)
     if args.module_bits:
         out["module_bits"] = json.loads(args.module_bits)
-    if args.mix:
-        out["mix"] = args.mix
     return out
+
+
+def for_recipe(settings: dict, recipe: str) -> dict:
+    """``settings`` without the stages that ``recipe`` does not run."""
+    from upq_hf.stages import STAGES
+
+    return {key: value for key, value in settings.items() if key not in STAGES or key in RECIPES[recipe].stages}
 
 
 def main() -> int:
@@ -93,7 +107,8 @@ def main() -> int:
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--module-bits", default=None, help='mixed precision, JSON: \'{"\\\\.(k|v)_proj$": 4}\'')
     parser.add_argument("--mix", default=None, choices=list(MIXES),
-                        help="a named mix for every recipe (UPQConfig.mix), so that all compare at its budget")
+                        help="a named mix for every recipe (UPQConfig.mix), so that all compare at its budget "
+                             "(default: none, uniform INT2)")
     parser.add_argument("--no-if", action="store_true", help="skip the instruction-following check")
     parser.add_argument("--out", default="out/bench-upq")
     args = parser.parse_args()
@@ -102,8 +117,8 @@ def main() -> int:
     tokenizer = load_tokenizer(source)
     teacher = load_model(source, dtype="float32")
     settings = overrides(args)
-    base = UPQConfig(bits=2, **settings)
-    steps = base.train_steps
+    base = UPQConfig(bits=2, recipe="upq", **settings)  # upq runs every stage: the settings, resolved
+    steps = base.distill.steps
     eval_at = sorted({int(s) for s in args.eval_at.split(",")} if args.eval_at else {0, steps // 3, 2 * steps // 3,
                                                                                       steps})
     prompts = list(SPLITS[args.split])
@@ -117,10 +132,10 @@ def main() -> int:
                "answer_tokens": sum(map(len, reference.answer_ids)),
                "teacher": {"if": None if teacher_if is None else teacher_if["score"],
                            "on_topic": topicality(teacher, tokenizer, prompts, teacher_answers)["on_topic"]}}
-    tokens_per_step = base.train_batch_size * base.train_seqlen
+    tokens_per_step = base.distill.batch_size * base.distill.seqlen
     for recipe in args.recipes.split(","):
         model = load_model(source, dtype="float32")
-        config = UPQConfig(bits=2, recipe=recipe, **settings)
+        config = UPQConfig(bits=2, recipe=recipe, **for_recipe(settings, recipe))
         curve = BudgetCurve(teacher, reference, eval_at, tokens_per_step)
         print(f"== {recipe}", file=sys.stderr, flush=True)
         start = time.time()
@@ -144,10 +159,11 @@ def main() -> int:
         write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
 
     print(f"\n## INT2 recipes on SmolLM2-135M-Instruct ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores)\n")
-    print(f"`{' '.join(sys.argv)}`. INT2 SEQ, group size {base.group_size}; PTQ calibration {base.nsamples} x "
-          f"{base.seqlen} tokens of 'self' data, {base.ptq_epochs} epochs per block; training {steps} steps x "
-          f"{base.train_batch_size} x {base.train_seqlen} = {steps * tokens_per_step:,} tokens over "
-          f"{base.train_samples} distinct sequences; fidelity on the {len(prompts)} {args.split} prompts "
+    print(f"`{' '.join(sys.argv)}`. INT2 SEQ, group size {base.group_size}; PTQ calibration "
+          f"{base.data.calibration_samples} x {base.data.calibration_seqlen} tokens of 'self' data, {base.ptq.epochs} "
+          f"epochs per block; training {steps} steps x {base.distill.batch_size} x {base.distill.seqlen} = "
+          f"{steps * tokens_per_step:,} tokens over {base.distill.samples} distinct sequences; fidelity on the "
+          f"{len(prompts)} {args.split} prompts "
           f"({results['answer_tokens']} teacher answer tokens).\n")
     print("| model | top-1 | KL(T‖S) | JSD | answers not empty | on topic | IF | wall s | train tokens/s |")
     print("|---|---|---|---|---|---|---|---|---|")

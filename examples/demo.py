@@ -5,15 +5,15 @@ enough to keep uniform INT2 g64's 2.25 bits per weight: 2.23 on this model), on 
 12 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
 to INT4 (one epoch), INT2 block reconstruction from the INT4 stage's latent weights (6 epochs over 56
 sequences of 128 tokens), then 20 steps of Distill-QAT of the scales and norms, codes fixed, from the teacher's
-cached top-64 distributions (top-1 0.398 / KL 1.91 in 11 min 16 s, against 0.367 / 2.29 with the latent weights
-trained, `--train-codes`: docs/BENCHMARKS.md).
-`upq quantize --bits 2 --recipe upq` runs the full default budget (about 22 minutes there); `--mix none` gives
-uniform INT2, `--recipe rtn` shows what plain rounding does.
+cached top-64 distributions: the `demo` budget of upq_hf.stages.BUDGETS (docs/BENCHMARKS.md).
+`upq quantize --bits 2 --recipe upq --budget demo` makes the same model; without `--budget` it runs the full
+default budget (about 22 minutes there); `--mix none` gives uniform INT2, `--recipe rtn` shows what plain rounding
+does.
 
 Size on disk, fidelity to the unquantized model (teacher-forced top-1 agreement and KL on held-out
 chat prompts) and one sample answer from each model. Runs offline on a CPU.
 
-    python examples/demo.py [--recipe rtn] [--out out/demo-int2] [--prompts 16]
+    python examples/demo.py [--recipe rtn] [--budget default] [--out out/demo-int2] [--prompts 16]
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import upq_hf
 from upq_hf import UPQConfig
 from upq_hf.checkpoint import checkpoint_info
 from upq_hf.chat import generate_answers
-from upq_hf.cli import default_mix
-from upq_hf.config import MIXES
+from upq_hf.config import MIXES, budget
 from upq_hf.evaluation import measure_fidelity, report_metrics
 from upq_hf.models import BUNDLED_NAME, autocast_dtype, bundled_model_dir, load_model, load_tokenizer
 from upq_hf.publish import REPORT_FILE, record_report, save_atomic
 from upq_hf.recipes import RECIPES
+from upq_hf.stages import BUDGETS
 
 SAMPLE_PROMPT = "Give me three tips for staying focused while studying."
 
@@ -52,23 +52,14 @@ def dir_bytes(path: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="upq", choices=list(RECIPES))
-    defaults = UPQConfig()
-    # the demo's own budget, smaller than UPQConfig's defaults so that `make demo` ends in minutes
-    parser.add_argument("--self-prompts", type=int, default=64)
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
-    parser.add_argument("--int4-ptq-epochs", type=int, default=defaults.int4_ptq_epochs)
-    parser.add_argument("--ptq-epochs", type=int, default=6, help=f"(UPQConfig: {defaults.ptq_epochs})")
-    parser.add_argument("--train-codes", action="store_true",
-                        help="Distill-QAT trains the latent weights too (default, as UPQConfig: codes fixed, scales trained)")
-    parser.add_argument("--train-steps", type=int, default=20, help=f"(UPQConfig: {defaults.train_steps})")
-    parser.add_argument("--train-samples", type=int, default=64)
-    parser.add_argument("--train-seqlen", type=int, default=defaults.train_seqlen)
-    parser.add_argument("--bits", type=int, default=defaults.bits)
-    parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--mix", default=None, choices=[*MIXES, "none"],
-                        help="a named mixed-precision preset (UPQConfig.mix); default as `upq quantize`: kv4 for "
-                             "upq at INT2, none for uniform bits")
+    parser.add_argument("--budget", default="demo", choices=list(BUDGETS),
+                        help="the stage settings (upq_hf.stages.BUDGETS; default demo: smaller than the library's "
+                             "defaults so that `make demo` ends in minutes)")
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--mix", default="auto", choices=["auto", *MIXES, "none"],
+                        help="a named mixed-precision preset (UPQConfig.mix); auto, as `upq quantize`: kv4 for upq "
+                             "at INT2")
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -87,11 +78,8 @@ def main() -> int:
         print("      this CPU has no native bf16 (AVX512-BF16 or AMX): PTQ and training run in float32, which "
               "took 1.7-2.5x as long as with it in our runs (24-35 minutes against 14; docs/BENCHMARKS.md)", file=sys.stderr)
     student = load_model(source, dtype="float32")
-    config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe, train_steps=args.train_steps,
-                       train_seqlen=args.train_seqlen, train_samples=args.train_samples, nsamples=args.nsamples,
-                       seqlen=args.seqlen, self_prompts=args.self_prompts, ptq_epochs=args.ptq_epochs,
-                       int4_ptq_epochs=args.int4_ptq_epochs, mix=default_mix(args), train_codes=args.train_codes,
-                       int4_checkpoint=f"{args.out}-int4" if args.recipe == "upq" else None)
+    config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe,
+                       mix=None if args.mix == "none" else args.mix, **budget(args.budget, args.recipe))
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
         param.data = param.data.to(torch.bfloat16)

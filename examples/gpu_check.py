@@ -378,7 +378,7 @@ def part_decode(sizes: dict, device: str) -> dict:
         # backend: Triton on the GPU, named so that the compiled forward does not trace the automatic choice; in a
         # dry run the default (the CPU kernel: the interpreter would take minutes, and the kernels' code path is
         # the correctness part's)
-        upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=group, recipe="rtn", scale_init="max",
+        upq_hf.quantize_model(model, upq_hf.UPQConfig(bits=2, group_size=group, recipe="rtn", rtn={"scale_init": "max"},
                                                       backend="triton" if device == "cuda" else None), progress=False)
         model = model.to(device=device, dtype=torch.bfloat16).eval()
         measure(name, model)

@@ -184,7 +184,7 @@ def test_forcing_the_backend_and_a_clear_error_where_it_cannot_run(monkeypatch):
     assert UPQConfig(backend="a8").backend == "a8"
     monkeypatch.setattr(avx2.kernel(), "a8", False)
     with pytest.raises(ImportError, match=r"UPQConfig\(backend='a8'\) needs a CPU with AVX512-VNNI"):
-        UPQConfig(backend="a8").check_device()
+        UPQConfig(backend="a8").check_backend()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -267,4 +267,4 @@ def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(avx2, "unavailable_reason", lambda: "this CPU lacks avx2")
     with pytest.raises(ImportError, match=r"UPQConfig\(backend='avx2'\) needs upq_hf's AVX2 CPU kernel, which "
                                           r"cannot run here \(this CPU lacks avx2\)"):
-        UPQConfig(backend="avx2").check_device()
+        UPQConfig(backend="avx2").check_backend()

@@ -122,8 +122,8 @@ def test_info_reports_the_true_in_features_of_a_padded_layer(tmp_path, capsys, r
 def test_quantize_device_defaults_to_cuda_where_a_gpu_is_visible(tiny_llama_dir, tmp_path, monkeypatch, visible):
     seen = {}
 
-    def stop(args, config):
-        seen["device"] = config.device
+    def stop(args, config, device):
+        seen["device"] = device
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)

@@ -299,38 +299,23 @@ def test_self_generates_caches_and_reuses(tok, tiny_model, cache, monkeypatch):
 
 
 def test_self_cache_key_depends_on_settings_and_weights(tok, tiny_model, cache):
-    base = data.self_cache_path(tiny_model, tok, max_new_tokens=4, do_sample=False, temperature=0.7, top_p=0.9, seed=0)
+    base = data.self_cache_path(tiny_model, tok, max_new_tokens=4)
     assert base.parent == cache
-    assert base == data.self_cache_path(tiny_model, tok, max_new_tokens=4, do_sample=False, temperature=0.1,
-                                        top_p=0.5, seed=3)  # sampling settings do not matter when greedy
-    assert base != data.self_cache_path(tiny_model, tok, max_new_tokens=8, do_sample=False, temperature=0.7,
-                                        top_p=0.9, seed=0)
-    sampled = data.self_cache_path(tiny_model, tok, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9, seed=0)
-    assert sampled != base
-    assert sampled != data.self_cache_path(tiny_model, tok, max_new_tokens=4, do_sample=True, temperature=0.7,
-                                           top_p=0.9, seed=1)
+    assert base == data.self_cache_path(tiny_model, tok, max_new_tokens=4)
+    assert base != data.self_cache_path(tiny_model, tok, max_new_tokens=8)
     weight = tiny_model.model.layers[1].mlp.down_proj.weight
     before = data.weights_fingerprint(tiny_model)
     with torch.no_grad():
         weight[3, 5] += 1e-3
     try:
         assert data.weights_fingerprint(tiny_model) != before
-        assert data.self_cache_path(tiny_model, tok, max_new_tokens=4, do_sample=False, temperature=0.7, top_p=0.9,
-                                    seed=0) != base
+        assert data.self_cache_path(tiny_model, tok, max_new_tokens=4) != base
     finally:
         with torch.no_grad():
             weight[3, 5] -= 1e-3
 
 
-def test_self_sampled_is_seeded_and_needs_model(tok, tiny_model, cache):
-    kw = dict(model=tiny_model, tokenizer=tok, n_prompts=2, max_new_tokens=6, do_sample=True, cache=False,
-              progress=False)
-    state = torch.random.get_rng_state()
-    a = load_texts("self", seed=0, **kw)
-    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
-    assert a == load_texts("self", seed=0, **kw)
-    assert a != load_texts("self", seed=1, **kw)
-    assert not cache.exists()  # cache=False writes nothing
+def test_self_needs_the_model(tok, cache):
     with pytest.raises(ValueError, match="needs the unquantized model"):
         load_texts("self", tokenizer=tok)
 
@@ -450,4 +435,4 @@ def test_calibration_size_has_no_default_outside_the_config(tok):
         calibration_data(["some text"] * 4, tok)
     with pytest.raises(TypeError, match="nsamples"):
         TokenBlockDataset.from_source(["some text"] * 4, tok)
-    assert (UPQConfig().nsamples, UPQConfig().seqlen) == (128, 128)
+    assert (UPQConfig().data.calibration_samples, UPQConfig().data.calibration_seqlen) == (128, 128)

@@ -94,16 +94,15 @@ def test_select_trainable_takes_only_the_scales_of_frozen_layers():
 
 
 def test_config_checks_the_e2e_qp_options():
-    assert UPQConfig(recipe="upq", e2e_qp_steps=3).e2e_qp_steps == 3
-    with pytest.raises(ValueError, match="e2e_qp_steps must be a non-negative integer"):
-        UPQConfig(recipe="upq", e2e_qp_steps=-1)
-    with pytest.raises(ValueError, match="last stage of the 'upq' and 'ptq' recipes"):
-        UPQConfig(recipe="distill", e2e_qp_steps=2)
-    with pytest.raises(ValueError, match="train_codes must be True or False"):
-        UPQConfig(recipe="upq", train_codes="yes")
-    assert UPQConfig(recipe="upq").train_codes is False
-    with pytest.raises(ValueError, match="e2e_qp_learning_rate must be positive"):
-        UPQConfig(recipe="upq", e2e_qp_steps=2, e2e_qp_learning_rate=0)
+    assert UPQConfig(recipe="upq", e2e_qp={"steps": 3}).e2e_qp.steps == 3
+    with pytest.raises(ValueError, match="steps must be a non-negative integer"):
+        UPQConfig(recipe="upq", e2e_qp={"steps": -1})
+    with pytest.raises(ValueError, match="recipe 'distill' runs no 'e2e_qp' stage"):
+        UPQConfig(recipe="distill", e2e_qp={"steps": 2})
+    with pytest.raises(ValueError, match="train_codes is no longer a setting: upq's Distill-QAT keeps the"):
+        UPQConfig(recipe="upq", train_codes=True)
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        UPQConfig(recipe="upq", e2e_qp={"steps": 2, "learning_rate": 0})
 
 
 @pytest.mark.parametrize("recipe", ["upq", "ptq"])
@@ -115,9 +114,11 @@ def test_e2e_qp_stage_moves_scales_and_keeps_codes(recipe):
     for steps in (0, 3):
         torch.manual_seed(0)
         model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
-        config = UPQConfig(bits=2, group_size=32, recipe=recipe, dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1,
-                           train_steps=2, train_batch_size=2, train_seqlen=32, train_samples=4,
-                           int4_group_size=32, e2e_qp_steps=steps, e2e_qp_learning_rate=0.05, mixed_precision="no")
+        config = UPQConfig(bits=2, group_size=32, int4_group_size=32, recipe=recipe,
+                           data={"dataset": TEXTS, "calibration_samples": 4, "calibration_seqlen": 32},
+                           ptq={"epochs": 1}, distill={"steps": 2, "batch_size": 2, "seqlen": 32, "samples": 4,
+                                                       "mixed_precision": "no"},
+                           e2e_qp={"steps": steps, "learning_rate": 0.05})
         upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
         results.append(model)
     plain, tuned = (upq_layers(m) for m in results)
@@ -135,31 +136,33 @@ def test_model_card_names_the_e2e_qp_stage_only_when_it_ran():
     from upq_hf.publish import model_card
 
     for recipe in ("upq", "ptq"):
-        card = model_card(UPQConfig(recipe=recipe, e2e_qp_steps=15, e2e_qp_learning_rate=0.003).to_dict())
+        card = model_card(UPQConfig(recipe=recipe, e2e_qp={"steps": 15, "learning_rate": 0.003}).to_dict())
         assert "  e2e_qp_steps: 15" in card and "| E2E-QP (codes fixed, scales trained) | 15 steps at 0.003 |" in card
     assert "E2E-QP" not in model_card(UPQConfig(recipe="upq").to_dict())
 
 
-def test_cli_passes_the_e2e_qp_options(monkeypatch, tmp_path):
+def test_cli_passes_the_e2e_qp_options_through_a_config_file(monkeypatch, tmp_path):
+    import json
+
     from upq_hf import cli
 
     seen = {}
 
-    def stop(args, config):
+    def stop(args, config, device):
         seen["config"] = config
         raise SystemExit(0)
 
     monkeypatch.setattr(cli, "_check_before_work", stop)
+    path = tmp_path / "stages.json"
+    path.write_text(json.dumps({"e2e_qp": {"steps": 7, "learning_rate": 0.004}}))
     with pytest.raises(SystemExit):
-        cli.main(["quantize", "--bits", "2", "--recipe", "upq", "--e2e-qp-steps", "7", "--e2e-qp-lr", "0.004",
-                  "--out", str(tmp_path / "out")])
-    assert seen["config"].e2e_qp_steps == 7 and seen["config"].e2e_qp_learning_rate == 0.004
+        cli.main(["quantize", "--bits", "2", "--recipe", "upq", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert seen["config"].e2e_qp.steps == 7 and seen["config"].e2e_qp.learning_rate == 0.004
 
 
-@pytest.mark.parametrize("train_codes", [False, True])
-def test_upq_distill_qat_keeps_the_reconstruction_codes_unless_told(train_codes):
+def test_upq_distill_qat_keeps_the_reconstruction_codes():
     """The codes at the start of Distill-QAT (the INT2 reconstruction's, read by a callback) are the packed
-    model's codes by default; with train_codes=True and a large weight learning rate some of them flip."""
+    model's codes: even a large weight learning rate moves no code (only the scales and norms train)."""
     from transformers import TrainerCallback
 
     from upq_hf.qat import qat_layers
@@ -173,11 +176,11 @@ def test_upq_distill_qat_keeps_the_reconstruction_codes_unless_told(train_codes)
 
     tokenizer = load_tokenizer(None)
     model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
-    config = UPQConfig(bits=2, group_size=32, recipe="upq", dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1,
-                       train_steps=3, train_batch_size=2, train_seqlen=32, train_samples=4, int4_group_size=32,
-                       learning_rate=0.5, train_codes=train_codes, mixed_precision="no")
+    config = UPQConfig(bits=2, group_size=32, int4_group_size=32, recipe="upq",
+                       data={"dataset": TEXTS, "calibration_samples": 4, "calibration_seqlen": 32}, ptq={"epochs": 1},
+                       distill={"steps": 3, "batch_size": 2, "seqlen": 32, "samples": 4, "learning_rate": 0.5,
+                                "mixed_precision": "no"})
     upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False, callbacks=[Codes()])
     final = upq_layers(model)
     assert start.keys() == final.keys() and len(final) == 14
-    changed = sum(not torch.equal(start[n], final[n].codes()) for n in final)
-    assert (changed > 0) == train_codes, changed
+    assert all(torch.equal(start[n], final[n].codes()) for n in final)

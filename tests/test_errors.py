@@ -1,6 +1,6 @@
-"""README, "What goes wrong and what you see": every row of that table, run, and its message checked verbatim.
+"""docs/errors.md, "What goes wrong and what you see": every row of that table, run, and its message checked verbatim.
 
-The README is the spec: each row's "what you see" cell holds the message in a code span (for the CLI the
+The table is the spec: each row's "what you see" cell holds the message in a code span (for the CLI the
 whole stderr line, for Python the exception's class in one span and its message in the next); the
 placeholders ``<DIR>``, ``<OUT>``, ``<FILE>``, ``<ENDPOINT>`` stand for the paths a case uses. Every CLI row must exit
 with its status (2 unless the row says otherwise) and print exactly one ``upq: error:`` line and no
@@ -28,14 +28,14 @@ from upq_hf import UPQConfig, cli
 
 from helpers import tiny_llama
 
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[1] / "docs" / "errors.md"
 SECTION = "## What goes wrong and what you see"
 
 
 def readme_rows() -> list[tuple[str, str, str]]:
     """``(what goes wrong, example, what you see)`` of each row of the README's table."""
     text = README.read_text()
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    assert SECTION in text, f"docs/errors.md has no section {SECTION!r}"
     body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in body.splitlines():
@@ -152,12 +152,32 @@ def int2_recipe_at_4_bits(ctx):
     return quantize(ctx, "--bits", "4", "--recipe", "upq", "--dataset", ctx.shared["texts"], model=ctx.tinytok)
 
 
+def stage_file(ctx, stages: dict) -> str:
+    """A ``--config`` file of ``stages`` in the case's folder."""
+    path = ctx.tmp / "stages.json"
+    path.write_text(json.dumps(stages))
+    return str(path)
+
+
 def beta_out_of_range(ctx):
-    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--beta", "2", model=ctx.tinytok)
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--config", stage_file(ctx, {"distill": {"beta": 2}}),
+                    model=ctx.tinytok)
 
 
 def budget_not_positive(ctx):
-    return quantize(ctx, "--bits", "2", "--recipe", "distill", "--train-steps", "0", model=ctx.tinytok)
+    return quantize(ctx, "--bits", "2", "--recipe", "distill", "--config", stage_file(ctx, {"distill": {"steps": 0}}),
+                    model=ctx.tinytok)
+
+
+def unknown_stage_field(ctx):
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--config", stage_file(ctx, {"ptq": {"epoch": 6}}),
+                    model=ctx.tinytok)
+
+
+def config_file_not_json(ctx):
+    path = ctx.tmp / "stages.json"
+    path.write_text("{ptq: {epochs: 6}}")
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--config", str(path), model=ctx.tinytok, FILE=str(path))
 
 
 def pattern_matching_no_layer(ctx):
@@ -170,15 +190,16 @@ def module_bits_malformed(ctx):
 
 
 def mix_at_4_bits(ctx):
-    return quantize(ctx, "--bits", "4", "--mix", "kv-edge")
+    return quantize(ctx, "--bits", "4", "--mix", "kv4")
 
 
 def mix_without_its_layers(ctx):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                                       eos_token_id=0))  # its FFN's down projection is mlp.c_proj: no down_proj
-    return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32, mix="kv-edge")))
+                                       eos_token_id=0))
+    config = UPQConfig(bits=2, group_size=32, mix="kv4", modules_to_not_convert=["c_attn"])  # no k/v left to place
+    return ctx.python(lambda: upq_hf.quantize_model(model, config))
 
 
 def unknown_decoder_weight(ctx):
@@ -189,12 +210,9 @@ def unknown_decoder_weight(ctx):
     return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32)))
 
 
-def unknown_ptq_loss(ctx):
-    return ctx.cli_parse("quantize", ctx.tiny, "--bits", "2", "--recipe", "ptq", "--ptq-loss", "l1", "--out", ctx.out())
-
-
 def negative_teacher_topk(ctx):
-    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--teacher-topk", "-1", model=ctx.tinytok)
+    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--config",
+                    stage_file(ctx, {"distill": {"teacher_topk": -1}}), model=ctx.tinytok)
 
 
 def missing_model_path(ctx):
@@ -266,8 +284,8 @@ def backend_a8_without_vnni_cli(ctx):
 
 def device_cuda_python(ctx):
     no_gpu(ctx)
-    config = UPQConfig(bits=2, group_size=32, device="cuda")
-    return ctx.python(lambda: AutoModelForCausalLM.from_pretrained(ctx.tiny, quantization_config=config))
+    model = tiny_llama()
+    return ctx.python(lambda: upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=32), device="cuda"))
 
 
 def backend_triton_python(ctx):
@@ -434,10 +452,9 @@ def interrupted(ctx):
 
 
 def resume_with_nothing(ctx):
-    outcome = quantize(ctx, "--bits", "2", "--recipe", "distill", "--dataset", ctx.shared["texts"],
-                       "--train-steps", "1", "--train-batch-size", "1", "--train-seqlen", "16", "--train-samples", "2",
-                       "--fidelity-prompts",
-                       "0", "--resume", model=ctx.tinytok, OUT=ctx.out())
+    stages = stage_file(ctx, {"distill": {"steps": 1, "batch_size": 1, "seqlen": 16, "samples": 2}})
+    outcome = quantize(ctx, "--bits", "2", "--recipe", "distill", "--dataset", ctx.shared["texts"], "--config", stages,
+                       "--fidelity-prompts", "0", "--resume", model=ctx.tinytok, OUT=ctx.out())
     assert (Path(ctx.out()) / "model.safetensors").is_file()
     return outcome
 
@@ -465,7 +482,11 @@ CASES: dict[str, Case] = {
     "an INT2-only recipe at 4 bits": Case(int2_recipe_at_4_bits),
     "`beta` outside [0, 1]": Case(beta_out_of_range, before_work=True),
     "a training budget that is not positive": Case(budget_not_positive, before_work=True),
-    "an unknown `scale_init`": Case(python_error(lambda: UPQConfig(scale_init="minmax"))),
+    "a stage setting that does not exist": Case(unknown_stage_field, before_work=True),
+    "a `--config` file that is not JSON or YAML": Case(config_file_not_json, before_work=True),
+    "a stage the recipe does not run": Case(python_error(lambda: UPQConfig(recipe="rtn", ptq={"epochs": 3}))),
+    "a setting of upq_hf 0.1 passed to `UPQConfig`": Case(python_error(lambda: UPQConfig(ptq_epochs=6))),
+    "an unknown `scale_init`": Case(python_error(lambda: UPQConfig(rtn={"scale_init": "minmax"}))),
     "a `module_bits` pattern that is no regular expression": Case(python_error(lambda: UPQConfig(module_bits={"(": 4}))),
     "a `module_bits` width not 2 or 4": Case(python_error(lambda: UPQConfig(module_bits={"k_proj": 3}))),
     "a `module_bits` pattern that matches no layer": Case(pattern_matching_no_layer),
@@ -473,10 +494,10 @@ CASES: dict[str, Case] = {
     "`--mix` with `--bits 4`": Case(mix_at_4_bits, before_work=True),
     "a `mix` on a model whose layers it cannot place": Case(mix_without_its_layers),
     "a model with decoder weights UPQ cannot quantize": Case(unknown_decoder_weight),
-    "an unknown PTQ loss": Case(unknown_ptq_loss, before_work=True),
-    "a negative `--teacher-topk`": Case(negative_teacher_topk, before_work=True),
-    "a `train_samples` that is not positive": Case(python_error(lambda: UPQConfig(train_samples=0))),
-    "a `ptq_holdout` outside [0, 1)": Case(python_error(lambda: UPQConfig(ptq_holdout=1.0))),
+    "a negative `teacher_topk`": Case(negative_teacher_topk, before_work=True),
+    "a `samples` budget that is not positive": Case(python_error(
+        lambda: UPQConfig(recipe="upq", distill={"samples": 0}))),
+    "a `holdout` outside [0, 1)": Case(python_error(lambda: UPQConfig(recipe="ptq", ptq={"holdout": 1.0}))),
     "a model path that does not exist": Case(missing_model_path, before_work=True),
     "a folder that is not a saved model": Case(folder_without_model, before_work=True),
     "a file where the model folder should be": Case(file_instead_of_folder, before_work=True),
@@ -486,7 +507,7 @@ CASES: dict[str, Case] = {
     "`--backend triton` without a GPU": Case(backend_triton_cli, before_work=True),
     "`--backend avx2` where its kernel cannot be built": Case(backend_avx2_unbuildable_cli, before_work=True),
     "`--backend a8` on a CPU without AVX512-VNNI": Case(backend_a8_without_vnni_cli, before_work=True),
-    "`UPQConfig(device=\"cuda\")` without a GPU": Case(device_cuda_python),
+    "`quantize_model(..., device=\"cuda\")` without a GPU": Case(device_cuda_python),
     "`UPQConfig(backend=\"triton\")` without a GPU": Case(backend_triton_python),
     "`upq eval --device cuda` without a GPU": Case(eval_device_cuda, before_work=True),
     "`\"disk\"` in a `device_map`": Case(disk_in_device_map),

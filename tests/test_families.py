@@ -130,6 +130,10 @@ def test_kv4_mix_finds_k_and_v_by_role(name, dense_dirs, tmp_path):
 
 TEXTS = [f"Note {i}: the {w} of the {v} is {i * 7 % 13} units, and it keeps changing every day."
          for i, (w, v) in enumerate([("height", "tree"), ("weight", "box"), ("price", "apple"), ("age", "cat")] * 4)]
+TINY = dict(data={"dataset": TEXTS, "calibration_samples": 4, "calibration_seqlen": 16},
+            ptq={"epochs": 1, "batch_size": 2},
+            distill={"steps": 1, "batch_size": 2, "seqlen": 16, "samples": 2, "teacher_topk": 8,
+                     "mixed_precision": "no"})
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +148,8 @@ def tokenizer():
 def test_data_recipes_at_a_tiny_budget(name, recipe, tokenizer, tmp_path):
     family = BY_NAME[name]
     model = build(family, vocab_size=len(tokenizer))
-    config = UPQConfig(bits=2, group_size=32, recipe=recipe, dataset=TEXTS, nsamples=4, seqlen=16, ptq_epochs=1,
-                       ptq_batch_size=2, train_steps=1, train_batch_size=2, train_seqlen=16, train_samples=2,
-                       int4_group_size=32, teacher_topk=8, mixed_precision="no",
-                       e2e_qp_steps=1)  # every stage: the reconstruction, Distill-QAT (upq), E2E-QP
+    config = UPQConfig(bits=2, group_size=32, int4_group_size=32, recipe=recipe, mix=None, **TINY,
+                       e2e_qp={"steps": 1})  # every stage: the reconstruction, Distill-QAT (upq), E2E-QP
     upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
     check_all_quantized(model)
     assert all(m.bits == 2 for m in upq_layers(model).values())
@@ -311,21 +313,25 @@ def test_format_2_only_where_the_layout_changed(dense_dirs, tmp_path):
             int(version)
 
 
-def test_upq_int4_checkpoint_of_a_split_projection_restarts(tokenizer, tmp_path):
-    """Phi-3 under kv4: the INT4 stage runs on the split q/k/v (one format); its checkpoint holds them split, and
-    reloads (the checkpoint says so), so that a second run restarts from it."""
+def test_upq_int4_stage_of_a_split_projection_restarts(tokenizer, tmp_path, monkeypatch):
+    """Phi-3 under kv4: the INT4 stage runs on the split q/k/v (one format); its kept state holds them split, and a
+    second run restarts from it."""
     family = BY_NAME["Phi-3"]
-    config = dict(bits=2, group_size=32, recipe="upq", mix="kv4", dataset=TEXTS, nsamples=4, seqlen=16,
-                  ptq_epochs=1, ptq_batch_size=2, train_steps=1, train_batch_size=2, train_seqlen=16,
-                  train_samples=2, int4_group_size=32, teacher_topk=8, mixed_precision="no",
-                  int4_checkpoint=str(tmp_path / "int4"))
+    config = dict(bits=2, group_size=32, int4_group_size=32, recipe="upq", mix="kv4", **TINY)
+    keep = str(tmp_path / "int4")
     upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config), tokenizer=tokenizer,
-                          progress=False)
-    int4 = AutoModelForCausalLM.from_pretrained(tmp_path / "int4")
-    assert {m.bits for m in upq_layers(int4).values()} == {4}
-    assert "model.layers.0.self_attn.qkv_proj.k_proj" in upq_layers(int4)
-    again = upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config),
-                                  tokenizer=tokenizer, progress=False)
+                          keep_int4=keep, progress=False)
+    from safetensors import safe_open
+
+    with safe_open(f"{keep}/int4_stage.safetensors", "pt") as handle:
+        assert "model.layers.0.self_attn.qkv_proj.k_proj.weight" in set(handle.keys())
+    from upq_hf import recipes
+
+    calls, real = [], recipes._ptq
+    monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    again = upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config), tokenizer=tokenizer,
+                                  keep_int4=keep, progress=False)
+    assert calls == [2]  # restarted from the kept INT4 stage
     check_all_quantized(again)
 
 

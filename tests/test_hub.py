@@ -246,7 +246,7 @@ def test_model_card_metadata_is_yaml_with_the_recipe():
     from upq_hf import UPQConfig
     from upq_hf.publish import model_card
 
-    config = UPQConfig(bits=2, group_size=64, recipe="upq", train_steps=100, train_batch_size=4, train_seqlen=256)
+    config = UPQConfig(bits=2, group_size=64, recipe="upq", distill={"steps": 100, "batch_size": 4, "seqlen": 256})
     card = model_card(config.to_dict(), "HuggingFaceTB/SmolLM2-135M-Instruct", {"metrics": {"ifeval": 0.31}})
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "transformers"

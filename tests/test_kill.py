@@ -49,10 +49,13 @@ def model_dir(tmp_path_factory):
 
 
 def quantize_argv(model_dir: Path, out: Path) -> list[str]:
+    stages = model_dir.parent / "stages.json"
+    stages.write_text(json.dumps({"int4_group_size": 32, "data": {"calibration_samples": 4, "calibration_seqlen": 32},
+                                  "ptq": {"epochs": 1}, "distill": {"steps": STEPS, "batch_size": 2, "seqlen": 32,
+                                                                    "samples": 8}}))
     return ["quantize", str(model_dir), "--bits", "2", "--group-size", "32", "--recipe", "upq",
-            "--dataset", str(model_dir.parent / "texts.txt"), "--nsamples", "4", "--seqlen", "32", "--ptq-epochs", "1",
-            "--int4-group-size", "32", "--train-steps", str(STEPS), "--train-batch-size", "2", "--train-seqlen", "32",
-            "--train-samples", "8", "--fidelity-prompts", "0", "--device", "cpu", "--out", str(out)]
+            "--dataset", str(model_dir.parent / "texts.txt"), "--config", str(stages), "--fidelity-prompts", "0",
+            "--device", "cpu", "--out", str(out)]
 
 
 def start(argv: list[str], **env) -> subprocess.Popen:
@@ -96,7 +99,7 @@ def test_sigkill_during_distill_qat_then_resume_matches_an_uninterrupted_run(mod
     process = start(quantize_argv(model_dir, out), UPQ_TEST_STEP_PAUSE=0.5)
     wait_for(lambda: (trainer_dir / "checkpoint-2" / "trainer_state.json").is_file(), process)
     kill9(process)  # in step 3: checkpoint-2 is complete, checkpoint-3 not begun
-    assert not out.exists() and Path(f"{out}-int4", "config.json").is_file()
+    assert not out.exists() and Path(f"{out}.work", "int4", "int4_stage.safetensors").is_file()
     assert not (trainer_dir / "checkpoint-3").exists()
     # a kill in the middle of the next save would have left checkpoint-3 without its trainer state
     partial = trainer_dir / "checkpoint-3"
@@ -104,7 +107,7 @@ def test_sigkill_during_distill_qat_then_resume_matches_an_uninterrupted_run(mod
     (partial / "trainer_state.json").write_text('{"global_step": 3, "log_hist')
 
     err = finish(start(quantize_argv(model_dir, out) + ["--resume"]))
-    assert f"resuming from {trainer_dir / 'checkpoint-2'}" in err and "restarting from the INT4 checkpoint" in err
+    assert f"resuming from {trainer_dir / 'checkpoint-2'}" in err and "restarting from the INT4 stage kept in" in err
     expected, resumed = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert expected.keys() == resumed.keys() and any(k.endswith("q_proj.weight") for k in expected)
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]

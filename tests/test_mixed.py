@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 import upq_hf  # noqa: F401  registers quant_method "upq"
 from upq_hf import UPQConfig, quantize_model
 from upq_hf.checkpoint import checkpoint_info
-from upq_hf.config import mix_module_bits
 from upq_hf.convert import linear_layers, upq_layers
 from upq_hf.packing import bits_per_weight
 
@@ -107,8 +106,8 @@ def test_mixed_recipe_ptq_trains_each_layer_in_its_format():
 
     tokenizer = load_tokenizer(None)  # the bundled model's
     texts = [f"Note {i}: the level of the tank is {i * 7 % 13} units today." for i in range(16)]
-    config = UPQConfig(bits=2, group_size=16, recipe="ptq", dataset=texts, nsamples=4, seqlen=16, ptq_epochs=1,
-                       module_bits=KV4)
+    config = UPQConfig(bits=2, group_size=16, recipe="ptq", module_bits=KV4,
+                       data={"dataset": texts, "calibration_samples": 4, "calibration_seqlen": 16}, ptq={"epochs": 1})
     model = tiny_llama(vocab_size=len(tokenizer))
     quantize_model(model, config, tokenizer=tokenizer, progress=False)
     assert sorted({(m.bits, m.group_size) for m in upq_layers(model).values()}) == [(2, 16), (4, None)]
@@ -116,14 +115,15 @@ def test_mixed_recipe_ptq_trains_each_layer_in_its_format():
 
 def test_ptq_report_names_each_format_of_a_mixed_model():
     from upq_hf.ptq import blockwise_ptq
+    from upq_hf.stages import PTQConfig
 
     model = tiny_llama()
     formats = {name: (4, 32) for name in linear_layers(model) if name.endswith(("k_proj", "v_proj"))}
     calibration = torch.randint(0, 128, (4, 16))
-    report = blockwise_ptq(model, calibration, 2, 16, steps=1, progress=False, layer_formats=formats)
+    report = blockwise_ptq(model, calibration, 2, 16, PTQConfig(steps=1), progress=False, layer_formats=formats)
     assert f"{len(linear_layers(tiny_llama())) - 4} layers INT2 g16, 4 layers INT4 g32:" in str(report)
-    plain = blockwise_ptq(tiny_llama(), calibration, 2, 16, steps=1, progress=False)
-    assert str(plain).startswith("PTQ blockap INT2 g16: 2 blocks")
+    plain = blockwise_ptq(tiny_llama(), calibration, 2, 16, PTQConfig(steps=1), progress=False)
+    assert str(plain).startswith("PTQ INT2 g16: 2 blocks")
 
 
 # ---------------------------------------------------------------------------------------------- named mixes
@@ -131,20 +131,6 @@ def _llama_names(n_blocks: int) -> list[str]:
     kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     return [f"model.layers.{i}.{kind}" for i in range(n_blocks) for kind in kinds]
-
-
-@pytest.mark.parametrize("n_blocks, edge", [(30, "0|1|2|28|29"), (16, "0|1|14|15"), (32, "0|1|2|3|29|30|31"),
-                                            (2, "0|1"), (1, "0")])
-def test_kv_edge_mix_counts_the_blocks(n_blocks, edge):
-    # 30 blocks (the bundled SmolLM2-135M): exactly the patterns of the measured 2.48-bit run in docs/BENCHMARKS.md
-    assert mix_module_bits("kv-edge", _llama_names(n_blocks)) == {
-        r"\.(k|v)_proj$": 4, rf"layers\.({edge})\.mlp\.down_proj$": 4}
-    config = UPQConfig(bits=2, group_size=64, mix="kv-edge")
-    formats = config.layer_formats(_llama_names(n_blocks))
-    downs = sorted(int(name.split(".")[2]) for name in formats if name.endswith("down_proj"))
-    assert downs == sorted(int(i) for i in edge.split("|"))
-    assert sum(name.endswith(("k_proj", "v_proj")) for name in formats) == 2 * n_blocks
-    assert set(formats.values()) == {(4, 64)}  # INT4 at int4_group_size
 
 
 def _shapes(names, hidden=576, kv=192, ffn=1536):
@@ -207,50 +193,69 @@ def test_kv4_mix_needs_shapes_and_kv_layers():
 
 
 def test_mix_patterns_come_after_the_given_ones_and_resolve_once():
-    config = UPQConfig(bits=2, group_size=64, mix="kv-edge", module_bits={r"\.v_proj$": 2})
-    names = _llama_names(30)
-    formats = config.layer_formats(names)
-    assert "model.layers.5.self_attn.v_proj" not in formats  # the given pattern wins: v_proj stays INT2
+    config = UPQConfig(bits=2, group_size=64, mix="kv4", module_bits={r"\.v_proj$": 2})
+    layers = _shapes(_llama_names(30))
+    formats = config.layer_formats(layers)
+    assert "model.layers.5.self_attn.v_proj" not in formats  # the given pattern wins: v_proj stays at the default
     assert formats["model.layers.5.self_attn.k_proj"] == (4, 64)
     resolved = dict(config.module_bits)
     assert list(resolved)[0] == r"\.v_proj$"
-    assert UPQConfig(**config.to_dict()).layer_formats(names) == formats  # a reloaded config resolves the same
-    config.resolve_mix(names)
+    assert UPQConfig.from_dict(config.to_dict()).layer_formats(layers) == formats  # a reloaded config resolves alike
+    config.resolve_mix(layers)
     assert config.module_bits == resolved
-    # the same config object on a shallower model: its own edge blocks, none of the first model's left behind
-    assert config.layer_formats(_llama_names(16))["model.layers.14.mlp.down_proj"] == (4, 64)
-    assert config.module_bits == {r"\.v_proj$": 2, r"\.(k|v)_proj$": 4, r"layers\.(0|1|14|15)\.mlp\.down_proj$": 4}
+    # the same config object on other shapes: their own bulk group, none of the first model's left behind
+    config.layer_formats(_shapes(_llama_names(2), hidden=4096, kv=1024, ffn=14336))
+    assert config.module_bits == {r"\.v_proj$": 2, r"\.(k|v)_proj$": 4, ".": {"bits": 2, "group_size": 128}}
 
 
 def test_mix_refuses_int4_unknown_names_and_layers_it_cannot_place():
     with pytest.raises(ValueError, match="mix must be one of"):
         UPQConfig(mix="q2k")
     with pytest.raises(ValueError, match="needs bits=2"):
-        UPQConfig(bits=4, mix="kv-edge")
+        UPQConfig(bits=4, mix="kv4")
     with pytest.raises(ValueError, match="give module_bits patterns"):
-        UPQConfig(mix="kv-edge").layer_formats(["transformer.h.0.attn.qkv", "transformer.h.0.mlp.fc_out"])
-    with pytest.raises(ValueError, match="give module_bits patterns"):  # a down_proj outside any numbered block
-        UPQConfig(mix="kv-edge").layer_formats(["model.layers.0.self_attn.k_proj", "extra.mlp.down_proj"])
+        UPQConfig(mix="kv4").layer_formats(_shapes(["model.layers.0.mlp.down_proj"]))
+    with pytest.raises(ValueError, match="mix 'kv-edge' is retired"):  # a retired mix for a new model
+        UPQConfig(mix="kv-edge")
+
+
+def test_a_checkpoint_of_a_retired_mix_still_loads(tmp_path):
+    """kv-edge is retired; a checkpoint made with it holds its resolved patterns and loads as it was."""
+    model = tiny_llama()
+    kv_edge = {r"\.(k|v)_proj$": 4, r"layers\.(0|1)\.mlp\.down_proj$": 4}
+    quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, mix=None, module_bits=kv_edge))
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    saved["quantization_config"]["mix"] = "kv-edge"  # as upq_hf 0.1 wrote it
+    path.write_text(json.dumps(saved))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.quantization_config.mix == "kv-edge"
+    assert {n for n, m in upq_layers(reloaded).items() if m.bits == 4} == {
+        n for n, m in upq_layers(model).items() if m.bits == 4}
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, logits)
 
 
 def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):
     model = tiny_llama()
-    quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, mix="kv-edge"))
-    expected = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"} | {
-        f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # 2 blocks: the first and the last
+    quantize_model(model, UPQConfig(bits=2, group_size=16, int4_group_size=32, mix="kv4"))
+    expected = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"}
     layers = upq_layers(model)
     assert {name for name, m in layers.items() if m.bits == 4} == expected
     with torch.no_grad():
         logits = model(IDS).logits
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved["mix"] == "kv-edge"
-    assert saved["module_bits"] == [[r"\.(k|v)_proj$", 4], [r"layers\.(0|1)\.mlp\.down_proj$", 4]]
-    assert "Mixed-precision preset `kv-edge`" in (tmp_path / "README.md").read_text()  # the model card
+    assert saved["mix"] == "kv4"
+    assert saved["module_bits"][0] == [r"\.(k|v)_proj$", 4]
+    assert "Mixed-precision preset `kv4`" in (tmp_path / "README.md").read_text()  # the model card
     from upq_hf import cli
 
     assert cli.main(["info", str(tmp_path)]) == 0
-    assert "quantized layers      14  (mixed: 8 at INT2, 6 at INT4, preset kv-edge)" in capsys.readouterr().out
+    assert "quantized layers      14  (mixed: 10 at INT2, 4 at INT4, preset kv4)" in capsys.readouterr().out
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert {n: (m.bits, m.group_size) for n, m in upq_layers(reloaded).items()} == {
         n: (m.bits, m.group_size) for n, m in layers.items()}
@@ -261,14 +266,16 @@ def test_mixed_model_from_a_mix_saves_and_reloads(tmp_path, capsys):
 @pytest.mark.parametrize("argv, mix", [
     (["--bits", "2", "--recipe", "upq"], "kv4"),  # the default of the pipeline this package exists for
     (["--bits", "2", "--recipe", "upq", "--mix", "none"], None),  # uniform INT2 on request
-    (["--bits", "2", "--recipe", "upq", "--mix", "kv-edge"], "kv-edge"),
     (["--bits", "2", "--recipe", "ptq"], None),  # the baselines and round to nearest stay uniform unless asked
     (["--bits", "2"], None),
     (["--bits", "4", "--recipe", "ptq"], None),
     (["--bits", "2", "--recipe", "ntp", "--mix", "kv4"], "kv4"),
 ])
-def test_cli_default_mix(argv, mix):
-    from upq_hf.cli import build_parser, default_mix
+def test_cli_and_python_default_mix_agree(argv, mix):
+    from upq_hf.cli import build_config, build_parser
 
     args = build_parser().parse_args(["quantize", *argv, "--out", "q"])
-    assert default_mix(args) == mix
+    assert build_config(args).mix == mix
+    bits, recipe = args.bits, args.recipe or "rtn"
+    if "--mix" not in argv:  # the same default in Python
+        assert UPQConfig(bits=bits, recipe=recipe).mix == mix

@@ -97,12 +97,16 @@ def test_modules_to_not_convert_overrides_but_keeps_output_embedding(tiny_llama_
     (dict(bits=2, group_size=0), "group_size must be a positive integer"),
     (dict(bits=4, group_size=-64), "group_size must be a positive integer"),
     (dict(recipe="magic"), "recipe must be one of"),
-    (dict(ptq_loss="l1"), "ptq_loss must be one of"),
-    (dict(ptq_holdout=1.0), r"ptq_holdout is the share .* in \[0, 1\)"),
-    (dict(ptq_batch_size=0), "ptq_batch_size must be a positive integer"),
-    (dict(train_samples=0), "train_samples must be a positive integer or None"),
-    (dict(teacher_topk=-1), "teacher_topk must be a non-negative integer"),
-    (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
+    (dict(ptq_loss="l1"), "ptq_loss is no longer a setting: the reconstruction error is the token-relative one"),
+    (dict(recipe="ptq", ptq={"holdout": 1.0}), r"PTQConfig: holdout is the share .* in \[0, 1\)"),
+    (dict(recipe="ptq", ptq={"batch_size": 0}), "PTQConfig: batch_size must be a positive integer"),
+    (dict(recipe="ptq", ptq={"epoch": 3}), r"PTQConfig has no field 'epoch' \(its fields: \["),
+    (dict(recipe="upq", distill={"samples": 0}), "DistillConfig: samples must be a positive integer or None"),
+    (dict(recipe="upq", distill={"teacher_topk": -1}), "DistillConfig: teacher_topk must be a non-negative integer"),
+    (dict(recipe="upq", distill={"mixed_precision": "fp8"}), "DistillConfig: mixed_precision must be one of"),
+    (dict(recipe="rtn", ptq={"epochs": 3}), r"recipe 'rtn' runs no 'ptq' stage \(its stages: \['rtn'\]\)"),
+    (dict(ptq_epochs=6), r"ptq_epochs is now PTQConfig.epochs: UPQConfig\(ptq=\{'epochs': \.\.\.\}\)"),
+    (dict(device="cuda"), "device is no longer a setting: an argument of quantize_model"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -129,9 +133,32 @@ def test_quantize_model_in_place_then_save(tmp_path):
 
 
 def test_config_round_trips_through_json():
-    config = UPQConfig(bits=4, group_size=128, scale_init="max", modules_to_not_convert=["x"])
+    config = UPQConfig(bits=4, group_size=128, rtn={"scale_init": "max"}, modules_to_not_convert=["x"])
     again = UPQConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again.to_dict() == config.to_dict()
+    assert again.to_dict() == config.to_dict() and again.rtn.scale_init == "max"
+    upq = UPQConfig(recipe="upq", ptq={"epochs": 6}, distill={"steps": 20}, seed=3)
+    again = UPQConfig.from_dict(json.loads(json.dumps(upq.to_dict())))
+    assert again.to_dict() == upq.to_dict() and (again.ptq.epochs, again.distill.steps, again.seed) == (6, 20, 3)
+    assert set(upq.to_dict()["stages"]) == {"rtn", "data", "ptq", "distill", "e2e_qp"}
+    assert set(config.to_dict()["stages"]) == {"rtn"}  # what the recipe runs
+
+
+def test_an_older_config_json_reads_into_the_stages():
+    """config.json of upq_hf 0.1: flat keys, retired settings, per-run keys saved as null."""
+    old = {"quant_method": "upq", "bits": 2, "group_size": 64, "recipe": "upq", "scale_init": "mse",
+           "scale_dtype": "float16", "modules_to_not_convert": None, "backend": None, "module_bits": None,
+           "mix": "kv4", "format_version": 1, "dataset": "self", "self_prompts": None, "nsamples": 128, "seqlen": 128,
+           "ptq_algorithm": "blockap", "ptq_epochs": 9, "ptq_batch_size": 8, "ptq_loss": "token", "ptq_holdout": 0.125,
+           "int4_ptq_epochs": 1, "int4_group_size": 64, "int4_checkpoint": None, "int2_ptq": True,
+           "int2_scale_init": "max", "train_steps": 30, "train_batch_size": 16, "train_seqlen": 128,
+           "train_samples": 128, "teacher_topk": 64, "mixed_precision": "auto", "learning_rate": 0.02,
+           "scale_learning_rate": 0.01, "beta": 0.0, "train_norms": True, "train_codes": True, "e2e_qp_steps": 0,
+           "e2e_qp_learning_rate": 0.01, "temperature": 1.0, "work_dir": None, "resume": False, "device": None,
+           "seed": 0}
+    config = UPQConfig.from_dict(old)
+    assert (config.ptq.epochs, config.distill.steps, config.distill.batch_size, config.data.calibration_samples) == \
+        (9, 30, 16, 128)
+    assert config.mix == "kv4" and config.format_version == 1 and not hasattr(config, "train_codes")
 
 
 def test_newer_format_version_is_refused_clearly():

@@ -20,11 +20,20 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def small(**kw):
-    base = dict(bits=2, group_size=32, dataset=TEXTS, nsamples=4, seqlen=32, ptq_epochs=1, train_steps=2,
-                train_batch_size=2, train_seqlen=32, int4_group_size=32)
-    base.update(kw)
-    return UPQConfig(**base)
+STAGES = dict(data={"dataset": TEXTS, "calibration_samples": 4, "calibration_seqlen": 32}, ptq={"epochs": 1},
+              distill={"steps": 2, "batch_size": 2, "seqlen": 32})
+
+
+def small(recipe="ptq", **kw):
+    """A tiny budget for ``recipe`` at uniform INT2: the stages it runs get theirs, overridden by ``kw`` (stage
+    dicts merge)."""
+    from upq_hf.recipes import RECIPES
+
+    values = {stage: dict(fields) for stage, fields in STAGES.items() if stage in RECIPES[recipe].stages}
+    values.update(bits=2, group_size=32, int4_group_size=32, recipe=recipe, mix=None)
+    for key, value in kw.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return UPQConfig(**values)
 
 
 def model_for(tokenizer):
@@ -37,7 +46,7 @@ def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe, mixed_precisio
     """The quantized model in memory is the one that reloads: bf16 autocast (accelerate wraps the model's
     forward in it for training) must not stay on the model after training."""
     model = model_for(tokenizer)
-    upq_hf.quantize_model(model, small(recipe=recipe, mixed_precision=mixed_precision), tokenizer=tokenizer,
+    upq_hf.quantize_model(model, small(recipe, distill={"mixed_precision": mixed_precision}), tokenizer=tokenizer,
                           progress=False)
     assert "_original_forward" not in model.__dict__
     layers = upq_layers(model)
@@ -53,53 +62,53 @@ def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe, mixed_precisio
 def test_upq_keeps_int4_and_restarts_from_it(tokenizer, tmp_path, monkeypatch):
     int4_dir = tmp_path / "int4"
     model = model_for(tokenizer)
-    upq_hf.quantize_model(model, small(recipe="upq", int4_checkpoint=str(int4_dir)), tokenizer=tokenizer,
-                          progress=False)
+    upq_hf.quantize_model(model, small("upq"), tokenizer=tokenizer, keep_int4=str(int4_dir), progress=False)
     assert all(m.bits == 2 for m in upq_layers(model).values())
-    int4 = AutoModelForCausalLM.from_pretrained(int4_dir)
-    assert all(m.bits == 4 and m.group_size == 32 for m in upq_layers(int4).values())
+    assert (int4_dir / "int4_stage.safetensors").is_file()
 
     from upq_hf import recipes
 
     calls = []
-    monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: calls.append(a[3]) or __import__("upq_hf.ptq").ptq)
+    real = recipes._ptq
+    monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
     again = model_for(tokenizer)
-    upq_hf.quantize_model(again, small(recipe="upq", int4_checkpoint=str(int4_dir), int2_ptq=False),
-                          tokenizer=tokenizer, progress=False)
-    assert calls == []  # INT4 stage skipped: restarted from the kept checkpoint
+    upq_hf.quantize_model(again, small("upq"), tokenizer=tokenizer, keep_int4=str(int4_dir), progress=False)
+    assert calls == [2]  # the INT4 stage skipped: restarted from the kept state; the INT2 stage ran
     assert all(m.bits == 2 for m in upq_layers(again).values())
+    calls.clear()
+    other = model_for(tokenizer)  # other settings: the kept state is not theirs, the INT4 stage runs again
+    upq_hf.quantize_model(other, small("upq", ptq={"int4_epochs": 2}), tokenizer=tokenizer, keep_int4=str(int4_dir),
+                          progress=False)
+    assert calls == [4, 2]
 
 
 def test_int4_only_recipes_reject_bits_4(tokenizer):
     with pytest.raises(ValueError, match="produces INT2"):
-        upq_hf.quantize_model(model_for(tokenizer), small(recipe="ntp", bits=4), tokenizer=tokenizer)
+        upq_hf.quantize_model(model_for(tokenizer), small("ntp", bits=4), tokenizer=tokenizer)
 
 
 def test_gpu_only_option_without_gpu_is_a_clear_error(tokenizer):
     if torch.cuda.is_available():
         pytest.skip("about machines without a GPU")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        upq_hf.quantize_model(model_for(tokenizer), small(recipe="ptq", device="cuda"), tokenizer=tokenizer)
+        upq_hf.quantize_model(model_for(tokenizer), small("ptq"), tokenizer=tokenizer, device="cuda")
 
 
 def test_unknown_dataset_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="unknown dataset"):
-        upq_hf.quantize_model(model_for(tokenizer), small(recipe="ptq", dataset="no-such-dataset-xyz"),
+        upq_hf.quantize_model(model_for(tokenizer), small("ptq", data={"dataset": "no-such-dataset-xyz"}),
                               tokenizer=tokenizer)
 
 
-def test_from_pretrained_upq_keeps_int4_and_stays_marked_int2(tokenizer, tmp_path):
-    """The INT4 restart save in the middle of ``upq`` must not leave the INT2 model marked INT4."""
+def test_from_pretrained_upq_stays_marked_int2(tokenizer, tmp_path):
+    """``from_pretrained(quantization_config=UPQConfig(recipe="upq"))``: the INT4 stage in the middle leaves no
+    trace on the INT2 model's marks."""
     source = tmp_path / "dense"
     model_for(tokenizer).save_pretrained(source)
     tokenizer.save_pretrained(source)
-    int4_dir = tmp_path / "int4"
-    model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=small(recipe="upq", int4_checkpoint=str(int4_dir), int2_ptq=False))
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=small("upq"))
     assert all(m.bits == 2 for m in upq_layers(model).values())
     assert model.config.quantization_config.bits == 2 and model.hf_quantizer.quantization_config.bits == 2
-    int4 = AutoModelForCausalLM.from_pretrained(int4_dir)
-    assert {m.bits for m in upq_layers(int4).values()} == {4}
     ids = torch.randint(0, len(tokenizer), (1, 12))
     model.save_pretrained(tmp_path / "int2")
     with torch.no_grad():
@@ -115,8 +124,8 @@ def test_registry_is_what_config_cli_and_card_read(monkeypatch):
     with pytest.raises(ValueError, match=r"recipe must be one of \['rtn', 'ptq', 'upq', 'ntp', 'distill'\]"):
         UPQConfig(recipe="gptq")
     # a recipe registered later is valid everywhere at once
-    monkeypatch.setitem(recipes.RECIPES, "gptq", recipes.Recipe("gptq", lambda model, config, **_: model,
-                                                                "second-order PTQ", trains=False))
+    monkeypatch.setitem(recipes.RECIPES, "gptq", recipes.Recipe("gptq", lambda model, config, run: model,
+                                                                "second-order PTQ", ("rtn", "data"), trains=False))
     assert UPQConfig(recipe="gptq").recipe == "gptq"
     parser = cli.build_parser()
     quantize = next(a for a in parser._subparsers._group_actions[0].choices["quantize"]._actions
@@ -128,37 +137,30 @@ def test_registry_is_what_config_cli_and_card_read(monkeypatch):
     assert "training budget" in model_card(UPQConfig(recipe="ntp").to_dict())
 
 
-def test_recipe_saves_nothing_itself(tokenizer, tmp_path):
-    from upq_hf import recipes
-
-    with pytest.raises(ValueError, match="needs save_int4"):
-        recipes.apply_recipe(model_for(tokenizer), small(recipe="upq", int4_checkpoint=str(tmp_path / "int4")),
-                             tokenizer=tokenizer)
-    assert not (tmp_path / "int4").exists()
+def test_recipe_writes_only_where_it_is_told(tokenizer, tmp_path, monkeypatch):
+    """A recipe writes nothing of its own accord: the INT4 stage's state only under ``keep_int4``, trainer
+    checkpoints only under ``work_dir`` (else a temporary folder)."""
+    monkeypatch.chdir(tmp_path)
+    upq_hf.quantize_model(model_for(tokenizer), small("upq"), tokenizer=tokenizer, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_path):
-    """A restart from the kept INT4 checkpoint reads the INT4 stage's latent weights and makes the same INT2
-    model, code for code, as the run that made the checkpoint; without them it falls back to dithering."""
-    from upq_hf import recipes
-
-    int4_dir = tmp_path / "int4"
-    cfg = dict(recipe="upq", int4_checkpoint=str(int4_dir), train_steps=1, mixed_precision="no")
+    """A restart from the kept INT4 stage reads its latent weights and makes the same INT2 model, code for code
+    and scale for scale, as the run that kept it."""
+    int4_dir = str(tmp_path / "int4")
+    config = small("upq", distill={"steps": 1, "mixed_precision": "no"})
     straight = model_for(tokenizer)
-    upq_hf.quantize_model(straight, small(**cfg), tokenizer=tokenizer, progress=False)
-    assert (int4_dir / recipes.LATENTS_FILE).is_file()
-    latents = recipes.load_latents(str(int4_dir))
-    assert set(latents) == set(upq_layers(straight)) and all(t.dtype == torch.float32 for t in latents.values())
+    upq_hf.quantize_model(straight, config, tokenizer=tokenizer, keep_int4=int4_dir, progress=False)
+    from safetensors import safe_open
 
+    with safe_open(f"{int4_dir}/int4_stage.safetensors", "pt") as handle:
+        kept = {key.rpartition(".")[0] for key in handle.keys() if key.endswith(".weight")}
+        assert all(handle.get_tensor(key).dtype == torch.float32 for key in handle.keys())
+    assert kept == set(upq_layers(straight))
     again = model_for(tokenizer)
-    upq_hf.quantize_model(again, small(**cfg), tokenizer=tokenizer, progress=False)
+    upq_hf.quantize_model(again, config, tokenizer=tokenizer, keep_int4=int4_dir, progress=False)
     first, second = upq_layers(straight), upq_layers(again)
     for name in first:
         assert torch.equal(first[name].weight, second[name].weight), name
         assert torch.equal(first[name].weight_scale, second[name].weight_scale), name
-
-    (int4_dir / recipes.LATENTS_FILE).unlink()
-    assert recipes.load_latents(str(int4_dir)) is None
-    third = model_for(tokenizer)
-    upq_hf.quantize_model(third, small(**cfg), tokenizer=tokenizer, progress=False)
-    assert all(m.bits == 2 for m in upq_layers(third).values())

@@ -66,7 +66,7 @@ def test_each_weight_is_quantized_while_no_other_layer_holds_a_dense_weight(tiny
 
 def test_recipes_that_need_the_dense_model_still_load_it_dense(tiny_llama_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(upq_hf.recipes, "apply_recipe", lambda model, config, **k: calls.append(
+    monkeypatch.setattr(upq_hf.recipes, "apply_recipe", lambda model, config, run=None: calls.append(
         sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})) or model)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(bits=2, recipe="ptq"))
     assert calls == [["Linear"]] and not model.hf_quantizer.on_load_layers  # dense nn.Linear when the recipe ran

@@ -12,7 +12,6 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -20,8 +19,9 @@ import shutil
 import sys
 import time
 
-from .formats import SCALE_INITS, SUPPORTED_BITS
+from .formats import SUPPORTED_BITS
 from .recipes import RECIPES
+from .stages import BUDGET_HELP
 
 
 def _group_size(text: str):
@@ -64,49 +64,74 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-DEFAULT_INT2_MIX = "kv4"
+def read_config_file(path: str) -> dict:
+    """``--config FILE``: ``UPQConfig`` keyword arguments, the stage configs as nested mappings
+    (``{"ptq": {"epochs": 6}, "distill": {"steps": 20}}``), in YAML (``.yaml``/``.yml``) or JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:  # noqa: BLE001 - yaml and json raise their own types
+        raise ValueError(f"--config {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: "
+                         f"{one_line(error)}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of UPQConfig fields, got {type(values).__name__}")
+    return values
 
 
-def default_mix(args) -> str | None:
-    """``--mix``, where ``none`` is uniform bits; unset, ``upq`` at INT2 takes ``kv4`` (k/v at INT4 at the bit
-    budget of uniform INT2: docs/BENCHMARKS.md measured it far ahead of uniform INT2 at the same size)."""
-    if args.mix is None:
-        return DEFAULT_INT2_MIX if args.bits == 2 and args.recipe == "upq" else None
-    return None if args.mix == "none" else args.mix
+def build_config(args):
+    """The ``UPQConfig`` of ``upq quantize``: the defaults, then ``--budget``, then ``--config FILE``, then the
+    flags given."""
+    from .config import UPQConfig, budget
+
+    from_file = read_config_file(args.config) if args.config else {}
+    flags = {key: getattr(args, key) for key in ("bits", "recipe", "backend", "seed") if getattr(args, key) is not None}
+    if args.group_size is not _UNSET:
+        flags["group_size"] = args.group_size
+    if args.mix is not _UNSET:
+        flags["mix"] = None if args.mix == "none" else args.mix
+    if args.module_bits:
+        flags["module_bits"] = dict(args.module_bits)
+    values = budget(args.budget, flags.get("recipe", from_file.get("recipe", "rtn")))
+    for key, value in {**from_file, **flags}.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) \
+            else value
+    if args.dataset is not None:
+        values["data"] = {**values.get("data", {}), "dataset": args.dataset}
+    return UPQConfig(**values)
+
+
+_UNSET = object()
 
 
 def cmd_quantize(args) -> int:
     import torch
 
-    from . import UPQConfig, quantize_model
+    from . import quantize_model
     from .models import default_device, load_model, load_tokenizer
     from .publish import REPORT_FILE, base_model_of, save_atomic
     from .quantizer import attach
 
-    training = RECIPES[args.recipe].trains
+    config = build_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    if not args.out:
+        raise ValueError("upq quantize needs --out DIR, the folder to write the checkpoint to")
+    training = RECIPES[config.recipe].trains
     work_dir = args.work_dir or (f"{args.out.rstrip('/')}.work" if training else None)
-    options = dict(bits=args.bits, group_size=args.group_size, recipe=args.recipe, scale_init=args.scale_init,
-                   backend=args.backend, dataset=args.dataset, self_prompts=args.self_prompts,
-                   nsamples=args.nsamples, seqlen=args.seqlen, ptq_algorithm=args.ptq_algorithm,
-                   ptq_epochs=args.ptq_epochs, int4_group_size=args.int4_group_size,
-                   int4_checkpoint=(args.keep_int4 or f"{args.out.rstrip('/')}-int4") if args.recipe == "upq" else None,
-                   int2_ptq=not args.no_int2_ptq, train_steps=args.train_steps,
-                   train_batch_size=args.train_batch_size, train_seqlen=args.train_seqlen,
-                   learning_rate=args.lr, scale_learning_rate=args.scale_lr, beta=args.beta,
-                   train_norms=False if args.no_train_norms else None,
-                   temperature=args.temperature, work_dir=work_dir, resume=args.resume,
-                   device=args.device or default_device(), seed=args.seed, ptq_loss=args.ptq_loss,
-                   ptq_batch_size=args.ptq_batch_size, int4_ptq_epochs=args.int4_ptq_epochs,
-                   train_samples=args.train_samples, teacher_topk=args.teacher_topk,
-                   mixed_precision=args.mixed_precision, e2e_qp_steps=args.e2e_qp_steps,
-                   train_codes=True if args.train_codes else None,
-                   e2e_qp_learning_rate=args.e2e_qp_lr,
-                   module_bits=dict(args.module_bits) if args.module_bits else None, mix=default_mix(args))
-    config = UPQConfig(**{k: v for k, v in options.items() if v is not None or k in ("group_size", "backend")})
-    source = _check_before_work(args, config)
+    keep_int4 = args.keep_int4 or (os.path.join(work_dir, "int4") if config.recipe == "upq" else None)
+    device = args.device or default_device()
+    source = _check_before_work(args, config, device)
     start = time.time()
-    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source}) on {config.device}",
-          file=sys.stderr)
+    print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source}) on {device}", file=sys.stderr)
     try:
         tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as error:  # a bare weights folder: round-to-nearest needs no tokenizer
@@ -116,12 +141,12 @@ def cmd_quantize(args) -> int:
               file=sys.stderr)
         tokenizer = None
     if config.recipe == "rtn":  # quantized tensor by tensor as the weights load, no dense copy (upq_hf.streaming)
-        model = attach(load_model(source, dtype="float32", quantization_config=config, device_map=config.device),
-                       config)
+        model = attach(load_model(source, dtype="float32", quantization_config=config, device_map=device), config)
     else:  # the other recipes need the dense model (calibration through its blocks, the teacher)
         model = load_model(source, dtype="float32")
-        model.to(config.device)
-        quantize_model(model, config, tokenizer=tokenizer, progress=True)
+        model.to(device)
+        quantize_model(model, config, tokenizer=tokenizer, device=device, work_dir=work_dir, resume=args.resume,
+                       keep_int4=keep_int4, progress=True)
     save_dtype = getattr(torch, args.dtype)
     for param in model.parameters():  # the unquantized rest (embeddings, norms, biases); codes/scales untouched
         param.data = param.data.to(save_dtype)
@@ -131,24 +156,22 @@ def cmd_quantize(args) -> int:
     if args.fidelity_prompts and tokenizer is not None:
         report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
-    # the saved config records the recipe, not where this run kept its scratch files
-    config.work_dir = config.resume = config.device = None
     target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
                          extra_files={REPORT_FILE: json.dumps(report, indent=2)})
-    if work_dir and os.path.isdir(work_dir) and not args.keep_work:
+    if work_dir and os.path.isdir(work_dir) and not args.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"saved {target} in {time.time() - start:.0f} s", file=sys.stderr)
     return cmd_info(argparse.Namespace(path=str(target), json=False, layers=False))
 
 
-def _check_before_work(args, config) -> str:
+def _check_before_work(args, config, device: str) -> str:
     """Everything that can be checked before any expensive work: a GPU-only option without a GPU, the output,
     the model's source (a folder, or a Hub id within reach), its tokenizer, every layer against the format
     (on the architecture built without weights). Returns what to load the model from."""
     from .models import check_backend, check_device, check_layers_of, check_source, has_tokenizer
     from .publish import prepare_target
 
-    check_device(config.device, f"--device {config.device}", "use --device cpu")
+    check_device(device, f"--device {device}", "use --device cpu")
     check_backend(args.backend, f"--backend {args.backend}", "leave --backend unset (the automatic choice)")
     prepare_target(args.out, args.overwrite)
     source = check_source(args.model)
@@ -246,93 +269,55 @@ def one_line(error: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .config import MIXED_PRECISIONS, MIXES, PTQ_LOSSES, UPQConfig
-    from .ptq import ALGORITHMS
+    from .config import MIXES
+    from .stages import BUDGETS
 
-    default = {name: p.default for name, p in inspect.signature(UPQConfig.__init__).parameters.items()}
     parser = _Parser(prog="upq", description="Unified Progressive Quantization for transformers")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint")
+    q = sub.add_parser("quantize", help="quantize a model and save a UPQ checkpoint",
+                       description="Quantize a model and save a UPQ checkpoint. The format and the recipe take flags; "
+                                   "every stage setting (upq_hf/stages.py) takes --config FILE; --print-config shows "
+                                   "them all, resolved.")
     q.add_argument("model", nargs="?", default=None,
                    help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, required=True)
-    q.add_argument("--group-size", type=_group_size, default=default["group_size"],
-                   help=f"input columns per scale, or 'row' (default {default['group_size']})")
-    q.add_argument("--recipe", default="rtn", choices=list(RECIPES),
+    q.add_argument("--group-size", type=_group_size, default=_UNSET,
+                   help="input columns per scale, or 'row' for one scale per output row (default 64)")
+    q.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
-    data = q.add_argument_group("data (ptq, upq, ntp, distill)")
-    data.add_argument("--dataset", default=None,
-                      help="'self' (default: the model's own answers to built-in prompts), a Hub dataset, "
-                           "or a local .txt/.jsonl/.parquet file or folder")
-    data.add_argument("--self-prompts", type=int, default=None, help="built-in prompts answered for 'self'")
-    data.add_argument("--nsamples", type=int, default=None, help=f"PTQ calibration sequences (default {default['nsamples']})")
-    data.add_argument("--seqlen", type=int, default=None, help=f"PTQ calibration length (default {default['seqlen']})")
-    ptq = q.add_argument_group("block-wise PTQ")
-    ptq.add_argument("--ptq-algorithm", default=None, choices=ALGORITHMS)
-    ptq.add_argument("--ptq-epochs", type=int, default=None,
-                     help=f"passes over the calibration data per block (default {default['ptq_epochs']})")
-    ptq.add_argument("--ptq-batch-size", type=int, default=None,
-                     help=f"calibration sequences per step (default {default['ptq_batch_size']})")
-    ptq.add_argument("--ptq-loss", default=None, choices=PTQ_LOSSES,
-                     help=f"block reconstruction error (default {default['ptq_loss']})")
-    ptq.add_argument("--int4-ptq-epochs", type=int, default=None,
-                     help=f"epochs of upq's INT4 stage (default {default['int4_ptq_epochs']})")
-    ptq.add_argument("--int4-group-size", type=_group_size, default=default["int4_group_size"],
-                     help="group size of the INT4 stage (upq)")
-    ptq.add_argument("--keep-int4", default=None, help="where upq keeps the INT4 model (default OUT-int4); "
-                                                      "a later run restarts from it")
-    ptq.add_argument("--no-int2-ptq", action="store_true",
-                     help="upq: skip the block-wise INT2 reconstruction between the INT4 model and distillation")
-    train = q.add_argument_group("training (upq, ntp, distill)")
-    train.add_argument("--train-steps", type=int, default=None, help=f"optimizer steps (default {default['train_steps']})")
-    train.add_argument("--train-batch-size", type=int, default=None, help=f"sequences per step (default {default['train_batch_size']})")
-    train.add_argument("--train-seqlen", type=int, default=None, help=f"tokens per sequence (default {default['train_seqlen']})")
-    train.add_argument("--lr", type=float, default=None, help=f"latent weights' learning rate: fraction of a quantization step per update (default {default['learning_rate']})")
-    train.add_argument("--scale-lr", type=float, default=None, help=f"scales' learning rate: relative change per update (default {default['scale_learning_rate']})")
-    train.add_argument("--beta", type=float, default=None, help=f"generalized JSD beta (default {default['beta']}; 0: forward KL(teacher || student), 0.5: symmetric JSD)")
-    train.add_argument("--no-train-norms", action="store_true",
-                       help="keep the normalisation layers frozen (default: trained with the quantized layers)")
-    train.add_argument("--temperature", type=float, default=None)
-    train.add_argument("--train-samples", type=int, default=None,
-                       help=f"distinct training sequences, cycled for several epochs (default {default['train_samples']})")
-    train.add_argument("--teacher-topk", type=int, default=None,
-                       help=f"cache the teacher's top-k distributions once (default {default['teacher_topk']}; "
-                            "0: run the teacher at every step)")
-    train.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS,
-                       help=f"autocast of PTQ and QAT (default {default['mixed_precision']}: bf16 where the device "
-                            "multiplies bf16 natively)")
-    train.add_argument("--train-codes", action="store_true",
-                       help="upq: Distill-QAT trains the latent weights too, so codes may flip (default: the INT2 "
-                            "reconstruction's codes stay fixed and the scales and norms train)")
-    train.add_argument("--e2e-qp-steps", type=int, default=None,
-                       help=f"upq, ptq: a last stage of this many steps with the codes fixed, training the scales "
-                            f"only (EfficientQAT's E2E-QP; default {default['e2e_qp_steps']}: none)")
-    train.add_argument("--e2e-qp-lr", type=float, default=None,
-                       help=f"the E2E-QP stage's scale learning rate (default {default['e2e_qp_learning_rate']})")
-    train.add_argument("--work-dir", default=None, help="trainer checkpoints (default OUT.work, removed on success)")
-    train.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint")
-    train.add_argument("--keep-work", action="store_true", help="keep the trainer checkpoints after success")
+    q.add_argument("--mix", default=_UNSET, choices=["auto", *MIXES, "none"],
+                   help="mixed precision: auto (the default) is kv4 for --recipe upq at --bits 2 and none otherwise; "
+                        + "; ".join(f"{name}: {text}" for name, text in MIXES.items()))
     q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
-                   help="mixed precision: layers whose name matches the regular expression PATTERN get BITS "
-                        "(and GROUP); repeatable, the first match decides (e.g. --module-bits '(k|v)_proj=4')")
-    q.add_argument("--mix", default=None, choices=[*MIXES, "none"],
-                   help="a named mixed-precision preset (INT2 only): kv4 (the default of --recipe upq at --bits 2) "
-                        "keeps attention k/v at INT4 and widens the other layers' groups to pay for it (2.23 bits "
-                        "per weight on the bundled model, against 2.25 for uniform INT2 g64); kv-edge also keeps the "
-                        "first and last blocks' down_proj at INT4 (2.48); none: every layer at --bits. "
-                        "--module-bits patterns come before it")
+                   help="per-module format by name pattern (a regular expression; repeatable, the first match "
+                        "wins, before the mix's): --module-bits 'k_proj=4' --module-bits 'down_proj=4:32'")
+    q.add_argument("--dataset", default=None,
+                   help="calibration/training text: self (the model's own answers to built-in prompts, the "
+                        "default), a Hub dataset, a .txt/.jsonl/.parquet file or folder")
+    q.add_argument("--budget", default="default", choices=list(BUDGETS),
+                   help="; ".join(f"{name}: {text}" for name, text in BUDGET_HELP.items()))
+    q.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON of UPQConfig fields and stage configs ({ptq: {epochs: 6}, distill: {steps: "
+                        "20}, ...}); flags given override it")
+    q.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--fidelity-prompts", type=int, default=16,
-                   help="held-out prompts for the fidelity numbers in the model card (0: skip)")
-    q.add_argument("--scale-init", default=default["scale_init"], choices=SCALE_INITS)
-    q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
-                   help="dtype of the tensors left unquantized in the saved checkpoint")
     q.add_argument("--device", default=None,
                    help="where to run the quantization (cpu, cuda, cuda:1; default cuda if a GPU is visible, else cpu)")
     q.add_argument("--backend", default=None, choices=BACKENDS)
-    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--out", default=None, help="output folder (written atomically; required but with --print-config)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint in --work-dir")
+    q.add_argument("--work-dir", default=None,
+                   help="trainer checkpoints and upq's INT4 stage (default OUT.work, removed once the checkpoint is "
+                        "saved; kept if given)")
+    q.add_argument("--keep-int4", default=None, metavar="DIR",
+                   help="where upq keeps its INT4 stage (default WORK/int4); a later run with the same settings "
+                        "restarts from it")
+    q.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the tensors left unquantized in the saved checkpoint")
+    q.add_argument("--fidelity-prompts", type=int, default=16,
+                   help="held-out chat prompts for the fidelity report in the model card (0: none)")
     q.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("push", help="upload a saved UPQ checkpoint (with its model card) to the Hub")

@@ -1,7 +1,12 @@
-"""``UPQConfig``: what to quantize and how (validation and defaults, nothing else).
+"""``UPQConfig``: what a UPQ checkpoint is, and which recipe makes it (validation and defaults, nothing else).
 
 It is a ``transformers`` ``QuantizationConfigMixin`` so that it rides in ``config.json`` under
-``quantization_config`` and is rebuilt by ``from_pretrained``; every attribute is JSON-serialisable.
+``quantization_config`` and is rebuilt by ``from_pretrained``; every attribute is JSON-serialisable. The fields
+are the format (what reading the checkpoint back needs: bits, group size, per-module formats or a named mix, scale
+dtype, the layers kept dense, the backend, the storage format version), the recipe's name, its seed, and one small
+config per stage the recipe runs (:mod:`upq_hf.stages`), recorded in ``config.json`` under ``stages`` for the model
+card. Where to run and where to keep scratch files (device, work folder, resume, the INT4 stage's restart state)
+are arguments of :func:`upq_hf.quantize_model` and of ``upq quantize``, never saved.
 """
 
 from __future__ import annotations
@@ -12,58 +17,87 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import backends
-from .formats import SCALE_INITS, check_bits
+from .formats import check_bits
 from .packing import FORMAT_VERSION
 from .recipes import RECIPES
+from .stages import BUDGETS, STAGES, as_dict, stage_config
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-PTQ_LOSSES = ("token", "mse", "channel")
-MIXED_PRECISIONS = ("auto", "bf16", "no")
 BACKENDS = (None, *backends.BACKENDS)
 # Named mixes: module_bits patterns made from a model's own layer names (see mix_module_bits)
 MIXES = {
-    "kv4": "attention k_proj and v_proj at INT4 in every block, paid for by wider groups in the other layers: "
-           "their group size is the smallest multiple of group_size that keeps the model's average bits per weight "
-           "at what uniform INT2 at group_size costs (2.25 with group_size=64; on the bundled model: group 192)",
-    "kv-edge": "attention k_proj and v_proj at INT4 in every block, and the FFN down_proj at INT4 in the first "
-               "tenth and the last fifteenth of the blocks (at least one each: blocks 0-2 and 28-29 of 30)",
+    "kv4": "attention k and v projections at INT4 in every block (found by role: k_proj/v_proj, or the k and v rows "
+           "of a fused qkv), paid for by wider groups in the other layers: their group size is the smallest multiple "
+           "of group_size that keeps the model's average bits per weight at what uniform INT2 at group_size costs "
+           "(2.25 with group_size=64; on the bundled model: group 192)",
 }
-_KV = r"\.(k|v)_proj$"
-_BLOCK_INDEX = re.compile(r"^(.*?)\.(\d+)\.")  # "model.layers.12.mlp.down_proj" -> ("model.layers", "12")
+#: mixes that are no longer offered: a checkpoint made with one still loads (its resolved patterns are saved in
+#: ``module_bits``). ``kv-edge`` (k/v and the edge blocks' down_proj at INT4, 2.48 bits) measured no better than
+#: ``kv4`` at 2.23 bits (docs/BENCHMARKS.md).
+RETIRED_MIXES = ("kv-edge",)
+#: ``mix="auto"``, the default: ``kv4`` for the ``upq`` recipe at INT2, where it was measured far ahead of uniform
+#: INT2 at the same size (docs/BENCHMARKS.md); no mix otherwise
+AUTO_MIX = "kv4"
+_KV = r"\.(k|v)_proj$"  # a k or v projection, unfused or a role of a fused one (upq_hf.adapters)
+
+#: the flat keys of upq_hf 0.1's UPQConfig, read into the stage configs (config.json of older checkpoints)
+LEGACY_KEYS = {
+    "scale_init": ("rtn", "scale_init"), "dataset": ("data", "dataset"), "self_prompts": ("data", "prompts"),
+    "nsamples": ("data", "calibration_samples"), "seqlen": ("data", "calibration_seqlen"),
+    "ptq_epochs": ("ptq", "epochs"), "int4_ptq_epochs": ("ptq", "int4_epochs"),
+    "ptq_batch_size": ("ptq", "batch_size"), "ptq_holdout": ("ptq", "holdout"),
+    "train_steps": ("distill", "steps"), "train_batch_size": ("distill", "batch_size"),
+    "train_seqlen": ("distill", "seqlen"), "train_samples": ("distill", "samples"),
+    "learning_rate": ("distill", "learning_rate"), "scale_learning_rate": ("distill", "scale_learning_rate"),
+    "beta": ("distill", "beta"), "temperature": ("distill", "temperature"), "teacher_topk": ("distill", "teacher_topk"),
+    "train_norms": ("distill", "train_norms"), "mixed_precision": ("distill", "mixed_precision"),
+    "e2e_qp_steps": ("e2e_qp", "steps"), "e2e_qp_learning_rate": ("e2e_qp", "learning_rate"),
+}
+#: keys of upq_hf 0.1 that name no setting any more: options measured and not adopted (one way is left), and the
+#: per-run settings, now arguments of quantize_model. Read from an older config.json and dropped.
+RETIRED_KEYS = {
+    "ptq_algorithm": "block-wise PTQ is Block-AP (learnable clipping measured worse)",
+    "ptq_loss": "the reconstruction error is the token-relative one (plain and per-channel MSE measured worse)",
+    "int2_ptq": "upq always reconstructs the INT2 model block-wise (starting from the INT4 scales measured worse)",
+    "int2_scale_init": "upq always reconstructs the INT2 model block-wise",
+    "train_codes": "upq's Distill-QAT keeps the reconstruction's codes (training them measured worse)",
+    "device": "an argument of quantize_model / upq quantize --device",
+    "work_dir": "an argument of quantize_model / upq quantize --work-dir",
+    "resume": "an argument of quantize_model / upq quantize --resume",
+    "int4_checkpoint": "an argument of quantize_model (keep_int4) / upq quantize --keep-int4",
+}
+
+
+def budget(name: str, recipe: str | None = None) -> dict[str, dict]:
+    """The stage settings of the named budget (:data:`upq_hf.stages.BUDGETS`) as ``UPQConfig`` keyword arguments,
+    limited to the stages ``recipe`` runs when given: ``UPQConfig(recipe="upq", **budget("demo", "upq"))``."""
+    if name not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {name!r}")
+    stages = RECIPES[recipe].stages if recipe in RECIPES else STAGES
+    return {stage: dict(fields) for stage, fields in BUDGETS[name].items() if stage in stages}
 
 
 def mix_module_bits(mix: str, layers, bits: int = 2, group_size: int | None = 64, int4_group_size: int | None = 64,
                     scale_bytes: int = 2) -> dict[str, Any]:
     """The ``module_bits`` patterns of the named mix ``mix`` (a key of :data:`MIXES`) for a model whose
-    quantized layers are ``layers`` (names, or ``{name: module}`` with ``in_features``/``out_features``, which
-    ``"kv4"`` needs to hold its bit budget): the blocks are counted from the names, so the same mix fits any
-    depth. Raises ``ValueError`` for a model whose layers the mix cannot place (no ``k_proj``/``v_proj``, no
-    ``mlp.down_proj`` inside a numbered block)."""
+    quantized layers are ``layers`` (``{name: module or upq_hf.adapters.Unit}`` with ``in_features`` and
+    ``out_features``, which ``"kv4"`` needs to hold its bit budget). Raises ``ValueError`` for a model whose
+    layers the mix cannot place (no k or v projection)."""
     if mix not in MIXES:
         raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)}, got {mix!r}")
     names = list(layers)
     kv = [n for n in names if re.search(_KV, n)]
-    down = [match for n in names if n.endswith(".mlp.down_proj") and (match := _BLOCK_INDEX.match(n))]
-    if not kv or (mix == "kv-edge" and not down):
+    if not kv:
         example = names[0] if names else "(none)"
-        wanted = ("'model.layers.N.self_attn.k_proj', '...v_proj' and 'model.layers.N.mlp.down_proj'"
-                  if mix == "kv-edge" else "'model.layers.N.self_attn.k_proj' and '...v_proj'")
-        raise ValueError(f"UPQConfig: mix {mix!r} places layers named like {wanted}, and this model's layers look "
-                         f"like {example!r}: give module_bits patterns for it instead")
-    if mix == "kv4":
-        if not hasattr(layers, "items"):
-            raise ValueError("UPQConfig: mix 'kv4' needs the layers' shapes to hold its bit budget: pass "
-                             "{name: module}, not names")
-        shapes = {name: (module.in_features, module.out_features) for name, module in layers.items()}
-        group = budget_group_size(shapes, set(kv), bits, group_size, int4_group_size, scale_bytes)
-        return {_KV: 4, **({".": {"bits": bits, "group_size": group}} if group != group_size else {})}
-    container = down[0].group(1)
-    # counted over every layer of the container, so a block whose down_proj is left unquantized still counts
-    n_blocks = 1 + max(int(m.group(2)) for n in names if (m := _BLOCK_INDEX.match(n)) and m.group(1) == container)
-    first, last = -(-n_blocks // 10), -(-n_blocks // 15)
-    edge = sorted(set(range(first)) | set(range(n_blocks - last, n_blocks)))
-    down_pattern = rf"{re.escape(container.rpartition('.')[2])}\.({'|'.join(map(str, edge))})\.mlp\.down_proj$"
-    return {_KV: 4, down_pattern: 4}
+        raise ValueError(f"UPQConfig: mix {mix!r} places k and v projections ('...k_proj', '...v_proj', or the k and "
+                         f"v rows of a fused qkv), and this model's layers look like {example!r}: give module_bits "
+                         f"patterns for it instead")
+    if not hasattr(layers, "items"):
+        raise ValueError("UPQConfig: mix 'kv4' needs the layers' shapes to hold its bit budget: pass "
+                         "{name: module}, not names")
+    shapes = {name: (module.in_features, module.out_features) for name, module in layers.items()}
+    group = budget_group_size(shapes, set(kv), bits, group_size, int4_group_size, scale_bytes)
+    return {_KV: 4, **({".": {"bits": bits, "group_size": group}} if group != group_size else {})}
 
 
 def budget_group_size(shapes: dict[str, tuple[int, int]], wider: set[str], bits: int, group_size: int | None,
@@ -112,140 +146,92 @@ def _ordered_patterns(module_bits) -> Any:
 
 
 class UPQConfig(QuantizationConfigMixin):
-    r"""Configuration of a UPQ quantization.
+    r"""Configuration of a UPQ quantization: the format of the checkpoint, and the recipe that makes it.
 
-    Args:
+    Format (what reading the checkpoint back needs):
         bits: 2 (SEQ INT2, four levels ``(k - 1.5) * s``) or 4 (asymmetric INT4).
         group_size: input columns sharing one scale; ``None`` for one scale per output row.
-        recipe: how the codes are found, a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to
-            nearest), ``"ptq"`` (block-wise PTQ), ``"upq"`` (PTQ to INT4, then INT2 Distill-QAT), ``"ntp"``
-            (INT2 next-token QAT, ParetoQ's recipe) or ``"distill"`` (INT2 Distill-QAT without the INT4 stage).
-        scale_init: initial scales: ``"max"`` (max |w|, ParetoQ) or ``"mse"`` (error-minimising search).
+        mix: a named mixed-precision preset (:data:`MIXES`), resolved into ``module_bits`` patterns against the
+            model's layers when it is quantized; ``"auto"`` (the default): ``kv4`` for the ``upq`` recipe at INT2,
+            none otherwise; ``None``: uniform ``bits``. INT2 only.
+        module_bits: per-module formats by name pattern: ``{pattern: bits}`` or ``{pattern: {"bits": b,
+            "group_size": g}}``; a pattern is a regular expression searched in the layer's full name (a role of a
+            fused projection answers to ``<layer>.<role>`` and to its layer's name); the first pattern that matches
+            decides; patterns given here come before the mix's.
+        int4_group_size: the group size of INT4 layers that ``module_bits``/``mix`` name without one, and of
+            ``upq``'s INT4 stage.
         scale_dtype: storage dtype of scales and zero points.
-        modules_to_not_convert: module names (or name suffixes) to keep in high precision; the output
-            and tied embeddings are always kept.
-        backend: force the forward path: ``"torch"`` (the reference: dequantize, then matmul),
-            ``"triton"`` (the Triton kernels) or ``"cpu"`` (torch's INT4 CPU kernel). Default: Triton on
-            CUDA, ``"cpu"`` on CPU where torch has the kernel, else ``"torch"`` (see upq_hf/backends.py).
-        mix: a named mixed-precision preset, resolved into ``module_bits`` patterns against the model's
-            layer names when it is quantized (``"kv-edge"``: k/v and the edge blocks' down_proj at INT4, see
-            :data:`MIXES`); patterns given in ``module_bits`` come first. INT2 only.
-        module_bits: mixed precision, per-module overrides by name pattern: ``{pattern: bits}`` or
-            ``{pattern: {"bits": b, "group_size": g}}``; a pattern is a regular expression searched in the
-            layer's full name (``r"\.(k|v)_proj$"``, ``r"layers\.(0|29)\.mlp\.down_proj"``); the first
-            pattern that matches decides, and a layer no pattern matches takes ``bits``/``group_size``. An
-            override to INT4 without a group size takes ``int4_group_size``. Saved with the checkpoint, so a
-            mixed model reloads with plain ``from_pretrained``.
+        modules_to_not_convert: module names (or name suffixes) kept in high precision; the output and tied
+            embeddings and the MoE routers always are.
+        backend: force the forward path (upq_hf/backends.py): ``"torch"``, ``"triton"``, ``"cpu"``, ``"avx2"`` or
+            ``"a8"``; default: the fastest exact one for the device and call.
+        format_version: the storage format (upq_hf/packing.py), set when the model is quantized.
 
-    Data and PTQ (recipes ``ptq`` and ``upq``):
-        dataset: calibration/training text: ``"self"`` (the model's own answers to built-in prompts,
-            offline), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
-        self_prompts: how many built-in prompts ``"self"`` answers (None: its default).
-        nsamples, seqlen: calibration sequences for PTQ.
-        ptq_algorithm, ptq_epochs: see :func:`upq_hf.ptq.blockwise_ptq`.
-        int4_group_size: group size of the intermediate INT4 model (``upq``).
-        int4_checkpoint: folder where ``upq`` keeps the INT4 model, and restarts from it if present.
-        int2_ptq: reconstruct the INT2 model block-wise from the INT4 one before distilling.
-        int2_scale_init: INT2 scale initialisation from the INT4 weights when ``int2_ptq`` is off: ``"max"``
-            (ParetoQ's max |w|, the default: measured better than the ``"mse"`` search from the INT4 model of
-            the bundled SmolLM2, KL 17.1 vs 18.4, see docs/BENCHMARKS.md) or ``"mse"``.
-
-    Training (recipes ``upq``, ``ntp``, ``distill``):
-        train_steps, train_batch_size, train_seqlen: the budget (tokens = their product). The defaults
-            (30 x 16 x 128 = 61,440 tokens over 128 distinct sequences; PTQ calibration 128 x 128) are
-            sized so that ``recipe="upq"``
-            on the bundled SmolLM2-135M ends within 30 minutes on a 2-core CPU (docs/BENCHMARKS.md); a
-            GPU run of a real model wants 10-1000x more.
-        learning_rate, scale_learning_rate: of the latent weights, as the fraction of their quantization
-            step they move per update, and of the scales (and trained norm weights), as their relative
-            change per update (:class:`upq_hf.optim.StepAdam`: the same meaning in every layer and
-            every model).
-        beta, temperature: of the generalized JSD. ``beta=0`` (the default) is its forward-KL limit,
-            KL(teacher || student): measured on the bundled model at 15k training tokens it gave KL 5.16
-            against 6.23 / 6.61 / 6.73 at beta 0.1 / 0.25 / 0.5, top-1 0.123 against 0.139 / 0.140 /
-            0.148 (docs/BENCHMARKS.md). A bounded JSD (beta > 0) gives almost no gradient on the tokens
-            where the student puts next to no mass on the teacher's choice; forward KL does.
-        train_norms: train the normalisation layers' weights along with the quantized layers.
-        train_codes: ``upq`` only: whether Distill-QAT trains the latent weights (codes may flip) or, the
-            default, keeps the INT2 reconstruction's codes fixed and trains the scales and norm weights alone
-            (EfficientQAT's E2E-QP, with the generalized JSD to the teacher as its loss). On the bundled model,
-            validation prompts: top-1 0.542 / KL 1.21 / 23 of 24 answers on topic with the codes fixed, against
-            0.513 / 1.38 / 18 with them trained (docs/BENCHMARKS.md). ``ntp`` and ``distill`` train everything.
-        e2e_qp_steps, e2e_qp_learning_rate: a last stage of ``upq`` after Distill-QAT, or of ``ptq`` after
-            the block-wise reconstruction (EfficientQAT's E2E-QP, with the JSD to the unquantized model as its
-            loss; ``ptq`` then keeps a copy of that model in memory): every layer's codes fixed, its scales
-            (and, with ``train_norms``, the norm weights) trained for ``e2e_qp_steps`` more steps, at
-            ``e2e_qp_learning_rate`` (relative change per update). 0 (the default): no such stage
-            (docs/BENCHMARKS.md).
-        work_dir: where trainer checkpoints go (resumable with ``resume=True``); None: not kept.
-        device: where quantization runs (default: where the model is).
-        seed: for data order and sampling.
+    Recipe:
+        recipe: a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
+            ``"upq"`` (block-wise PTQ to INT4, block-wise INT2 from it, Distill-QAT of the scales), ``"ntp"``
+            (INT2 next-token QAT, ParetoQ's recipe: a baseline) or ``"distill"`` (INT2 Distill-QAT from the dense
+            weights: a baseline).
+        rtn, data, ptq, distill, e2e_qp: the configs of the recipe's stages (:mod:`upq_hf.stages`), each a
+            dataclass or a dict of its fields; a stage the recipe does not run cannot be set. ``stages``: all of
+            them as one dict (what config.json holds).
+        seed: for the data, its order and the training.
     """
 
-    def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn",
-                 scale_init: str = "mse", scale_dtype: str = "float16",
-                 modules_to_not_convert: list[str] | None = None, backend: str | None = None,
-                 module_bits: dict[str, Any] | None = None, mix: str | None = None,
-                 format_version: int = FORMAT_VERSION, dataset: Any = "self", self_prompts: int | None = None,
-                 nsamples: int = 128, seqlen: int = 128, ptq_algorithm: str = "blockap", ptq_epochs: int = 9,
-                 ptq_batch_size: int = 8, ptq_loss: str = "token", ptq_holdout: float = 0.125,
-                 int4_group_size: int | None = 64, int4_ptq_epochs: int = 1, int4_checkpoint: str | None = None,
-                 int2_ptq: bool = True, int2_scale_init: str = "max", train_steps: int = 30,
-                 train_batch_size: int = 16, train_seqlen: int = 128, train_samples: int | None = 128,
-                 learning_rate: float = 0.02, scale_learning_rate: float | None = 1e-2,
-                 beta: float = 0.0, temperature: float = 1.0, teacher_topk: int = 64, train_norms: bool = True,
-                 mixed_precision: str = "auto", train_codes: bool = False, e2e_qp_steps: int = 0,
-                 e2e_qp_learning_rate: float = 1e-2,
-                 work_dir: str | None = None, resume: bool = False,
-                 device: str | None = None, seed: int = 0, **kwargs: Any):
+    def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn", mix: str | None = "auto",
+                 module_bits: dict[str, Any] | None = None, int4_group_size: int | None = 64,
+                 scale_dtype: str = "float16", modules_to_not_convert: list[str] | None = None,
+                 backend: str | None = None, format_version: int = FORMAT_VERSION, seed: int = 0, rtn=None,
+                 data=None, ptq=None, distill=None, e2e_qp=None, stages: dict | None = None, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
         self.bits = bits
         self.group_size = group_size
         self.recipe = recipe
-        self.scale_init = scale_init
+        self.mix = mix
+        self.module_bits = _ordered_patterns(module_bits)
+        self.int4_group_size = int4_group_size
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
-        self.module_bits = _ordered_patterns(module_bits)
-        self.mix = mix
         self.format_version = format_version
-        self.dataset = dataset
-        self.self_prompts = self_prompts
-        self.nsamples = nsamples
-        self.seqlen = seqlen
-        self.ptq_algorithm = ptq_algorithm
-        self.ptq_epochs = ptq_epochs
-        self.ptq_batch_size = ptq_batch_size
-        self.ptq_loss = ptq_loss
-        self.ptq_holdout = ptq_holdout
-        self.int4_ptq_epochs = int4_ptq_epochs
-        self.int4_group_size = int4_group_size
-        self.int4_checkpoint = int4_checkpoint
-        self.int2_ptq = int2_ptq
-        self.int2_scale_init = int2_scale_init
-        self.train_steps = train_steps
-        self.train_batch_size = train_batch_size
-        self.train_seqlen = train_seqlen
-        self.train_samples = train_samples
-        self.teacher_topk = teacher_topk
-        self.mixed_precision = mixed_precision
-        self.learning_rate = learning_rate
-        self.scale_learning_rate = scale_learning_rate
-        self.beta = beta
-        self.train_norms = train_norms
-        self.train_codes = train_codes
-        self.e2e_qp_steps = e2e_qp_steps
-        self.e2e_qp_learning_rate = e2e_qp_learning_rate
-        self.temperature = temperature
-        self.work_dir = work_dir
-        self.resume = resume
-        self.device = device
         self.seed = seed
-        # keys written by a newer version are kept (and saved back) rather than dropped
-        for key, value in kwargs.items():
+        reading = kwargs.pop("_reading", False)  # from_dict: a saved config.json, maybe of an older upq_hf
+        given = dict(stages or {})
+        for name, value in (("rtn", rtn), ("data", data), ("ptq", ptq), ("distill", distill), ("e2e_qp", e2e_qp)):
+            if value is not None:
+                given[name] = value
+        self._given_stages = tuple(given)
+        for key in [k for k in kwargs if k in LEGACY_KEYS]:
+            stage, field = LEGACY_KEYS[key]
+            if not reading:
+                raise ValueError(f"UPQConfig: {key} is now {STAGES[stage].__name__}.{field}: "
+                                 f"UPQConfig({stage}={{{field!r}: ...}})")
+            value = kwargs.pop(key)
+            if isinstance(given.get(stage, {}), dict):  # an older config.json's flat keys fill the stages
+                given.setdefault(stage, {})[field] = value
+        for key in [k for k in kwargs if k in RETIRED_KEYS]:
+            if not reading:
+                raise ValueError(f"UPQConfig: {key} is no longer a setting: {RETIRED_KEYS[key]}")
+            kwargs.pop(key)
+        for name in STAGES:
+            setattr(self, name, stage_config(name, given.get(name), strict=not reading))
+        if kwargs and not reading:
+            raise TypeError(f"UPQConfig got an unexpected keyword argument {next(iter(kwargs))!r}")
+        for key, value in kwargs.items():  # keys written by a newer version are kept (and saved back)
             setattr(self, key, value)
         self.post_init()
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """A config saved in config.json (any version): the flat keys of upq_hf 0.1 are read into the stages,
+        its retired settings dropped, and keys of a newer version kept."""
+        return super().from_dict({**config_dict, "_reading": True}, return_unused_kwargs, **kwargs)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages the recipe runs (:data:`upq_hf.recipes.RECIPES`), in order."""
+        return RECIPES[self.recipe].stages
 
     def post_init(self) -> None:
         try:
@@ -261,52 +247,29 @@ class UPQConfig(QuantizationConfigMixin):
             )
         if self.recipe not in RECIPES:
             raise ValueError(f"UPQConfig: recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
-        if self.scale_init not in SCALE_INITS:
-            raise ValueError(f"UPQConfig: scale_init must be one of {list(SCALE_INITS)}, got {self.scale_init!r}")
+        unused = [name for name in self._given_stages if name not in self.stage_names]
+        if unused:
+            raise ValueError(f"UPQConfig: recipe {self.recipe!r} runs no {unused[0]!r} stage (its stages: "
+                             f"{list(self.stage_names)})")
+        if self.e2e_qp.steps and "e2e_qp" not in self.stage_names:
+            raise ValueError(f"UPQConfig: E2E-QP is a last stage of the 'upq' and 'ptq' recipes, not of "
+                             f"{self.recipe!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"UPQConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"UPQConfig: backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in ("nsamples", "seqlen", "ptq_epochs", "ptq_batch_size", "int4_ptq_epochs", "train_steps",
-                     "train_batch_size", "train_seqlen"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"UPQConfig: {name} must be a positive integer, got {value!r}")
-        if self.train_samples is not None and (not isinstance(self.train_samples, int)
-                                               or isinstance(self.train_samples, bool) or self.train_samples <= 0):
-            raise ValueError(f"UPQConfig: train_samples must be a positive integer or None, got {self.train_samples!r}")
-        if self.ptq_loss not in PTQ_LOSSES:
-            raise ValueError(f"UPQConfig: ptq_loss must be one of {list(PTQ_LOSSES)}, got {self.ptq_loss!r}")
-        if not isinstance(self.ptq_holdout, (int, float)) or isinstance(self.ptq_holdout, bool) \
-                or not 0.0 <= self.ptq_holdout < 1.0:
-            raise ValueError(f"UPQConfig: ptq_holdout is the share of calibration sequences held out, in [0, 1), "
-                             f"got {self.ptq_holdout!r}")
-        if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
-            raise ValueError(f"UPQConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
-                             f"training), got {self.teacher_topk!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"UPQConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}")
-        if not 0.0 <= float(self.beta) <= 1.0:
-            raise ValueError(f"UPQConfig: beta must lie in [0, 1], got {self.beta!r}")
-        if float(self.temperature) <= 0:
-            raise ValueError(f"UPQConfig: temperature must be positive, got {self.temperature!r}")
-        if not isinstance(self.train_codes, bool):
-            raise ValueError(f"UPQConfig: train_codes must be True or False, got {self.train_codes!r}")
-        if not isinstance(self.e2e_qp_steps, int) or isinstance(self.e2e_qp_steps, bool) or self.e2e_qp_steps < 0:
-            raise ValueError(f"UPQConfig: e2e_qp_steps must be a non-negative integer, got {self.e2e_qp_steps!r}")
-        if self.e2e_qp_steps and self.recipe not in ("upq", "ptq"):
-            raise ValueError(f"UPQConfig: e2e_qp_steps is a last stage of the 'upq' and 'ptq' recipes, not of "
-                             f"{self.recipe!r}")
-        if not isinstance(self.e2e_qp_learning_rate, (int, float)) or isinstance(self.e2e_qp_learning_rate, bool) \
-                or not self.e2e_qp_learning_rate > 0:
-            raise ValueError(f"UPQConfig: e2e_qp_learning_rate must be positive, got {self.e2e_qp_learning_rate!r}")
-        if self.int2_scale_init not in SCALE_INITS:
-            raise ValueError(f"UPQConfig: int2_scale_init must be one of {list(SCALE_INITS)}, got {self.int2_scale_init!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"UPQConfig: seed must be an integer, got {self.seed!r}")
         self._check_module_bits()
+        if self.mix == "auto":
+            self.mix = AUTO_MIX if self.recipe == "upq" and self.bits == 2 else None
         if self.mix is not None:
-            if self.mix not in MIXES:
-                raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)} or None, got {self.mix!r}")
+            if self.mix in RETIRED_MIXES:
+                if not self.module_bits:
+                    raise ValueError(f"UPQConfig: mix {self.mix!r} is retired ({', '.join(MIXES)} is offered): give "
+                                     f"module_bits patterns for it instead")
+            elif self.mix not in MIXES:
+                raise ValueError(f"UPQConfig: mix must be one of {list(MIXES)}, 'auto' or None, got {self.mix!r}")
             if self.bits != 2:
                 raise ValueError(f"UPQConfig: mix {self.mix!r} keeps some INT2 layers at INT4 and needs bits=2, "
                                  f"got bits={self.bits}")
@@ -382,10 +345,10 @@ class UPQConfig(QuantizationConfigMixin):
         """Add ``mix``'s patterns for ``layers`` (names, or ``{name: module}``) to ``module_bits``, after the
         patterns given there (which so take precedence). Idempotent: the saved config holds the resolved patterns
         and the mix's name, and resolving again on reload adds nothing."""
-        if not self.mix:
+        if not self.mix or self.mix in RETIRED_MIXES:  # a retired mix's patterns are in module_bits already
             return
         # the patterns this config's last resolution added are dropped first, so that one config object can
-        # quantize models of different depths, each with its own edge blocks
+        # quantize models of different shapes
         added = self.__dict__.get("_mix_patterns", ())
         given = {p: b for p, b in (self.module_bits or {}).items() if p not in added}
         scale_bytes = 4 if self.scale_dtype == "float32" else 2
@@ -400,18 +363,19 @@ class UPQConfig(QuantizationConfigMixin):
 
         return getattr(torch, self.scale_dtype)
 
-    def check_device(self) -> None:
-        """A GPU-only option (``device="cuda"``, ``backend="triton"``) on a machine without a GPU: say so before
-        any work starts."""
-        from .models import check_backend, check_device
+    def check_backend(self) -> None:
+        """A GPU-only backend (``backend="triton"``) on a machine without a GPU: say so before any work starts."""
+        from .models import check_backend
 
-        check_device(self.device, f"UPQConfig(device={self.device!r})", "use device='cpu' or leave it unset")
         check_backend(self.backend, f"UPQConfig(backend={self.backend!r})", "leave backend unset (torch)")
 
+    def stages_dict(self) -> dict[str, dict]:
+        """The configs of the stages the recipe runs, as dicts (what config.json records under ``stages``)."""
+        return {name: as_dict(getattr(self, name)) for name in self.stage_names}
+
     def to_dict(self) -> dict[str, Any]:
-        out = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
-        if not isinstance(out.get("dataset"), (str, type(None))):  # texts passed in memory: record a summary
-            out["dataset"] = f"<{len(out['dataset'])} texts given in memory>"
+        out = {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key not in STAGES}
         if isinstance(out.get("module_bits"), dict):  # ordered pairs: config.json sorts the keys of a dict
             out["module_bits"] = [[pattern, spec] for pattern, spec in out["module_bits"].items()]
+        out["stages"] = self.stages_dict()
         return out

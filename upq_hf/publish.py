@@ -108,6 +108,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     """README.md (YAML metadata + text) for a UPQ checkpoint: what it is, how it was made, how it scores,
     how to load it. ``config`` is the ``quantization_config`` dict; ``report`` holds measured numbers;
     ``layers`` (:func:`layer_summary`) the per-format layer counts and the average bits per weight."""
+    from .config import UPQConfig
+
     report = report or {}
     bits = config.get("bits")
     group = config.get("group_size")
@@ -116,7 +118,10 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     fmt = "SEQ INT2 (levels (k - 1.5) * s, no zero level)" if bits == 2 else "asymmetric INT4 (scale and zero point)"
     known = RECIPES.get(recipe)
     training = known is not None and known.trains
-    tokens = config.get("train_steps", 0) * config.get("train_batch_size", 0) * config.get("train_seqlen", 0)
+    stages = UPQConfig.from_dict(config) if known is not None else None  # older configs' flat keys read too
+    distill, e2e_qp = (stages.distill, stages.e2e_qp) if stages is not None else (None, None)
+    tokens = distill.steps * distill.batch_size * distill.seqlen if training else 0
+    dataset = stages.stages_dict()["data"]["dataset"] if stages is not None and recipe != "rtn" else None
     formats = (layers or {}).get("formats") or []
     mixed = len(formats) > 1
     widths = sorted({f[0] for f in formats}) or [bits]
@@ -131,13 +136,12 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if mixed:
         meta.append("  layer_formats:")
         meta += [f"    - {{bits: {b}, group_size: {_yaml_value(g)}, layers: {n}}}" for b, g, n in formats]
-    if recipe != "rtn":
-        meta.append(f"  dataset: {_yaml_value(str(config.get('dataset')))}")
+    if dataset is not None:
+        meta.append(f"  dataset: {_yaml_value(str(dataset))}")
     if training:
-        meta += [f"  train_steps: {config.get('train_steps')}", f"  train_tokens: {tokens}",
-                 f"  beta: {config.get('beta')}"]
-    if config.get("e2e_qp_steps"):
-        meta.append(f"  e2e_qp_steps: {config['e2e_qp_steps']}")
+        meta += [f"  train_steps: {distill.steps}", f"  train_tokens: {tokens}", f"  beta: {distill.beta}"]
+    if e2e_qp is not None and e2e_qp.steps:
+        meta.append(f"  e2e_qp_steps: {e2e_qp.steps}")
     metrics = report.get("metrics") or {}
     if metrics:
         meta.append("  metrics:")
@@ -167,13 +171,12 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if layers:
         lines.append(f"| bits per weight (average: codes + scales{' + zeros' if 4 in widths else ''}) | "
                      f"{layers['bits_per_weight']:.3f} |")
-    if recipe != "rtn":
-        lines.append(f"| data | {config.get('dataset')} |")
+    if dataset is not None:
+        lines.append(f"| data | {dataset} |")
     if training:
-        lines.append(f"| training budget | {config.get('train_steps')} steps, {tokens:,} tokens, beta {config.get('beta')} |")
-    if config.get("e2e_qp_steps"):
-        lines.append(f"| E2E-QP (codes fixed, scales trained) | {config['e2e_qp_steps']} steps at "
-                     f"{config.get('e2e_qp_learning_rate')} |")
+        lines.append(f"| training budget | {distill.steps} steps, {tokens:,} tokens, beta {distill.beta} |")
+    if e2e_qp is not None and e2e_qp.steps:
+        lines.append(f"| E2E-QP (codes fixed, scales trained) | {e2e_qp.steps} steps at {e2e_qp.learning_rate} |")
     if mixed:
         lines += ["", "## Formats", "", "| format | layers |", "|---|---|"]
         lines += [f"| {_format_name(b, g)} | {n} |" for b, g, n in formats]

@@ -226,6 +226,15 @@ class QATLinear(nn.Module):
             self.weight_zero.copy_(torch.round(self.weight_zero))
             self.weight_zero.requires_grad_(False)
 
+    @torch.no_grad()
+    def snap(self) -> None:
+        """Fix the codes where the latent weights round now (:meth:`freeze_codes`) and put the scales on their
+        storage grid: the layer now computes exactly what its packed form (:meth:`freeze`) does, and training goes
+        on from there with the codes fixed. (What packing the layer and unpacking it again did, without the round
+        trip.)"""
+        self.freeze_codes()
+        self.weight_scale.copy_(self._scale())
+
     # ------------------------------------------------------------------ quantization
     def _scale(self) -> torch.Tensor:
         return stored_scale(self.weight_scale, self.scale_dtype)
@@ -332,6 +341,30 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
         replace_module(model, name, QATLinear.from_linear(linear, *_format(name, bits, group_size, layer_formats),
                                                           scale_init, scale_dtype or torch.float16))
     return list(dense)
+
+
+def snap(model: nn.Module) -> list[str]:
+    """:meth:`QATLinear.snap` every QAT layer of ``model`` (codes fixed, scales on their storage grid); returns the
+    names."""
+    layers = qat_layers(model)
+    for layer in layers.values():
+        layer.snap()
+    return list(layers)
+
+
+def release_latents(model: nn.Module) -> list[str]:
+    """Replace every ``QATLinear`` of ``model`` by an ``nn.Linear`` holding its latent weight (float32): the INT4
+    stage's result, from which the INT2 stage starts. Returns the names."""
+    layers = qat_layers(model)
+    for name, layer in layers.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            linear.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        replace_module(model, name, linear)
+    return list(layers)
 
 
 def qat_layers(model: nn.Module) -> dict[str, QATLinear]:

@@ -3,9 +3,9 @@
 Thin by design: it checks the environment, swaps modules before a packed checkpoint loads, quantizes
 tensor by tensor while a dense checkpoint loads with the round-to-nearest recipe (:mod:`upq_hf.streaming`:
 no dense copy of the model is ever held), and runs the other recipes after a dense checkpoint loads. The
-work lives in :mod:`upq_hf.convert`, :mod:`upq_hf.streaming` and :mod:`upq_hf.recipes`. Also here: :func:`quantize_model` (a model already in memory),
-:func:`attach` (mark a model quantized) and :func:`save_checkpoint`, the save a recipe is handed for
-``upq``'s INT4 restart checkpoint.
+work lives in :mod:`upq_hf.convert`, :mod:`upq_hf.streaming` and :mod:`upq_hf.recipes`. Also here:
+:func:`quantize_model` (a model already in memory, with the per-run settings) and :func:`attach` (mark a model
+quantized).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .adapters import layout_version
 from .checkpoint import IN_FEATURES_KEY, checkpoint_keys, expected_upq_tensors, split_sources, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
-from .publish import install_card_hooks, remove_card_hooks, save_atomic
+from .publish import install_card_hooks, remove_card_hooks
 
 QUANT_METHOD = "upq"
 
@@ -42,7 +42,7 @@ class UPQHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("UPQ does not support offloading layers to disk: remove 'disk' from device_map")
         if not self.pre_quantized:
-            self.quantization_config.check_device()  # device and backend: a GPU-only option without a GPU
+            self.quantization_config.check_backend()  # a GPU-only backend without a GPU
         elif self.quantization_config.backend == "triton":
             from .backends import triton_available
 
@@ -108,7 +108,7 @@ class UPQHfQuantizer(HfQuantizer):
         if self.on_load_layers:
             streaming.check_converted(model, self.on_load_layers, self.on_load_done)
         elif not self.pre_quantized:
-            recipes.apply_recipe(model, self.quantization_config, progress=True, save_int4=save_checkpoint)
+            recipes.apply_recipe(model, self.quantization_config, recipes.Run(progress=True))
         if not self.pre_quantized:
             self.quantization_config.format_version = layout_version(model)
         if self.quantization_config.format_version >= 2:
@@ -164,46 +164,18 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
     return model
 
 
-_MISSING = object()
+def quantize_model(model, config: UPQConfig, tokenizer=None, *, device=None, work_dir: str | None = None,
+                   resume: bool = False, keep_int4: str | None = None, progress: bool = True, callbacks=None):
+    """Quantize an already-loaded dense model in place following ``config`` and mark it quantized, so that
+    ``save_pretrained``/``push_to_hub`` write a UPQ checkpoint. Returns the model.
 
-
-def _swapped_back(objects_and_names):
-    """The current values of ``(object, attribute names)`` pairs (from ``__dict__``), and a function that
-    puts them back, removing the attributes that were not set."""
-    saved = [(obj, {name: obj.__dict__.get(name, _MISSING) for name in names}) for obj, names in objects_and_names]
-
-    def restore():
-        for obj, values in saved:
-            for name, value in values.items():
-                if value is _MISSING:
-                    obj.__dict__.pop(name, None)
-                else:
-                    obj.__dict__[name] = value
-
-    return restore
-
-
-def save_checkpoint(model: nn.Module, config: UPQConfig, path, tokenizer=None):
-    """Save ``model`` atomically into ``path`` as a UPQ checkpoint of ``config``, then leave the model marked
-    as it was (its quantizer, ``config.quantization_config``): the ``save_int4`` of the ``upq`` recipe, which
-    saves the INT4 model in the middle of quantizing to INT2."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
-    restore = _swapped_back([(model, ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained",
-                                      "push_to_hub", "_weight_conversions"))]
-                            + [(c, ("quantization_config", "_is_quantized")) for c in configs.values()])
-    attach(model, config)
-    try:
-        return save_atomic(model, path, tokenizer=tokenizer, overwrite=True)
-    finally:
-        restore()
-
-
-def quantize_model(model, config: UPQConfig, tokenizer=None, progress: bool = True, callbacks=None):
-    """Quantize an already-loaded dense model in place following ``config`` and mark it quantized,
-    so that ``save_pretrained``/``push_to_hub`` write a UPQ checkpoint. Returns the model.
-    ``callbacks`` (``transformers.TrainerCallback``) reach the trainer of the training recipes."""
-    recipes.apply_recipe(model, config, tokenizer=tokenizer, progress=progress, callbacks=callbacks,
-                         save_int4=save_checkpoint)
+    The per-run settings, never saved: ``tokenizer`` (default: the model's own); ``device``, where the work runs
+    (default: where the model is); ``work_dir``, where the training stages keep trainer checkpoints (None: not
+    kept), and ``resume``, continue from the last complete one; ``keep_int4``, where ``upq`` keeps its INT4 stage
+    (a later run with the same settings restarts from it); ``callbacks`` (``transformers.TrainerCallback``) reach
+    the trainer of the training stages."""
+    recipes.apply_recipe(model, config, recipes.Run(tokenizer, device, work_dir, resume, keep_int4, progress,
+                                                    callbacks))
     return attach(model, config)
 
 

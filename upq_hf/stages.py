@@ -82,24 +82,36 @@ class PTQConfig:
     worse, docs/BENCHMARKS.md).
 
     epochs: passes over the calibration set per block, INT2 (and ``ptq`` at any bits); 9 measured better than 6
-        over training seeds (docs/BENCHMARKS.md).
+        over training seeds (docs/BENCHMARKS.md). ``steps``, if set, is the number of steps per block instead.
     int4_epochs: the same for the INT4 stage of ``upq``.
     batch_size: calibration sequences per step.
     holdout: the share of calibration sequences held out to choose each block's state (its round-to-nearest start
-        included): the block ends in the state with the lowest held-out error. 0: no hold-out.
+        included): the block ends in the state with the lowest held-out error, checked ``checks`` times per block.
+        0: no hold-out (the block keeps its start if training raised its error).
+    learning_rate: of the latent weights, in units of their group's starting quantization step (0: frozen).
+    scale_learning_rate: of the scales, relative to their start (and of INT4 zero points, in codes).
     """
 
     epochs: int = 9
     int4_epochs: int = 1
     batch_size: int = 8
     holdout: float = 0.125
+    learning_rate: float = 0.01
+    scale_learning_rate: float = 3e-3
+    steps: int | None = None
+    checks: int = 8
 
     def __post_init__(self):
-        _positive_int(self, "epochs", "int4_epochs", "batch_size")
+        _positive_int(self, "epochs", "int4_epochs", "batch_size", "checks")
+        _positive_int(self, "steps", allow_none=True)
         if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
                 or not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"PTQConfig: holdout is the share of calibration sequences held out, in [0, 1), "
                              f"got {self.holdout!r}")
+        for name in ("learning_rate", "scale_learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"PTQConfig: {name} must be a non-negative number, got {value!r}")
 
 
 @dataclass
@@ -176,9 +188,24 @@ STAGES: dict[str, type] = {"rtn": RTNConfig, "data": DataConfig, "ptq": PTQConfi
                            "e2e_qp": E2EQPConfig}
 
 
-def stage_config(name: str, value) -> Any:
+#: named budgets: stage settings over the defaults (``upq quantize --budget NAME``; in Python
+#: ``UPQConfig(recipe="upq", **upq_hf.config.budget("demo", "upq"))``). Each is measured (docs/BENCHMARKS.md).
+BUDGETS: dict[str, dict[str, dict]] = {
+    "default": {},
+    "demo": {"data": {"prompts": 64, "calibration_samples": 64}, "ptq": {"epochs": 6},
+             "distill": {"steps": 20, "samples": 64}},
+}
+BUDGET_HELP = {
+    "default": "the defaults (upq on the bundled 135M model: about 22 minutes on 2 CPU cores with AVX512-BF16)",
+    "demo": "64 calibration sequences and prompts, 6 epochs of reconstruction, 20 distillation steps (make demo: "
+            "about 11 minutes)",
+}
+
+
+def stage_config(name: str, value, strict: bool = True) -> Any:
     """The config of stage ``name`` from ``value``: the dataclass itself, a dict of its fields, or None (the
-    defaults). Unknown fields are an error naming the stage and its fields."""
+    defaults). Unknown fields are an error naming the stage and its fields (``strict``), or dropped (a
+    config.json written by a newer upq_hf)."""
     cls = STAGES[name]
     if value is None:
         return cls()
@@ -188,9 +215,9 @@ def stage_config(name: str, value) -> Any:
         raise ValueError(f"UPQConfig: {name} must be a {cls.__name__} or a dict of its fields, got {value!r}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(value) - known)
-    if unknown:
+    if unknown and strict:
         raise ValueError(f"UPQConfig: {cls.__name__} has no field {unknown[0]!r} (its fields: {sorted(known)})")
-    return cls(**value)
+    return cls(**{key: item for key, item in value.items() if key in known})
 
 
 def as_dict(config) -> dict:

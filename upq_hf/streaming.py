@@ -67,7 +67,7 @@ def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
         if not isinstance(modules[layer], UPQLinear):  # kept dense: as it is
             return {f"{layer}.weight": weight.contiguous()}
         bits, group_size = layer_formats.get(layer, default)
-        packed = quantize_weight(weight, bits, group_size, config.scale_init, config.torch_scale_dtype)
+        packed = quantize_weight(weight, bits, group_size, config.rtn.scale_init, config.torch_scale_dtype)
         return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
 
     def placeholder(layer: str, shape) -> torch.Tensor:

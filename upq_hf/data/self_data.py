@@ -31,9 +31,6 @@ SELF_DEFAULTS: dict[str, Any] = {
     "n_prompts": 128,
     "max_new_tokens": 128,
     "batch_size": 32,
-    "do_sample": False,
-    "temperature": 0.7,
-    "top_p": 0.9,
     "cache": True,
     "progress": True,
 }
@@ -66,9 +63,8 @@ def _model_name(model) -> str:
                or type(model).__name__)
 
 
-def self_cache_path(model, tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                    seed: int) -> Path:
-    """The JSON file holding ``model``'s answers for these generation settings."""
+def self_cache_path(model, tokenizer, *, max_new_tokens: int) -> Path:
+    """The JSON file holding ``model``'s greedy answers of at most ``max_new_tokens`` tokens."""
     from ..models import cache_dir
 
     key = {
@@ -77,10 +73,8 @@ def self_cache_path(model, tokenizer, *, max_new_tokens: int, do_sample: bool, t
         "weights": weights_fingerprint(model),
         "chat_template": hashlib.sha256(str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest(),
         "max_new_tokens": int(max_new_tokens),
-        "do_sample": bool(do_sample),
+        "do_sample": False,  # greedy answers (sampled ones measured worse as training data): the key of old caches
     }
-    if do_sample:
-        key.update(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     stem = re.sub(r"[^\w.\-]+", "_", Path(key["model"].rstrip("/\\")).name or "model")[:60]
     return cache_dir() / "self_data" / f"{stem}-{digest}.json"
@@ -107,11 +101,11 @@ def _write_cache(path: Path, answers: dict[str, str], meta: dict) -> None:
 
 def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_prompts: int | None = None,
                    max_new_tokens: int = SELF_DEFAULTS["max_new_tokens"], batch_size: int = SELF_DEFAULTS["batch_size"],
-                   do_sample: bool = SELF_DEFAULTS["do_sample"], temperature: float = SELF_DEFAULTS["temperature"],
-                   top_p: float = SELF_DEFAULTS["top_p"], seed: int = 0, cache: bool = SELF_DEFAULTS["cache"],
-                   progress: bool = SELF_DEFAULTS["progress"]) -> list[list[dict[str, str]]]:
-    """``[user, assistant]`` conversations: ``model``'s answers (greedy by default) to the first
-    ``n_prompts`` of ``prompts`` (default ``SEED_PROMPTS``, 128 of them), cached on disk per prompt."""
+                   cache: bool = SELF_DEFAULTS["cache"], progress: bool = SELF_DEFAULTS["progress"],
+                   seed: int = 0) -> list[list[dict[str, str]]]:
+    """``[user, assistant]`` conversations: ``model``'s greedy answers to the first ``n_prompts`` of ``prompts``
+    (default ``SEED_PROMPTS``, 128 of them), cached on disk per prompt. (The teacher's sampled answers measured
+    worse as Distill-QAT data, docs/BENCHMARKS.md; ``seed`` is accepted for the other sources' sake.)"""
     from ..prompts import SEED_PROMPTS
 
     if model is None or tokenizer is None:
@@ -132,7 +126,7 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
     if n_prompts > len(prompts):
         warnings.warn(f"asked for {n_prompts} prompts but only {len(prompts)} exist; using all of them", stacklevel=3)
     prompts = prompts[:n_prompts]
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+    settings = dict(max_new_tokens=max_new_tokens)
     path = self_cache_path(model, tokenizer, **settings) if cache else None
     answers = _read_cache(path) if path is not None else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in answers))

@@ -229,9 +229,8 @@ def load_texts(source, *, tokenizer=None, model=None, split: str = "train", text
 
     ``max_texts`` keeps at most that many items: a seed-chosen subset in original order for files
     and lists, the first ones of a Hub stream (default ``HUB_DEFAULT_MAX_TEXTS``), the first prompts
-    for ``"self"`` (unless ``n_prompts`` is given). ``seed`` also seeds sampled ``"self"`` generation.
-    ``self_kwargs`` go to ``self_generated`` (``n_prompts``, ``prompts``, ``max_new_tokens``,
-    ``batch_size``, ``do_sample``, ``temperature``, ``top_p``, ``cache``, ``progress``).
+    for ``"self"`` (unless ``n_prompts`` is given). ``self_kwargs`` go to ``self_generated`` (``n_prompts``,
+    ``prompts``, ``max_new_tokens``, ``batch_size``, ``cache``, ``progress``).
     """
     if max_texts is not None and max_texts <= 0:
         raise ValueError(f"max_texts must be positive, got {max_texts}")
