@@ -117,6 +117,35 @@ def _linear_in_features(path: str) -> dict[str, int]:
     return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def _complete_layers(layers: dict, resolved, recorded: dict, path: str) -> None:
+    """Each packed layer's ``bits`` (the tensors say it: only INT4 stores zero points) and ``in_features`` (recorded
+    in the header, else groups x group size, else the architecture's)."""
+    architecture = None
+    for layer, entry in layers.items():
+        _, group_size = resolved.layer_format(layer)
+        entry["bits"] = 4 if "weight_zero_bytes" in entry else 2
+        if layer in recorded:  # written by save_pretrained since the header records it
+            entry["in_features"] = recorded[layer]
+        elif group_size and entry["groups"] > 1:  # K = groups x group size exactly
+            entry["in_features"] = entry["groups"] * group_size
+        else:  # one scale per row: the packed words only bound K, the architecture knows it
+            architecture = _linear_in_features(path) if architecture is None else architecture
+            entry["in_features"] = architecture.get(layer, entry["packed_words"] * 32 // entry["bits"])
+
+
+def _decoder_share(layers: dict, block_dense: dict[str, int]) -> tuple[float, dict]:
+    """The share of the decoder blocks' weights that are quantized, and the block matrices left dense with their
+    reason (``"router"``: a gate/router layer beside quantized experts; None: no documented reason)."""
+    in_blocks = sum(e["in_features"] * e["out_features"] for name, e in layers.items() if _BLOCK.search(name + "."))
+    with_experts = {key.split(".experts.")[0] for key in layers if ".experts." in key}
+    dense = {}
+    for key in block_dense:
+        module, _, _ = key.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        dense[key] = "router" if parent in with_experts and leaf in ROUTER_LEAVES else None
+    return in_blocks / max(1, in_blocks + sum(block_dense.values())), dense
+
+
 def checkpoint_info(path: str) -> dict:
     """What a saved UPQ checkpoint holds, read from config.json and the safetensors headers (and, for a
     per-row layer of a checkpoint that predates the recorded ``in_features``, the architecture)."""
@@ -171,27 +200,9 @@ def checkpoint_info(path: str) -> dict:
                         block_dense[key] = nbytes // element_bytes[dtype]
     quantized_bytes = sum(e.get("code_bytes", 0) + e.get("weight_scale_bytes", 0) + e.get("weight_zero_bytes", 0)
                           for e in layers.values())
-    architecture = None
-    n_weights = 0
-    for layer, entry in layers.items():
-        bits, group_size = resolved.layer_format(layer)
-        bits = 4 if "weight_zero_bytes" in entry else 2  # the tensors say it: only INT4 stores zero points
-        per_word = 32 // bits
-        entry["bits"] = bits
-        if layer in recorded:  # written by save_pretrained since the header records it
-            in_features = recorded[layer]
-        elif group_size and entry["groups"] > 1:  # K = groups x group size exactly
-            in_features = entry["groups"] * group_size
-        else:  # one scale per row: the packed words only bound K, the architecture knows it
-            architecture = _linear_in_features(path) if architecture is None else architecture
-            in_features = architecture.get(layer, entry["packed_words"] * per_word)
-        entry["in_features"] = in_features
-        n_weights += in_features * entry["out_features"]
-    in_blocks = sum(e["in_features"] * e["out_features"] for name, e in layers.items() if _BLOCK.search(name + "."))
-    with_experts = {key.split(".experts.")[0] for key in layers if ".experts." in key}
-    dense = {key: ("router" if key.rpartition(".")[0].rpartition(".")[0] in with_experts
-                   and key.rpartition(".")[0].rpartition(".")[2] in ROUTER_LEAVES else None)
-             for key in block_dense}
+    _complete_layers(layers, resolved, recorded, path)
+    n_weights = sum(entry["in_features"] * entry["out_features"] for entry in layers.values())
+    share, dense = _decoder_share(layers, block_dense)
     disk_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                      if os.path.isfile(os.path.join(path, f)))
     return {
@@ -203,7 +214,7 @@ def checkpoint_info(path: str) -> dict:
         "other_tensor_bytes": other_bytes,
         "bits_per_weight": 8 * quantized_bytes / max(n_weights, 1),
         # the decoder blocks' weights: the share quantized, and those left dense ({key: reason or None})
-        "decoder_quantized_fraction": in_blocks / max(1, in_blocks + sum(block_dense.values())),
+        "decoder_quantized_fraction": share,
         "decoder_dense_weights": dense,
         "disk_bytes": disk_bytes,
     }

@@ -32,8 +32,8 @@ MIXES = {
            "(2.25 with group_size=64; on the bundled model: group 192)",
 }
 #: mixes that are no longer offered: a checkpoint made with one still loads (its resolved patterns are saved in
-#: ``module_bits``). ``kv-edge`` (k/v and the edge blocks' down_proj at INT4, 2.48 bits) measured no better than
-#: ``kv4`` at 2.23 bits (docs/BENCHMARKS.md).
+#: ``module_bits``). ``kv-edge`` (k/v and the edge blocks' down_proj at INT4) measured no better than ``kv4``,
+#: at more bits per weight (docs/BENCHMARKS.md).
 RETIRED_MIXES = ("kv-edge",)
 #: ``mix="auto"``, the default: ``kv4`` for the ``upq`` recipe at INT2, where it was measured far ahead of uniform
 #: INT2 at the same size (docs/BENCHMARKS.md); no mix otherwise

@@ -11,8 +11,8 @@ against a reference on torch 2.13 (and checked by ``tests/test_int4pack.py``):
   ``scales_and_zeros`` is ``(K / group_size, N, 2)`` (scale, zero) in the dtype of ``x``.
 * ``group_size`` must be 32, 64, 128 or 256 and divide K; ``x`` fp32, fp16 or bf16, 2-D.
 * The weight is dequantized and the products accumulated in fp32; only the output is rounded to
-  the activation dtype. Only the bf16 path is fast (measured on the 2-core AVX2 machine: fp32 and
-  fp16 activations run 10-30x slower than bf16), so every activation is computed in bf16.
+  the activation dtype. Only the bf16 path is fast (fp32 and fp16 activations run an order of magnitude
+  slower, docs/BENCHMARKS.md), so every activation is computed in bf16.
 
 Both UPQ formats are affine per group, so they map onto it without changing the on-disk format:
 
@@ -51,8 +51,8 @@ import torch
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # largest first
 N_MULTIPLE = 16
 # Rows above which a call takes the reference path (dequantize + matmul): the kernel's time grows
-# linearly with the rows, the reference's dequantization is paid once per call. Measured crossover
-# on the 2-core machine: 200-500 rows depending on the layer (docs/BENCHMARKS.md).
+# linearly with the rows, the reference's dequantization is paid once per call; the crossover lies above this
+# for every layer measured (docs/BENCHMARKS.md).
 MAX_ROWS = 128
 COMPUTE_DTYPE = torch.bfloat16
 UNIT_ROUNDOFF = 2.0 ** -8  # bf16 has 8 significant bits

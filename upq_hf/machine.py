@@ -33,6 +33,6 @@ def cpu_flags() -> frozenset[str] | None:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 matrix products
-    run about 2.5x faster than fp32 (measured on the project's 2-core AMD EPYC); elsewhere they are emulated."""
+    run much faster than fp32 (docs/BENCHMARKS.md); elsewhere they are emulated."""
     flags = cpu_flags() or frozenset()
     return "avx512_bf16" in flags or "amx_bf16" in flags

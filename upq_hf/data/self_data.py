@@ -22,11 +22,9 @@ import torch
 
 from ..chat import generate_answers
 
-# "self" data defaults, sized for a CPU. Measured with the bundled 135M model on a 2-core CPU shared with
-# other jobs (one torch thread, load average 4-7): 64 prompts x <=128 new tokens give 5.8k answer tokens
-# (9.1k tokens with the chat template) in 140-185 s (batch 64-16); the default 128 prompts give 11.3k
-# answer tokens (17.9k in all) in about 5 minutes at load 4, 9.7 minutes at load 7; seconds on a GPU.
-# The cache makes every later call instant. Larger batches are faster on CPU too (fewer sequential steps).
+# "self" data defaults, sized for a CPU: the bundled 135M model answers the 128 prompts in minutes on two
+# cores, seconds on a GPU (docs/BENCHMARKS.md); the cache makes every later call instant. Larger batches are
+# faster on a CPU too (fewer sequential steps).
 SELF_DEFAULTS: dict[str, Any] = {
     "n_prompts": 128,
     "max_new_tokens": 128,
