@@ -42,9 +42,9 @@ class RTNConfig:
     """Round to nearest: the whole of recipe ``rtn``, and where every other recipe starts (and a block whose
     reconstruction does not improve on it ends).
 
-    scale_init: the scale of each group: ``"mse"``, the error-minimising shrink of the range (searched over 31
-        fractions), or ``"max"``, the range itself (ParetoQ's start; kept for that comparison: "mse" measured
-        better on every layer shape, docs/BENCHMARKS.md).
+    scale_init: the scale of each group: ``"mse"``, the shrink of the range (searched over 31 fractions) that
+        minimises the group's rounding error, or ``"max"``, the range itself (ParetoQ's start, kept for comparisons
+        with it).
     """
 
     scale_init: str = "mse"
@@ -60,7 +60,7 @@ class DataConfig:
 
     dataset: ``"self"`` (the model's own greedy answers to upq_hf's built-in chat prompts: offline, no private
         data), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
-    prompts: how many built-in prompts ``"self"`` answers (None: all of them).
+    prompts: how many built-in prompts ``"self"`` answers (None: 128 of them, or all where there are fewer).
     calibration_samples, calibration_seqlen: the sequences block-wise PTQ reconstructs on.
     """
 
