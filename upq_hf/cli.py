@@ -238,6 +238,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .gguf_export import export_gguf
+
+    report = export_gguf(args.path, args.gguf, fallback=args.fallback, dense_type=args.dense_type)
+    for layer, why in report.fallbacks.items():
+        print(f"upq: {layer} written dense: {why}", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
 def cmd_eval(args) -> int:
     """``upq eval``: lm-eval tasks (offline from local files if need be) and our fidelity report."""
     from .evaluation import evaluate_model, summary_table
@@ -326,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    x = sub.add_parser("export", help="write a UPQ checkpoint as a GGUF file that llama.cpp runs with the same weights")
+    x.add_argument("path", help="a saved UPQ checkpoint folder (with its tokenizer)")
+    x.add_argument("--gguf", required=True, metavar="OUT", help="the GGUF file to write (atomically)")
+    x.add_argument("--fallback", default="error", choices=["error", "dense"],
+                   help="a layer no llama.cpp type holds exactly: an error (default), or written dense")
+    x.add_argument("--dense-type", default=None, choices=["F32", "F16", "BF16"],
+                   help="type of the embeddings and other dense tensors (default: their own dtype)")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="describe a saved UPQ checkpoint")
     i.add_argument("path")
