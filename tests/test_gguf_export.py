@@ -103,7 +103,8 @@ def test_a_layer_no_block_type_holds_is_an_error_or_written_dense(tokenizer, tmp
     model = tiny_llama(vocab_size=len(tokenizer), intermediate_size=48)  # down_proj: rows of 48 inputs
     upq_hf.quantize_model(model, UPQConfig(bits=2, group_size=16), progress=False)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj has group size 16 \(a scale per "
-                                         r"32-element block needs a multiple of 32\)"):
+                                         r"32-element block needs a multiple of 32, or the Q2_K grid: "
+                                         r"scale_grid='q2_k'\): no llama.cpp type holds it exactly"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer)
     assert not list(tmp_path.iterdir())  # nothing half-written
     report = export_gguf(model, tmp_path / "m.gguf", tokenizer, fallback="dense")
@@ -131,3 +132,61 @@ def test_the_cli_exports_a_checkpoint_folder(tokenizer, tmp_path, capsys):
     tensors = read_back(tmp_path / "m.gguf")
     for name, layer in upq_layers(model).items():
         assert np.array_equal(tensors[gguf_name(name)][0], expected(name, layer))
+
+
+# ------------------------------------------------------------------------------------------------- the Q2_K grid
+
+def test_the_q2_k_grid_holds_every_scale_exactly():
+    from upq_hf import formats
+
+    scale = torch.rand(5, 48, generator=torch.Generator().manual_seed(0)) * 0.05 + 1e-4
+    on_grid = formats.q2_k_grid(scale)
+    d = formats.q2_k_super_scale(scale)
+    c = on_grid / d.repeat_interleave(16, dim=1)
+    assert torch.equal(c, c.round()) and c.min() >= 1 and c.max() <= 15
+    assert torch.equal(on_grid.half().float(), on_grid) and torch.equal((1.5 * d).half().float(), 1.5 * d)
+    assert torch.equal(formats.q2_k_grid(on_grid), on_grid)  # a scale on the grid stays where it is
+    step = d.repeat_interleave(16, dim=1)
+    # the nearest multiple: within half a step, but for the scales under half a step (the grid's 15:1 range), at d
+    assert bool(((on_grid - scale).abs() <= step / 2 + 1e-9)[scale >= step / 2].all())
+    assert bool((on_grid == step)[scale < step / 2].all())
+
+
+def wide(tokenizer, **config):
+    """A tiny Llama with rows of 256 and 512 (Q2_K's super-blocks are 256 columns)."""
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512)
+    return upq_hf.quantize_model(model, UPQConfig(**config), progress=False)
+
+
+def test_int2_on_the_q2_k_grid_is_q2_k_bit_for_bit(tokenizer, tmp_path):
+    model = wide(tokenizer, bits=2, group_size=16, scale_grid="q2_k")
+    report = export_gguf(model, tmp_path / "m.gguf", tokenizer)
+    tensors = read_back(tmp_path / "m.gguf")
+    for name, layer in upq_layers(model).items():
+        data, kind = tensors[gguf_name(name)]
+        assert kind == "Q2_K" and np.array_equal(data, expected(name, layer)), name
+    reader = GGUFReader(tmp_path / "m.gguf")
+    blocks = sum(t.n_bytes for t in reader.tensors if t.tensor_type.name == "Q2_K")
+    weights = sum(m.in_features * m.out_features for m in upq_layers(model).values())
+    assert 8 * blocks / weights == 2.625 and report.fallbacks == {}
+
+
+def test_upq_trained_on_the_grid_exports_as_q2_k(tokenizer, tmp_path):
+    """Block-wise PTQ and Distill-QAT train the scales on the grid: every layer of the result still is Q2_K."""
+    texts = [f"Note {i}: the level of the tank is {i * 7 % 13} units today." for i in range(16)]
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512)
+    config = UPQConfig(bits=2, group_size=16, scale_grid="q2_k", recipe="upq", int4_group_size=32,
+                       data={"dataset": texts, "calibration_samples": 4, "calibration_seqlen": 16},
+                       ptq={"epochs": 1, "batch_size": 2},
+                       distill={"steps": 2, "batch_size": 2, "seqlen": 16, "samples": 2, "mixed_precision": "no"})
+    upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
+    report = export_gguf(model, tmp_path / "m.gguf", tokenizer)
+    assert {report.types[gguf_name(name)] for name in upq_layers(model)} == {"Q2_K"}
+
+
+def test_the_grid_needs_its_format_and_its_rows(tokenizer):
+    with pytest.raises(ValueError, match="it needs bits=2, group_size=16, scale_dtype='float16' and no mix"):
+        UPQConfig(bits=2, group_size=32, scale_grid="q2_k")
+    with pytest.raises(ValueError, match=r"needs INT2 rows whose length is a multiple of 256: model\.layers\.0\."
+                                         r"self_attn\.q_proj has 64 inputs"):
+        quantized(tokenizer, bits=2, group_size=16, scale_grid="q2_k")

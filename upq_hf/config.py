@@ -17,7 +17,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import backends
-from .formats import check_bits
+from .formats import Q2_K_GROUP, SCALE_GRIDS, check_bits
 from .packing import FORMAT_VERSION
 from .recipes import RECIPES
 from .stages import BUDGETS, STAGES, as_dict, stage_config
@@ -160,6 +160,10 @@ class UPQConfig(QuantizationConfigMixin):
             decides; patterns given here come before the mix's.
         int4_group_size: the group size of INT4 layers that ``module_bits``/``mix`` name without one, and of
             ``upq``'s INT4 stage.
+        scale_grid: ``"q2_k"``: the INT2 layers' scales live on llama.cpp's Q2_K grid (groups of 16 columns, each
+            scale an integer multiple 1..15 of one fp16 step per 256 columns), and every stage trains on it, so that
+            ``upq export --gguf`` writes the trained layers as ``Q2_K`` (2.625 bits per weight) exactly. Needs
+            ``bits=2``, ``group_size=16``, ``scale_dtype="float16"`` and rows that are multiples of 256.
         scale_dtype: storage dtype of scales and zero points.
         modules_to_not_convert: module names (or name suffixes) kept in high precision; the output and tied
             embeddings and the MoE routers always are.
@@ -181,7 +185,8 @@ class UPQConfig(QuantizationConfigMixin):
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn", mix: str | None = "auto",
                  module_bits: dict[str, Any] | None = None, int4_group_size: int | None = 64,
                  scale_dtype: str = "float16", modules_to_not_convert: list[str] | None = None,
-                 backend: str | None = None, format_version: int = FORMAT_VERSION, seed: int = 0, rtn=None,
+                 backend: str | None = None, scale_grid: str | None = None, format_version: int = FORMAT_VERSION,
+                 seed: int = 0, rtn=None,
                  data=None, ptq=None, distill=None, e2e_qp=None, stages: dict | None = None, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
@@ -194,6 +199,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.backend = backend
+        self.scale_grid = scale_grid
         self.format_version = format_version
         self.seed = seed
         reading = kwargs.pop("_reading", False)  # from_dict: a saved config.json, maybe of an older upq_hf
@@ -262,7 +268,16 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: seed must be an integer, got {self.seed!r}")
         self._check_module_bits()
         if self.mix == "auto":
-            self.mix = AUTO_MIX if self.recipe == "upq" and self.bits == 2 else None
+            self.mix = AUTO_MIX if self.recipe == "upq" and self.bits == 2 and self.scale_grid is None else None
+        if self.scale_grid is not None:
+            if self.scale_grid not in SCALE_GRIDS:
+                raise ValueError(f"UPQConfig: scale_grid must be one of {list(SCALE_GRIDS)} or None, got "
+                                 f"{self.scale_grid!r}")
+            if (self.bits, self.group_size, self.scale_dtype, self.mix) != (2, Q2_K_GROUP, "float16", None):
+                raise ValueError(f"UPQConfig: scale_grid {self.scale_grid!r} is a grid of INT2 scales per 16 columns in "
+                                 f"fp16: it needs bits=2, group_size=16, scale_dtype='float16' and no mix, got "
+                                 f"bits={self.bits}, group_size={self.group_size}, scale_dtype={self.scale_dtype!r}, "
+                                 f"mix={self.mix!r}")
         if self.mix is not None:
             if self.mix in RETIRED_MIXES:
                 if not self.module_bits:

@@ -73,7 +73,17 @@ def prepare(model: nn.Module, config, split=()) -> LayerFormats:
     adapters.check_nothing_silently_dense(model, config.modules_to_not_convert)
     layer_formats = model_layer_formats(model, config)
     _canonical(model, config.bits, config.group_size, config.modules_to_not_convert, layer_formats, split)
-    check_layers(linear_layers(model, config.modules_to_not_convert), config.group_size, layer_formats)
+    layers = linear_layers(model, config.modules_to_not_convert)
+    check_layers(layers, config.group_size, layer_formats)
+    if config.scale_grid is not None:
+        from .formats import Q2_K_SUPER
+
+        off_grid = [name for name, layer in layers.items() if _format(name, config.bits, None, layer_formats)[0] == 2
+                    and layer.in_features % Q2_K_SUPER]
+        if off_grid:
+            raise ValueError(f"UPQConfig(scale_grid={config.scale_grid!r}) needs INT2 rows whose length is a multiple "
+                             f"of {Q2_K_SUPER}: {off_grid[0]} has {layers[off_grid[0]].in_features} inputs (keep it "
+                             f"at INT4 with module_bits, or leave scale_grid unset)")
     return layer_formats
 
 
@@ -135,7 +145,7 @@ def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, sc
                          scale_dtype: torch.dtype = torch.float16,
                          modules_to_not_convert: Iterable[str] | None = None, backend: str | None = None,
                          progress: bool = False, layer_formats: LayerFormats | None = None,
-                         canonical: bool = True) -> list[str]:
+                         canonical: bool = True, scale_grid: str | None = None) -> list[str]:
     """Round-to-nearest: replace each selected ``nn.Linear`` by its ``UPQLinear``, in place (the model made
     canonical first, :func:`upq_hf.adapters.canonicalize`, unless ``canonical`` is False: its ``nn.Linear`` layers
     alone, as storage format 1 knew them)."""
@@ -148,7 +158,7 @@ def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None, sc
     for name, linear in tqdm(layers.items(), desc=f"RTN INT{bits}", disable=not progress, unit="layer"):
         layer_bits, layer_group = _format(name, bits, group_size, layer_formats)
         replace_module(model, name, UPQLinear.from_linear(linear, layer_bits, layer_group, scale_init, scale_dtype,
-                                                          backend))
+                                                          backend, scale_grid))
     return list(layers)
 
 

@@ -78,10 +78,43 @@ def _expand(param: torch.Tensor, group_size: int | None, n_in: int) -> torch.Ten
     return param.repeat_interleave(gs, dim=1)
 
 
-def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Scales are stored in ``scale_dtype``: compute codes with the value that will be stored."""
+def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype, grid: str | None = None) -> torch.Tensor:
+    """Scales are stored in ``scale_dtype`` (on ``grid`` if one is given, :data:`SCALE_GRIDS`): compute codes with
+    the value that will be stored."""
+    if grid is not None:
+        return q2_k_grid(scale.float())
     tiny = torch.finfo(scale_dtype).tiny
     return scale.clamp_min(tiny).to(scale_dtype).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Q2_K scale grid
+# ----------------------------------------------------------------------------------------------
+
+#: scale grids a SEQ INT2 layer can be trained on (``UPQConfig.scale_grid``)
+SCALE_GRIDS = ("q2_k",)
+Q2_K_GROUP = 16  # columns per scale
+Q2_K_SUPER = 256  # columns per super-block: 16 scales sharing one d
+_Q2_K_BITS = 6  # significant bits of d: d * c (c <= 15, 4 bits) and 1.5 d then fit fp16's 11 exactly
+
+
+def q2_k_super_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``d`` per super-block of 16 consecutive scales (``(N, G)`` -> ``(N, G / 16)``): the largest scale over 15,
+    rounded up to a number of 6 significant bits (``m 2^e``, m in 32..63) no smaller than fp16's smallest normal,
+    so that every ``d c`` (c in 1..15) and ``1.5 d`` are exact in fp16."""
+    top = scale.reshape(*scale.shape[:-1], -1, Q2_K_GROUP).amax(-1).float()
+    raw = (top / 15).clamp_min(torch.finfo(torch.float16).tiny)
+    exponent = torch.floor(torch.log2(raw)) - (_Q2_K_BITS - 1)
+    mantissa = torch.ceil(raw / torch.exp2(exponent))  # in 32..64: 64 carries into the next exponent
+    return mantissa * torch.exp2(exponent)
+
+
+def q2_k_grid(scale: torch.Tensor) -> torch.Tensor:
+    """SEQ scales ``(N, G)`` (groups of 16 columns, G a multiple of 16) on llama.cpp's Q2_K grid: each scale an
+    integer multiple ``c`` (1..15) of its super-block's ``d`` (:func:`q2_k_super_scale`), the nearest one. A
+    ``Q2_K`` block then stores the layer exactly: ``sc = m = c``, ``dmin = 1.5 d``."""
+    d = q2_k_super_scale(scale).repeat_interleave(Q2_K_GROUP, dim=-1)
+    return torch.clamp(torch.round(scale.float() / d), 1, 15) * d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,10 +144,13 @@ def seq_codes(w: torch.Tensor, scale: torch.Tensor, group_size: int | None, eps:
 
 
 def seq_init_scale(w: torch.Tensor, group_size: int | None, scale_init: str = "max",
-                   scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Initial SEQ scale ``s`` per group: ``max|w| / 2`` (ParetoQ) or the MSE-minimising shrink of it."""
+                   scale_dtype: torch.dtype = torch.float16, grid: str | None = None) -> torch.Tensor:
+    """Initial SEQ scale ``s`` per group: ``max|w| / 2`` (ParetoQ) or the MSE-minimising shrink of it; on ``grid``,
+    the per-group choice put on the grid."""
     if scale_init not in SCALE_INITS:
         raise ValueError(f"scale_init must be one of {SCALE_INITS}, got {scale_init!r}")
+    if grid is not None:
+        return _round_scale(seq_init_scale(w, group_size, scale_init, scale_dtype), scale_dtype, grid)
     wg = _grouped(w.float(), group_size)
     delta = wg.abs().amax(dim=-1)
     if scale_init == "max":
@@ -148,11 +184,12 @@ def _search_error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 
 def quantize_seq(w: torch.Tensor, group_size: int | None = None, scale: torch.Tensor | None = None,
-                 scale_init: str = "max", scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+                 scale_init: str = "max", scale_dtype: torch.dtype = torch.float16,
+                 grid: str | None = None) -> QuantizedWeight:
     if scale is None:
-        scale = seq_init_scale(w, group_size, scale_init, scale_dtype)
+        scale = seq_init_scale(w, group_size, scale_init, scale_dtype, grid)
     else:
-        scale = _round_scale(scale.detach().float(), scale_dtype)
+        scale = _round_scale(scale.detach().float(), scale_dtype, grid)
     codes = seq_codes(w, scale, group_size)
     return QuantizedWeight(codes, scale.to(scale_dtype), None, 2, group_size)
 
@@ -281,12 +318,13 @@ def int4_code_rule(w_over_s: torch.Tensor, zero: torch.Tensor, rounding=torch.ro
 # ----------------------------------------------------------------------------------------------
 
 def quantize(w: torch.Tensor, bits: int, group_size: int | None, scale_init: str = "max",
-             scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """Round-to-nearest quantization of a ``(N, K)`` weight to INT2 SEQ or INT4."""
+             scale_dtype: torch.dtype = torch.float16, grid: str | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a ``(N, K)`` weight to INT2 SEQ (its scales on ``grid`` if given) or
+    INT4."""
     check_bits(bits)
     check_group_size(w.shape[1], group_size)
     if bits == 2:
-        return quantize_seq(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype)
+        return quantize_seq(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype, grid=grid)
     return quantize_int4(w, group_size, scale_init=scale_init, scale_dtype=scale_dtype)
 
 

@@ -5,6 +5,9 @@ Each quantized layer goes into the llama.cpp block type that holds its format ex
 * SEQ INT2, ``w = s (k - 1.5)``: ``Q4_0``, ``w = d (q - 8)`` with ``d = s / 2`` and ``q = 2 k + 5`` (q in
   {5, 7, 9, 11}): bit for bit, for any group size that is a multiple of 32 (or one scale per row), on rows whose
   length is a multiple of 32. A container, not a size win: 4.5 bits per weight on disk (4.25 + the scale).
+* SEQ INT2 trained on the Q2_K grid (``UPQConfig(scale_grid="q2_k")``: groups of 16, each scale an integer
+  multiple ``c`` in 1..15 of one ``d`` per 256 columns): ``Q2_K``, ``w = d sc q - dmin m`` with ``sc = m = c``,
+  ``q = k`` and ``dmin = 1.5 d``: bit for bit, at 2.625 bits per weight.
 * asymmetric INT4, ``w = s (k - z)``: ``Q4_1``, ``w = d q + m`` with ``d = s``, ``q = k`` and ``m = -s z``
   rounded to fp16: exact to that one rounding of ``m`` (``s z`` is the product of an fp16 scale and an
   integer up to 15, which fp16 holds exactly where it has the bits, and to within half an fp16 step elsewhere).
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .formats import Q2_K_GROUP, Q2_K_SUPER
 from .nn import UPQLinear
 
 #: transformers model_type -> GGUF architecture (those whose tensors and metadata this exporter writes)
@@ -98,20 +102,68 @@ def int4_to_q4_1(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g
     return np.concatenate([_fp16_bits(d), _fp16_bits(m), _nibbles(q)], axis=-1).reshape(n, -1)
 
 
+def q2_k_steps(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(d, c)`` of SEQ scales ``(N, G)`` (groups of 16) on the Q2_K grid: per 256 columns one ``d`` of 6
+    significant bits, each scale ``d c`` with integer ``c`` in 1..15, exactly; None where they are not. The
+    largest scale of a super-block is ``d c_top`` for some ``c_top``: each is tried, 15 first."""
+    s = scale.float().reshape(scale.shape[0], -1, Q2_K_GROUP)
+    top = s.amax(-1, keepdim=True)
+    found_d = torch.zeros_like(top)
+    for c_top in range(15, 0, -1):
+        d = top / c_top
+        c = torch.round(s / d)
+        exact = (c * d == s) & (c >= 1) & (c <= 15)
+        grid = d.half().float() == d  # d itself in fp16 ...
+        grid &= ((d * 1.5).half().float() == d * 1.5)  # ... and dmin = 1.5 d too
+        ok = exact.all(-1, keepdim=True) & grid & (found_d == 0)
+        found_d = torch.where(ok, d, found_d)
+    if bool((found_d == 0).any()):
+        return None
+    return found_d.squeeze(-1), torch.round(s / found_d).to(torch.uint8).reshape(scale.shape)
+
+
+def seq_to_q2_k(codes: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+    """SEQ INT2 codes ``(N, K)`` on the Q2_K grid (``d`` ``(N, K / 256)``, ``c`` ``(N, K / 16)``) as Q2_K blocks,
+    ``(N, K / 256 * 84)`` bytes: 16 bytes of ``sc | m << 4``, 64 bytes of 2-bit codes (element ``128 n + 32 j + 16 h
+    + l`` in bits ``2 j`` of byte ``32 n + 16 h + l``), fp16 ``d`` and ``dmin``."""
+    n, k = codes.shape
+    scales = c.numpy().astype(np.uint8).reshape(n, k // Q2_K_SUPER, 16)
+    scales = scales | (scales << 4)
+    q = codes.numpy().astype(np.uint8).reshape(n, k // Q2_K_SUPER, 2, 4, 2, 16)  # (n, j, h, l)
+    qs = (q << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 1, 4, 1, 1)).sum(axis=3, dtype=np.uint8)
+    qs = qs.reshape(n, k // Q2_K_SUPER, 64)
+    dd = d.numpy().reshape(n, k // Q2_K_SUPER)
+    return np.concatenate([scales, qs, _fp16_bits(dd), _fp16_bits(dd * 1.5)], axis=-1).reshape(n, -1)
+
+
 def _unexportable(layer: UPQLinear) -> str | None:
     """Why ``layer`` has no exact llama.cpp type, or None."""
     if layer.in_features % BLOCK:
         return f"rows of {layer.in_features} inputs (llama.cpp's blocks hold 32)"
+    if _q2_k(layer) is not None:
+        return None
     if layer.group_size is not None and layer.group_size % BLOCK:
-        return f"group size {layer.group_size} (a scale per 32-element block needs a multiple of 32)"
+        return (f"group size {layer.group_size} (a scale per 32-element block needs a multiple of 32, or the Q2_K "
+                f"grid: scale_grid='q2_k')")
     return None
 
 
+def _q2_k(layer: UPQLinear):
+    """``(d, c)`` where ``layer`` is SEQ INT2 on the Q2_K grid (groups of 16, rows a multiple of 256), else None."""
+    if layer.bits != 2 or layer.group_size != Q2_K_GROUP or layer.in_features % Q2_K_SUPER:
+        return None
+    return q2_k_steps(layer.weight_scale.t().cpu())
+
+
 def packed_tensor(layer: UPQLinear) -> tuple[np.ndarray, str]:
-    """The GGUF blocks of a ``UPQLinear`` and their type name (``"Q4_0"`` for SEQ INT2, ``"Q4_1"`` for INT4)."""
+    """The GGUF blocks of a ``UPQLinear`` and their type name: ``"Q2_K"`` for SEQ INT2 on the Q2_K grid, ``"Q4_0"``
+    for other SEQ INT2, ``"Q4_1"`` for INT4."""
     qw = layer.quantized_weight()
     group = layer.group_size or layer.in_features
     if qw.bits == 2:
+        steps = _q2_k(layer)
+        if steps is not None:
+            return seq_to_q2_k(qw.codes.cpu(), *steps), "Q2_K"
         return seq_to_q4_0(qw.codes.cpu(), qw.scale.cpu(), group), "Q4_0"
     return int4_to_q4_1(qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), group), "Q4_1"
 
@@ -170,7 +222,7 @@ def export_gguf(model: nn.Module | str | os.PathLike, out: str | os.PathLike, to
         _tokenizer(writer, tokenizer, config)
         for name, (data, kind, shape) in tensors.items():
             # blocks and bf16 go in as bytes, (rows, bytes per row): the writer reads the logical shape from them
-            raw = kind in ("Q4_0", "Q4_1", "BF16")
+            raw = kind in ("Q2_K", "Q4_0", "Q4_1", "BF16")
             writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if raw else None)
             report.types[name] = kind
         writer.write_header_to_file()

@@ -61,10 +61,10 @@ class UPQLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 2, group_size: int | None = None,
                     scale_init: str = "max", scale_dtype: torch.dtype = torch.float16,
-                    backend: str | None = None) -> "UPQLinear":
-        """Round-to-nearest quantization of an ``nn.Linear``."""
+                    backend: str | None = None, scale_grid: str | None = None) -> "UPQLinear":
+        """Round-to-nearest quantization of an ``nn.Linear`` (SEQ scales on ``scale_grid`` if given)."""
         with torch.no_grad():
-            qw = formats.quantize(linear.weight.detach(), bits, group_size, scale_init, scale_dtype)
+            qw = formats.quantize(linear.weight.detach(), bits, group_size, scale_init, scale_dtype, scale_grid)
         return cls.from_quantized(qw, linear.bias, backend=backend)
 
     # ------------------------------------------------------------------ views of the weight

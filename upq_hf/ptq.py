@@ -290,6 +290,7 @@ class _Run:
     format_of: object
     scale_init: str
     scale_dtype: torch.dtype
+    scale_grid: str | None
     device: torch.device
     backend: str | None
     keep_qat: bool
@@ -383,7 +384,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, prefix: str, n_bloc
     for name in (n for n in run.selected if n.startswith(prefix)):
         local = name[len(prefix):]
         trainable[local] = QATLinear.from_linear(block.get_submodule(local), *run.format_of(name), run.scale_init,
-                                                 run.scale_dtype)
+                                                 run.scale_dtype, run.scale_grid)
         replace_module(block, local, trainable[local])
     start_state = _state(trainable)
     rtn_loss = _block_outputs(block, run.quant_inputs, run.kwargs, run.device, run.batch_size, targets=run.fp_inputs)
@@ -410,14 +411,15 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
                   modules_to_not_convert=None, layer_formats: dict[str, tuple[int, int | None]] | None = None,
                   device: torch.device | str | None = None, backend: str | None = None, seed: int = 0,
                   keep_qat: bool = False, autocast: torch.dtype | None = None, activations_on_device: bool = False,
-                  reference: nn.Module | None = None, progress: bool = True) -> PTQReport:
+                  reference: nn.Module | None = None, scale_grid: str | None = None, progress: bool = True) -> PTQReport:
     """Quantize ``model`` in place, block by block (see the module doc), to ``bits`` (4: asymmetric INT4, 2: SEQ
     INT2) with ``group_size`` input columns per scale (None: per row); ``layer_formats`` names the layers that take
     another format (mixed bits). ``input_ids`` ``(nsamples, seqlen)`` is the calibration; ``config`` the
     hyper-parameters (:class:`upq_hf.stages.PTQConfig`); ``scale_init`` the round-to-nearest start;
     ``keep_qat``: leave the trained QAT layers (latent weights and scales, the packed layers' forward) instead
     of packing them; ``reference``: a model with the same blocks whose blocks give the targets (by default this
-    model's own, before quantization); ``autocast``: run the training passes in this dtype. Returns a
+    model's own, before quantization); ``autocast``: run the training passes in this dtype; ``scale_grid``: the
+    grid SEQ scales are trained on (:data:`upq_hf.formats.SCALE_GRIDS`). Returns a
     :class:`PTQReport` with each block's error at its start and its end."""
     config = config or PTQConfig()
     formats.check_bits(bits)
@@ -450,7 +452,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     storage = device if activations_on_device else torch.device("cpu")
     quant_inputs, kwargs = capture_block_inputs(model, layers, input_ids, device, storage)
     run = _Run(config, selected, lambda name: layer_formats.get(name, (bits, group_size)), scale_init, scale_dtype,
-               device, backend, keep_qat, autocast, kwargs, quant_inputs, quant_inputs.clone(),
+               scale_grid, device, backend, keep_qat, autocast, kwargs, quant_inputs, quant_inputs.clone(),
                torch.empty_like(quant_inputs), permutation[:nsamples - holdout], permutation[nsamples - holdout:],
                generator, batch_size, total_steps, progress)
     report.capture_seconds = time.perf_counter() - started
@@ -465,7 +467,7 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     for name, linear in selected.items():  # selected linears outside the decoder blocks: round to nearest
         if not name.startswith(f"{layers_name}."):
             replace_module(model, name, UPQLinear.from_linear(linear, *run.format_of(name), scale_init, scale_dtype,
-                                                              backend))
+                                                              backend, scale_grid))
     model.train(was_training)
     report.seconds = time.perf_counter() - started
     return report

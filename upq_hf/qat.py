@@ -51,7 +51,8 @@ _INIT_ROWS = 256
 
 @torch.no_grad()
 def init_quant_params(weight: torch.Tensor, bits: int, group_size: int | None, scale_init: str = "mse",
-                      scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      scale_dtype: torch.dtype = torch.float16,
+                      scale_grid: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest ``(scale, zero)`` of a ``(N, K)`` weight, as :func:`formats.quantize` finds them
     (``zero`` is None for SEQ INT2). Computed a few hundred rows at a time: the ``"mse"`` search makes
     some thirty passes over the weight, and row blocks that stay in cache make it about twice as fast
@@ -62,7 +63,7 @@ def init_quant_params(weight: torch.Tensor, bits: int, group_size: int | None, s
     for start in range(0, w.shape[0], _INIT_ROWS):
         rows = w[start:start + _INIT_ROWS]
         if bits == 2:
-            scales.append(formats.seq_init_scale(rows, group_size, scale_init, scale_dtype))
+            scales.append(formats.seq_init_scale(rows, group_size, scale_init, scale_dtype, scale_grid))
         else:
             scale, zero = formats.int4_init_params(rows, group_size, scale_init, scale_dtype)
             scales.append(scale)
@@ -75,17 +76,18 @@ class _StorageRoundSTE(torch.autograd.Function):
     forward pass; identity in the backward pass."""
 
     @staticmethod
-    def forward(ctx, scale, scale_dtype):
-        return formats._round_scale(scale, scale_dtype).to(scale.dtype)
+    def forward(ctx, scale, scale_dtype, grid):
+        return formats._round_scale(scale, scale_dtype, grid).to(scale.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
-def stored_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """The value ``scale`` takes once stored in ``scale_dtype``, with a straight-through gradient."""
-    return _StorageRoundSTE.apply(scale, scale_dtype)
+def stored_scale(scale: torch.Tensor, scale_dtype: torch.dtype, grid: str | None = None) -> torch.Tensor:
+    """The value ``scale`` takes once stored in ``scale_dtype`` (on ``grid`` where given), with a straight-through
+    gradient."""
+    return _StorageRoundSTE.apply(scale, scale_dtype, grid)
 
 
 class _SEQLinear(torch.autograd.Function):
@@ -149,11 +151,12 @@ class QATLinear(nn.Module):
         bits: 2 (SEQ) or 4 (asymmetric).
         group_size: input columns per scale, ``None`` for one scale per output row.
         scale_dtype: dtype the scales (and zero points) are stored in after :meth:`freeze`.
+        scale_grid: the grid the SEQ scales are stored on (:data:`upq_hf.formats.SCALE_GRIDS`), or None.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int | None,
-                 scale_dtype: torch.dtype = torch.float16):
+                 scale_dtype: torch.dtype = torch.float16, scale_grid: str | None = None):
         super().__init__()
         formats.check_bits(bits)
         if (zero is None) != (bits == 2):
@@ -163,6 +166,7 @@ class QATLinear(nn.Module):
         self.bits = bits
         self.group_size = formats.effective_group_size(self.in_features, group_size)
         self.scale_dtype = scale_dtype
+        self.scale_grid = scale_grid if bits == 2 else None
         n_groups = formats.num_groups(self.in_features, self.group_size)
         if tuple(scale.shape) != (self.out_features, n_groups):
             raise ValueError(f"scale must have shape {(self.out_features, n_groups)}, got {tuple(scale.shape)}")
@@ -181,19 +185,21 @@ class QATLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int | None,
-                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16) -> "QATLinear":
+                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
+                    scale_grid: str | None = None) -> "QATLinear":
         """Start from a dense weight with the round-to-nearest scales of :mod:`upq_hf.formats`."""
         formats.check_group_size(weight.shape[1], group_size)
         w = weight.detach().float()
-        scale, zero = init_quant_params(w, bits, group_size, scale_init, scale_dtype)
-        return cls(w, scale, zero, bias, bits, group_size, scale_dtype)
+        scale, zero = init_quant_params(w, bits, group_size, scale_init, scale_dtype, scale_grid)
+        return cls(w, scale, zero, bias, bits, group_size, scale_dtype, scale_grid)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 2, group_size: int | None = None,
-                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16) -> "QATLinear":
+                    scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
+                    scale_grid: str | None = None) -> "QATLinear":
         """A dense ``nn.Linear`` as the latent weight; scales from ``scale_init`` (``"max"`` or ``"mse"``).
         At initialisation the forward pass equals round-to-nearest (``UPQLinear.from_linear``)."""
-        return cls.from_weight(linear.weight, linear.bias, bits, group_size, scale_init, scale_dtype)
+        return cls.from_weight(linear.weight, linear.bias, bits, group_size, scale_init, scale_dtype, scale_grid)
 
     @classmethod
     def from_upq(cls, upq: UPQLinear, bits: int = 2, group_size: int | None = None, scale_init: str = "mse",
@@ -237,7 +243,7 @@ class QATLinear(nn.Module):
 
     # ------------------------------------------------------------------ quantization
     def _scale(self) -> torch.Tensor:
-        return stored_scale(self.weight_scale, self.scale_dtype)
+        return stored_scale(self.weight_scale, self.scale_dtype, self.scale_grid)
 
     def _zero(self) -> torch.Tensor:
         # the zero point is stored in scale_dtype too; integers 0..15 are exact there
@@ -263,7 +269,7 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def quantized_weight(self) -> formats.QuantizedWeight:
         """Codes and stored scales, computed with the same operations as the forward pass."""
-        scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype)
+        scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype, self.scale_grid)
         if self.codes is not None:
             zero = None if self.bits == 2 else torch.round(self.weight_zero.detach().float()).to(self.scale_dtype)
             return formats.QuantizedWeight(self.codes.clone(), scale.to(self.scale_dtype), zero, self.bits,
@@ -285,7 +291,7 @@ class QATLinear(nn.Module):
         pass rounds to (``self.scale_dtype``); only then is the frozen output exactly the QAT output."""
         if scale_dtype is not None and scale_dtype != self.scale_dtype:
             qat = QATLinear(self.weight, self.weight_scale, self.weight_zero, self.bias, self.bits, self.group_size,
-                            scale_dtype)
+                            scale_dtype, self.scale_grid)
             qat.codes = self.codes
             return qat.freeze(backend=backend)
         bias = None if self.bias is None else self.bias.detach()
@@ -308,6 +314,7 @@ class QATLinear(nn.Module):
 
 def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = None, scale_init: str = "mse",
            scale_dtype: torch.dtype | None = None, modules_to_not_convert: Iterable[str] | None = None,
+           scale_grid: str | None = None,
            layer_formats: dict[str, tuple[int, int | None]] | None = None) -> list[str]:
     """Swap every ``UPQLinear`` of ``model`` for a ``QATLinear``, in place; returns the names swapped.
 
@@ -339,7 +346,7 @@ def to_qat(model: nn.Module, bits: int | None = None, group_size: int | None = N
     dense = linear_layers(model, skip)
     for name, linear in dense.items():
         replace_module(model, name, QATLinear.from_linear(linear, *_format(name, bits, group_size, layer_formats),
-                                                          scale_init, scale_dtype or torch.float16))
+                                                          scale_init, scale_dtype or torch.float16, scale_grid))
     return list(dense)
 
 

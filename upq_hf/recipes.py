@@ -106,7 +106,8 @@ def _ptq(model, calibration, config, run: Run, bits: int, group_size, ptq=None, 
     report = blockwise_ptq(model, calibration, bits, group_size, ptq or config.ptq, scale_init=config.rtn.scale_init,
                            scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
                            device=device, backend=config.backend, seed=config.seed, progress=run.progress,
-                           autocast=autocast_dtype(device, config.distill.mixed_precision), **options)
+                           autocast=autocast_dtype(device, config.distill.mixed_precision),
+                           scale_grid=config.scale_grid if bits == 2 else None, **options)
     _log(str(report).splitlines()[0] if str(report) else "PTQ done")
     return report
 
@@ -222,7 +223,8 @@ def _int2_start(model: nn.Module, config, run: Run):
 def rtn(model: nn.Module, config, run: Run) -> nn.Module:
     convert.quantize_linears_rtn(model, config.bits, config.group_size, config.rtn.scale_init,
                                  config.torch_scale_dtype, config.modules_to_not_convert, config.backend,
-                                 progress=run.progress, layer_formats=convert.prepare(model, config))
+                                 progress=run.progress, layer_formats=convert.prepare(model, config),
+                                 scale_grid=config.scale_grid)
     return model
 
 
@@ -347,7 +349,7 @@ def _qat_from_dense(model: nn.Module, config, run: Run, objective: str) -> nn.Mo
     tokenizer, teacher = _int2_start(model, config, run)
     to_qat(model, bits=2, group_size=config.group_size, scale_init=config.rtn.scale_init,
            scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
-           layer_formats=convert.model_layer_formats(model, config))
+           layer_formats=convert.model_layer_formats(model, config), scale_grid=config.scale_grid)
     _train(model, teacher, tokenizer, config, run, objective)
     freeze_model(model, config.torch_scale_dtype, backend=config.backend)
     return model

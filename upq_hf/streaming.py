@@ -67,7 +67,8 @@ def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
         if not isinstance(modules[layer], UPQLinear):  # kept dense: as it is
             return {f"{layer}.weight": weight.contiguous()}
         bits, group_size = layer_formats.get(layer, default)
-        packed = quantize_weight(weight, bits, group_size, config.rtn.scale_init, config.torch_scale_dtype)
+        packed = quantize_weight(weight, bits, group_size, config.rtn.scale_init, config.torch_scale_dtype,
+                                 config.scale_grid)
         return {f"{layer}.{leaf}": tensor for leaf, tensor in packed.items()}
 
     def placeholder(layer: str, shape) -> torch.Tensor:
@@ -134,11 +135,11 @@ def _role_placeholders(container, source: str, modules: dict, placeholder, tenso
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, scale_init: str,
-                    scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    scale_dtype: torch.dtype, scale_grid: str | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors of a ``UPQLinear`` (``weight``, ``weight_scale``, ``weight_zero`` for INT4) for a dense
     ``(out, in)`` weight: what ``UPQLinear.from_linear`` stores."""
     with torch.no_grad():
-        qw = formats.quantize(weight.detach(), bits, group_size, scale_init, scale_dtype)
+        qw = formats.quantize(weight.detach(), bits, group_size, scale_init, scale_dtype, scale_grid)
     out = {"weight": packing.pack_codes(qw.codes, bits), "weight_scale": qw.scale.t().contiguous()}
     if bits == 4:
         out["weight_zero"] = qw.zero.t().contiguous()
