@@ -268,3 +268,56 @@ def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"UPQConfig\(backend='avx2'\) needs upq_hf's AVX2 CPU kernel, which "
                                           r"cannot run here \(this CPU lacks avx2\)"):
         UPQConfig(backend="avx2").check_backend()
+
+
+@pytest.mark.parametrize("bits,group_size,bias", [(2, 64, True), (4, 32, False)])
+def test_the_custom_op_matches_the_kernel_and_its_fake(bits, group_size, bias):
+    """``upq_hf::cpu_linear`` (what ``torch.compile`` sees): torch's own checks of a custom op (schema, fake
+    tensor, no aliasing) pass, and its result is the eager kernel's, bit for bit."""
+    module = layer(bits, group_size, 128, 48, bias=bias)
+    x = torch.randn(2, 128)
+    args = (x, module.weight, module.weight_scale, getattr(module, "weight_zero", None),
+            module.bias.detach() if bias else None, bits, group_size, 128, False)
+    torch.library.opcheck(avx2.cpu_linear, args, test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(avx2.cpu_linear(*args), run(module, x, "avx2"))
+
+
+def test_the_custom_op_hands_an_inf_back_to_the_exact_kernel():
+    # the int8 kernel refuses rows with an inf (status 4): the op then runs the exact kernel, as eager does
+    module = layer(2, 64, 128, 32)
+    x = torch.randn(1, 128)
+    x[0, 3] = float("inf")
+    args = (x, module.weight, module.weight_scale, None, module.bias.detach(), 2, 64, 128)
+    handed_back, exact = avx2.cpu_linear(*args, True), avx2.cpu_linear(*args, False)
+    assert handed_back.isnan().any()  # the inf reached the product: not a kernel that zeroed it
+    torch.testing.assert_close(handed_back, exact, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(handed_back, run(module, x, "a8"), rtol=0, atol=0, equal_nan=True)  # as eager
+
+
+def test_a_compiled_decode_step_keeps_the_kernel_without_a_graph_break(monkeypatch, tiny_llama_dir):
+    """A whole tiny Llama decode step under ``torch.compile(fullgraph=True)`` (aot_eager: the graph as inductor
+    would get it, without its C++ build): it compiles (a graph break would raise), every UPQ layer's call is the
+    kernel (counted), and the logits equal the eager model's bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
+        bits=2, group_size=32, recipe="rtn", backend="avx2")).eval()
+    layers = sum(isinstance(m, UPQLinear) for m in model.modules())
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+    calls = []
+    run_kernel = avx2._run
+
+    def spy(*args):
+        calls.append(args[0].shape[-2] if args[0].dim() > 1 else 1)
+        return run_kernel(*args)
+
+    monkeypatch.setattr(avx2, "_run", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i: model(i, use_cache=False).logits, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        logits = compiled(ids)
+    torch._dynamo.reset()
+    assert len(calls) >= layers  # every layer ran the kernel (tracing may add calls of its own)
+    assert torch.equal(logits, eager)

@@ -32,9 +32,9 @@ why, and the automatic choice in :mod:`upq_hf.backends` passes it by.
 
 A call takes the reference path instead when the kernel cannot or should not run it: more than
 :data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there; the int8 kernel has no such limit),
-a group size that splits a
-32-bit word (INT2 groups not a multiple of 16, INT4 not of 8), calls that need a gradient for ``x``, and
-calls under ``torch.compile``.
+a group size that splits a 32-bit word (INT2 groups not a multiple of 16, INT4 not of 8), and calls that need a
+gradient for ``x``. Under ``torch.compile`` a call the kernel takes is the custom op ``upq_hf::cpu_linear``, which
+the compiler leaves opaque: a compiled decode step runs the kernel, with no graph break.
 """
 
 from __future__ import annotations
@@ -173,8 +173,25 @@ def kernel() -> _Kernel | None:
     return _load()[0]
 
 
+# The machine queries below are constants of the process: under ``torch.compile`` they are evaluated once, when
+# the graph is traced (``assume_constant_result``), not traced into (they read /proc/cpuinfo and load a library).
+@torch.compiler.assume_constant_result
 def available() -> bool:
     return kernel() is not None
+
+
+@torch.compiler.assume_constant_result
+def has_a8() -> bool:
+    """Whether the int8 (``"a8"``) kernel runs here (AVX512-VNNI)."""
+    compiled = kernel()
+    return compiled is not None and bool(compiled.a8)
+
+
+@torch.compiler.assume_constant_result
+def has_bf16() -> bool:
+    """Whether the several-rows calls with bf16 activations take the AVX512-BF16 kernel."""
+    compiled = kernel()
+    return compiled is not None and bool(compiled.bf16)
 
 
 def unavailable_reason() -> str | None:
@@ -205,15 +222,15 @@ def takes(x: torch.Tensor, module, max_rows: int | None = MAX_ROWS) -> bool:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False  # the kernel has no backward: the reference path is differentiable
-    if torch.compiler.is_compiling():
-        return False
     return 0 < x.numel() and (max_rows is None or x.numel() <= max_rows * module.in_features) and supports(module)
 
 
 def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Tensor | None:
     """``module(x)`` on the kernel, or None where the kernel does not take the call (the caller,
     :func:`upq_hf.backends.linear_forward`, then runs another path). Called once per layer per decoded
-    token: plain dict lookups for the buffers, nothing allocated but the output.
+    token: plain dict lookups for the buffers, nothing allocated but the output. Under ``torch.compile`` the call
+    is the custom op ``upq_hf::cpu_linear`` (:func:`cpu_linear`), opaque to the compiler: a compiled decode step
+    keeps the kernel and has no graph break.
 
     ``int8_activations``: the ``"a8"`` backend's kernel (activations quantized to int8 per row and weight group,
     VPDPBUSD; not exact, see the module docstring); None where this CPU lacks AVX512-VNNI."""
@@ -221,32 +238,71 @@ def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Ten
         name = "a8" if int8_activations else "avx2"
         raise RuntimeError(f"UPQ backend {name!r} runs on CPU tensors, got a tensor on {x.device}; "
                            "use backend='triton' or 'torch' for it")
-    compiled = kernel()
-    if compiled is None or not takes(x, module, None if int8_activations else MAX_ROWS) or \
-            (int8_activations and not compiled.a8):
+    if not available() or not takes(x, module, None if int8_activations else MAX_ROWS) or \
+            (int8_activations and not has_a8()):
         return None
-    buffers = module._buffers
-    weight, scale = buffers["weight"], buffers["weight_scale"]
-    zero = buffers.get("weight_zero")
-    bias = module._parameters.get("bias")
+    weight, scale, zero, bias = module.weight, module.weight_scale, module.weight_zero, module.bias
     # a bias that needs a gradient is added by torch (autograd sees it); otherwise the kernel adds it
     bias_apart = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    if not (weight.is_cpu and weight.is_contiguous() and scale.is_contiguous() and scale.dtype in _DTYPES
-            and (zero is None or zero.is_contiguous()) and (bias is None or bias.dtype in _DTYPES)):
+    if not (weight.is_cpu and scale.dtype in _DTYPES and (bias is None or bias.dtype in _DTYPES)):
         return None
-    k, n = module.in_features, module.out_features
+    kernel_bias = None if bias_apart else bias
+    if torch.compiler.is_compiling():
+        y = cpu_linear(x, weight, scale, zero, kernel_bias, module.bits, module.group_size or module.in_features,
+                       module.in_features, int8_activations)
+    else:
+        y = _run(x, weight, scale, zero, kernel_bias, module.bits, module.group_size or module.in_features,
+                 module.in_features, int8_activations)
+    if y is None:
+        return None
+    return y + bias.to(y.dtype) if bias_apart else y
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+         bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+         int8_activations: bool) -> torch.Tensor | None:
+    """The kernel on stored buffers (``weight`` packed codes ``(words, N)``, ``scale``/``zero`` ``(G, N)``); None
+    where it hands the call back (the int8 kernel without AVX512-VNNI, or an inf/NaN in ``x``)."""
+    compiled = kernel()
+    if not (weight.is_contiguous() and scale.is_contiguous() and (zero is None or zero.is_contiguous())):
+        weight, scale = weight.contiguous(), scale.contiguous()
+        zero = None if zero is None else zero.contiguous()
+    n = weight.shape[1]
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
     call = compiled.linear_a8 if int8_activations else compiled.linear
-    status = call(x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, weight.data_ptr(), n, module.bits,
-                             module.group_size or k, scale.data_ptr(), None if zero is None else zero.data_ptr(),
-                             _DTYPES[scale.dtype], None if bias is None or bias_apart else bias.data_ptr(),
-                             0 if bias is None else _DTYPES[bias.dtype], y.data_ptr(), _DTYPES[y.dtype],
-                             torch.get_num_threads())
+    status = call(x.data_ptr(), _DTYPES[x.dtype], x.numel() // in_features, in_features, weight.data_ptr(), n, bits,
+                  group_size, scale.data_ptr(), None if zero is None else zero.data_ptr(), _DTYPES[scale.dtype],
+                  None if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPES[bias.dtype],
+                  y.data_ptr(), _DTYPES[y.dtype], torch.get_num_threads())
     if status in (3, 4):  # the int8 kernel found no AVX512-VNNI, or an inf or NaN in x: the exact kernel runs it
         return None
     if status:
-        raise RuntimeError(f"the avx2 kernel failed on UPQLinear({k}, {n}) with status {status}"
+        raise RuntimeError(f"the avx2 kernel failed on UPQLinear({in_features}, {n}) with status {status}"
                            + (" (out of memory)" if status == 2 else ""))
-    return y + bias.to(y.dtype) if bias_apart else y
+    return y
+
+
+@torch.library.custom_op("upq_hf::cpu_linear", mutates_args=())
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+               int8_activations: bool) -> torch.Tensor:
+    """The CPU kernel as a custom op (what ``torch.compile`` sees of a ``UPQLinear`` on this backend): the kernel's
+    result, or where it hands the call back (an inf/NaN for the int8 kernel), the exact one's, or the reference."""
+    y = _run(x, weight, scale, zero, bias, bits, group_size, in_features, int8_activations)
+    if y is None and int8_activations:
+        y = _run(x, weight, scale, zero, bias, bits, group_size, in_features, False)
+    if y is None:  # the reference: dequantize, then a dense product
+        from . import formats, packing
+
+        codes = packing.unpack_codes(weight, bits, in_features)
+        qw = formats.QuantizedWeight(codes, scale.t(), None if zero is None else zero.t(), bits,
+                                     None if group_size == in_features else group_size)
+        y = torch.nn.functional.linear(x, formats.dequantize(qw, x.dtype), None if bias is None else bias.to(x.dtype))
+    return y
+
+
+@cpu_linear.register_fake
+def _(x, weight, scale, zero, bias, bits, group_size, in_features, int8_activations):
+    return x.new_empty(x.shape[:-1] + (weight.shape[1],))

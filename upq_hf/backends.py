@@ -10,7 +10,8 @@ The choice is made here and nowhere else: ``UPQLinear.backend`` (set from ``UPQC
   then, where the CPU multiplies bf16 natively (AVX512-BF16, AMX) and torch has its INT4 kernel, ``cpu`` for
   more rows (there torch's kernel, on bf16 units, beats fp32 FMAs); elsewhere ``avx2`` for every call it takes;
   and ``torch`` where neither kernel exists. Each kernel hands the calls it does not take (too many rows, a
-  gradient, ``torch.compile``) to the reference path. The thresholds are measured (docs/BENCHMARKS.md).
+  gradient; ``torch.compile`` for torch's INT4 kernel, while the avx2 one is a custom op there) to the reference
+  path. The thresholds are measured (docs/BENCHMARKS.md).
 
 * ``torch``: the reference. Dequantize into a temporary in the activation dtype, then ``F.linear``.
 * ``triton``: the fused kernels of ``upq_kernels`` (CUDA, or the Triton interpreter).
@@ -63,12 +64,13 @@ def cpu_backend(x: torch.Tensor) -> str:
         if not cpu_has_fast_bf16() or not cpu_kernel_available():
             return "avx2"
         rows = x.numel() // x.shape[-1] if x.dim() else 1
-        limit = AVX2_BF16_ROWS if x.dtype == torch.bfloat16 and avx2.kernel().bf16 else AVX2_FIRST_ROWS
+        limit = AVX2_BF16_ROWS if x.dtype == torch.bfloat16 and avx2.has_bf16() else AVX2_FIRST_ROWS
         return "avx2" if rows <= limit else "cpu"
     avx2.say_why_once()
     return "cpu" if cpu_kernel_available() else "torch"
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     try:
         import upq_kernels  # noqa: F401
@@ -77,6 +79,7 @@ def triton_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def cpu_kernel_available() -> bool:
     return int4pack.available()
 

@@ -10,6 +10,8 @@ import functools
 import os
 from pathlib import Path
 
+import torch
+
 
 def cache_dir() -> Path:
     """``$UPQ_CACHE``, default ``~/.cache/upq_hf``: the converted bundled model, ``"self"`` data, the compiled
@@ -31,6 +33,7 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 matrix products
     run much faster than fp32 (docs/BENCHMARKS.md); elsewhere they are emulated."""

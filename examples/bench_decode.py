@@ -1,0 +1,125 @@
+"""Decode speed in transformers: eager ``generate`` against a static KV cache and a compiled decode step.
+
+For a UPQ checkpoint (default: round-to-nearest INT2 g64 of the bundled SmolLM2-135M-Instruct, made on load) and
+its dense model, in bf16, on ``--threads`` threads, greedy decode of ``--tokens`` new tokens after a chat prompt:
+
+* ``eager``: ``generate`` as it is (dynamic cache, the Python forward each token);
+* ``compiled``: ``generate(cache_implementation="static", compile_config=...)``: transformers compiles the decode
+  step (``torch.compile``, inductor; on the CPU only when the compile config says so); the UPQ layers enter the graph as the custom op ``upq_hf::cpu_linear`` (the CPU
+  kernel, opaque to the compiler), so the step compiles whole. Timed after a warm-up generation that compiles.
+
+Also, ``--profile``: where a decode step of the UPQ model goes, eager and compiled (``torch.profiler``, top ops by
+self CPU time), the answer to "is it the kernel or the Python around it".
+
+    python examples/bench_decode.py [CHECKPOINT] [--threads 2] [--tokens 64] [--runs 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def timed(model, ids, settings, runs: int) -> tuple[float, float]:
+    """(first call s, median tokens/s of ``runs`` later calls)."""
+    started = time.perf_counter()
+    model.generate(ids, **settings)
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.generate(ids, **settings)
+        times.append(time.perf_counter() - started)
+    return first, settings["max_new_tokens"] / statistics.median(times)
+
+
+def compiled_settings(mode: str) -> dict:
+    """``generate`` settings for a static cache and a compiled decode step on the CPU (transformers compiles by
+    itself only on accelerators: ``_compile_all_devices`` lifts that)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode=mode)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def profile(model, ids, mode: str) -> str:
+    """Profiles of 10 decode steps of ``model``: eager (dynamic cache) and compiled (a static cache of 256)."""
+    from torch.profiler import ProfilerActivity, profile as run_profile
+    from transformers import StaticCache
+
+    tables = []
+    with torch.no_grad():
+        past = model(ids, use_cache=True).past_key_values
+        step = ids[:, -1:]
+
+        def eager(position):
+            model(step, past_key_values=past, use_cache=True)
+            past.crop(-1)
+
+        cache = StaticCache(config=model.config, max_cache_len=256)
+        model(ids, past_key_values=cache, use_cache=True)
+        compiled = torch.compile(lambda position: model(step, past_key_values=cache, use_cache=True,
+                                                        cache_position=torch.tensor([position])).logits,
+                                 fullgraph=True, mode=mode)
+        for name, function in (("eager", eager), ("compiled", compiled)):
+            for position in range(3):
+                function(ids.shape[1] + position)
+            started = time.perf_counter()
+            for position in range(20):
+                function(ids.shape[1] + position)
+            per_step = (time.perf_counter() - started) / 20 * 1e3
+            with run_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for position in range(10):
+                    function(ids.shape[1] + position)
+            tables.append(f"{name} decode step: {per_step:.1f} ms; 10 steps profiled:\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return "\n".join(tables)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--mode", default="default", help="torch.compile mode of the decode step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    import upq_hf  # noqa: F401
+    from upq_hf import UPQConfig
+    from upq_hf.chat import chat_prompt_ids
+    from upq_hf.models import bundled_model_dir, load_tokenizer
+
+    source = bundled_model_dir()
+    tokenizer = load_tokenizer(source)
+    ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
+    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id)
+    models = {"dense bf16": AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()}
+    label = args.checkpoint or "RTN INT2 g64"
+    models[f"UPQ {label}"] = (AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+                              if args.checkpoint else AutoModelForCausalLM.from_pretrained(
+                                  source, dtype=torch.bfloat16, quantization_config=UPQConfig(bits=2, group_size=64)))
+    if args.profile:
+        print(profile(models[f"UPQ {label}"], ids, args.mode))
+    print(f"| model | eager tokens/s | compiled (static cache) tokens/s | x eager | first compiled call s |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for name, model in models.items():
+            _, eager = timed(model, ids, settings, args.runs)
+            first, compiled = timed(model, ids, {**settings, **compiled_settings(args.mode)}, args.runs)
+            print(f"| {name} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.2f} | {first:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
