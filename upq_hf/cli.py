@@ -118,6 +118,8 @@ def cmd_quantize(args) -> int:
     from .models import default_device, load_model, load_tokenizer
     from .publish import REPORT_FILE, base_model_of, save_atomic
     from .quantizer import attach
+    from .recipes import Run
+    from .streamed import choose, quantize_streamed
 
     config = build_config(args)
     if args.print_config:
@@ -130,6 +132,9 @@ def cmd_quantize(args) -> int:
     keep_int4 = args.keep_int4 or (os.path.join(work_dir, "int4") if config.recipe == "upq" else None)
     device = args.device or default_device()
     source = _check_before_work(args, config, device)
+    stream, why = choose(source, config, device, args.stream) if config.recipe != "rtn" else (False, "")
+    if why:
+        print(f"upq: {why}", file=sys.stderr)
     start = time.time()
     print(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ({source}) on {device}", file=sys.stderr)
     try:
@@ -142,6 +147,10 @@ def cmd_quantize(args) -> int:
         tokenizer = None
     if config.recipe == "rtn":  # quantized tensor by tensor as the weights load, no dense copy (upq_hf.streaming)
         model = attach(load_model(source, dtype="float32", quantization_config=config, device_map=device), config)
+    elif stream:  # the dense weights stay on disk, a block at a time in memory (upq_hf.streamed)
+        model, teacher = quantize_streamed(source, config, Run(tokenizer, device, work_dir, args.resume,
+                                                               progress=True))
+        attach(model, config)
     else:  # the other recipes need the dense model (calibration through its blocks, the teacher)
         model = load_model(source, dtype="float32")
         model.to(device)
@@ -154,7 +163,12 @@ def cmd_quantize(args) -> int:
     report = {"base_model": base_model_of(args.model or "bundled"),
               "quantize_seconds": round(time.time() - start, 1)}
     if args.fidelity_prompts and tokenizer is not None:
-        report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
+        if stream:
+            with teacher._upq_block_store.streaming():
+                report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer,
+                                                                        args.fidelity_prompts, teacher)
+        else:
+            report["metrics"], report["answers"] = _fidelity_report(model, source, tokenizer, args.fidelity_prompts)
         print(f"fidelity on {args.fidelity_prompts} held-out prompts: {report['metrics']}", file=sys.stderr)
     target = save_atomic(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
                          extra_files={REPORT_FILE: json.dumps(report, indent=2)})
@@ -183,13 +197,14 @@ def _check_before_work(args, config, device: str) -> str:
     return source
 
 
-def _fidelity_report(model, source: str, tokenizer, n_prompts: int) -> tuple[dict, dict]:
-    """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``) and the
-    quantized model's greedy answers to the same held-out prompts."""
+def _fidelity_report(model, source: str, tokenizer, n_prompts: int, teacher=None) -> tuple[dict, dict]:
+    """The model card's fidelity numbers (:func:`upq_hf.evaluation.measure_fidelity` against ``source``, or the
+    ``teacher`` given) and the quantized model's greedy answers to the same held-out prompts."""
     from .evaluation import measure_fidelity, report_metrics
     from .models import load_model
 
-    teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
+    if teacher is None:
+        teacher = load_model(source, dtype="float32").to(next(model.parameters()).device)
     scores = measure_fidelity(model, teacher, tokenizer, n_prompts, max_new_tokens=64, progress=True, answers=True)
     return report_metrics(scores), scores["answers"]
 
@@ -317,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", default=None, choices=BACKENDS)
     q.add_argument("--out", default=None, help="output folder (written atomically; required but with --print-config)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="recipe upq: read the dense weights from disk a block at a time, for a model larger than "
+                        "memory (auto: when the in-memory path would not fit; a safetensors checkpoint)")
     q.add_argument("--resume", action="store_true", help="continue from the last trainer checkpoint in --work-dir")
     q.add_argument("--work-dir", default=None,
                    help="trainer checkpoints and upq's INT4 stage (default OUT.work, removed once the checkpoint is "

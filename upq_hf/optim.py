@@ -131,7 +131,7 @@ def quantized_param_groups(modules: Iterable[nn.Module], lr: float, scale_lr: fl
         if scale.requires_grad:
             scales.append(scale)
             scale_units.append(unit)
-        if module.weight.requires_grad:
+        if module.weight is not None and module.weight.requires_grad:  # None: codes packed, no latent weight
             weights.append(module.weight)
             weight_units.append(unit)
         zero = getattr(module, "weight_zero", None)

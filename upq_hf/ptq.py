@@ -421,53 +421,84 @@ def blockwise_ptq(model: nn.Module, input_ids: torch.Tensor, bits: int, group_si
     model's own, before quantization); ``autocast``: run the training passes in this dtype; ``scale_grid``: the
     grid SEQ scales are trained on (:data:`upq_hf.formats.SCALE_GRIDS`). Returns a
     :class:`PTQReport` with each block's error at its start and its end."""
-    config = config or PTQConfig()
-    formats.check_bits(bits)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
-    nsamples, seqlen = input_ids.shape
-    holdout = int(config.holdout * nsamples)  # < nsamples: PTQConfig keeps the share under 1
-    started = time.perf_counter()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    layer_formats = dict(layer_formats or {})
-    _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
-    selected = linear_layers(model, modules_to_not_convert)
-    unknown = sorted(set(layer_formats) - set(selected))
-    if unknown:
-        raise ValueError(f"layer_formats names {unknown[0]!r}, which is not one of the layers to quantize")
-    check_layers(selected, group_size, layer_formats)
-    layers_name, layers = find_decoder_layers(model)
+    ptq = BlockwisePTQ(model, input_ids, bits, group_size, config, scale_init=scale_init, scale_dtype=scale_dtype,
+                       modules_to_not_convert=modules_to_not_convert, layer_formats=layer_formats, device=device,
+                       backend=backend, seed=seed, keep_qat=keep_qat, autocast=autocast,
+                       activations_on_device=activations_on_device, scale_grid=scale_grid, progress=progress)
     ref_layers = None if reference is None else find_decoder_layers(reference)[1]
-    if ref_layers is not None and len(ref_layers) != len(layers):
-        raise ValueError(f"reference has {len(ref_layers)} decoder blocks, the model {len(layers)}")
-    # the held-out rows are the last ``holdout`` of a seeded permutation; training draws from the others
-    generator = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(nsamples, generator=generator) if holdout else torch.arange(nsamples)
-    batch_size = max(1, min(config.batch_size, nsamples - holdout))
-    total_steps = config.steps or config.epochs * math.ceil((nsamples - holdout) / batch_size)
-    report = PTQReport(bits, group_size, nsamples, seqlen, total_steps, layers=list(selected), formats=dict(
-        Counter(layer_formats.get(name, (bits, group_size)) for name in selected)))
-    was_training = model.training
-    model.eval()
-    storage = device if activations_on_device else torch.device("cpu")
-    quant_inputs, kwargs = capture_block_inputs(model, layers, input_ids, device, storage)
-    run = _Run(config, selected, lambda name: layer_formats.get(name, (bits, group_size)), scale_init, scale_dtype,
-               scale_grid, device, backend, keep_qat, autocast, kwargs, quant_inputs, quant_inputs.clone(),
-               torch.empty_like(quant_inputs), permutation[:nsamples - holdout], permutation[nsamples - holdout:],
-               generator, batch_size, total_steps, progress)
-    report.capture_seconds = time.perf_counter() - started
-    for index, block in enumerate(layers):
-        prefix = f"{layers_name}.{index}." if layers_name else f"{index}."
-        report.blocks.append(_quantize_block(run, index, block, prefix, len(layers),
-                                             None if ref_layers is None else ref_layers[index]))
-        if progress:
-            stats = report.blocks[-1]
-            print(f"block {index + 1}/{len(layers)}: RTN {stats.rtn_loss:.4g} -> {stats.final_loss:.4g}"
+    if ref_layers is not None and len(ref_layers) != len(ptq.layers):
+        raise ValueError(f"reference has {len(ref_layers)} decoder blocks, the model {len(ptq.layers)}")
+    for index in range(len(ptq.layers)):
+        ptq.quantize_block(index, None if ref_layers is None else ref_layers[index])
+    return ptq.finish()
+
+
+class BlockwisePTQ:
+    """One block-wise PTQ pass, a block at a time: set up (checks, the calibration captured at the first block),
+    :meth:`quantize_block` for each block in order, :meth:`finish`. :func:`blockwise_ptq` runs it over a model in
+    memory; :mod:`upq_hf.streamed` interleaves two passes (INT4, then INT2 from it) over blocks read from disk.
+    The arguments are :func:`blockwise_ptq`'s."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, bits: int, group_size: int | None,
+                 config: PTQConfig | None = None, *, scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
+                 modules_to_not_convert=None, layer_formats: dict[str, tuple[int, int | None]] | None = None,
+                 device: torch.device | str | None = None, backend: str | None = None, seed: int = 0,
+                 keep_qat: bool = False, autocast: torch.dtype | None = None, activations_on_device: bool = False,
+                 scale_grid: str | None = None, progress: bool = True):
+        config = config or PTQConfig()
+        formats.check_bits(bits)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (nsamples, seqlen), got shape {tuple(input_ids.shape)}")
+        nsamples, seqlen = input_ids.shape
+        holdout = int(config.holdout * nsamples)  # < nsamples: PTQConfig keeps the share under 1
+        self.started = time.perf_counter()
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        layer_formats = dict(layer_formats or {})
+        _canonical(model, bits, group_size, modules_to_not_convert, layer_formats)
+        selected = linear_layers(model, modules_to_not_convert)
+        unknown = sorted(set(layer_formats) - set(selected))
+        if unknown:
+            raise ValueError(f"layer_formats names {unknown[0]!r}, which is not one of the layers to quantize")
+        check_layers(selected, group_size, layer_formats)
+        self.model, self.progress = model, progress
+        self.layers_name, self.layers = find_decoder_layers(model)
+        # the held-out rows are the last ``holdout`` of a seeded permutation; training draws from the others
+        generator = torch.Generator().manual_seed(seed)
+        permutation = torch.randperm(nsamples, generator=generator) if holdout else torch.arange(nsamples)
+        batch_size = max(1, min(config.batch_size, nsamples - holdout))
+        total_steps = config.steps or config.epochs * math.ceil((nsamples - holdout) / batch_size)
+        self.report = PTQReport(bits, group_size, nsamples, seqlen, total_steps, layers=list(selected), formats=dict(
+            Counter(layer_formats.get(name, (bits, group_size)) for name in selected)))
+        self.was_training = model.training
+        model.eval()
+        storage = device if activations_on_device else torch.device("cpu")
+        quant_inputs, kwargs = capture_block_inputs(model, self.layers, input_ids, device, storage)
+        self.run = _Run(config, selected, lambda name: layer_formats.get(name, (bits, group_size)), scale_init,
+                        scale_dtype, scale_grid, device, backend, keep_qat, autocast, kwargs, quant_inputs,
+                        quant_inputs.clone(), torch.empty_like(quant_inputs), permutation[:nsamples - holdout],
+                        permutation[nsamples - holdout:], generator, batch_size, total_steps, progress)
+        self.report.capture_seconds = time.perf_counter() - self.started
+
+    def prefix(self, index: int) -> str:
+        """The name of block ``index``'s layers up to theirs (``model.layers.3.``)."""
+        return f"{self.layers_name}.{index}." if self.layers_name else f"{index}."
+
+    def quantize_block(self, index: int, ref_block: nn.Module | None = None) -> BlockStats:
+        """Quantize block ``index`` (the next one: blocks go in order) and move the activations past it."""
+        stats = _quantize_block(self.run, index, self.layers[index], self.prefix(index), len(self.layers), ref_block)
+        self.report.blocks.append(stats)
+        if self.progress:
+            print(f"block {index + 1}/{len(self.layers)}: RTN {stats.rtn_loss:.4g} -> {stats.final_loss:.4g}"
                   f"{' (reverted to RTN)' if stats.reverted else ''}", flush=True)
-    for name, linear in selected.items():  # selected linears outside the decoder blocks: round to nearest
-        if not name.startswith(f"{layers_name}."):
-            replace_module(model, name, UPQLinear.from_linear(linear, *run.format_of(name), scale_init, scale_dtype,
-                                                              backend, scale_grid))
-    model.train(was_training)
-    report.seconds = time.perf_counter() - started
-    return report
+        return stats
+
+    def finish(self) -> PTQReport:
+        """Round to nearest the selected linears outside the decoder blocks; the report."""
+        run = self.run
+        for name, linear in run.selected.items():
+            if not name.startswith(f"{self.layers_name}."):
+                replace_module(self.model, name, UPQLinear.from_linear(
+                    linear, *run.format_of(name), run.scale_init, run.scale_dtype, run.backend, run.scale_grid))
+        self.model.train(self.was_training)
+        self.report.seconds = time.perf_counter() - self.started
+        return self.report

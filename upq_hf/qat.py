@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats
+from . import formats, packing
 from .convert import linear_layers, replace_module
 from .nn import UPQLinear
 
@@ -180,7 +180,8 @@ class QATLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("codes", None)  # set by freeze_codes()
+        self.register_buffer("codes", None)  # set by freeze_codes(); packed int32 after drop_latent()
+        self.codes_packed = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -241,6 +242,25 @@ class QATLinear(nn.Module):
         self.freeze_codes()
         self.weight_scale.copy_(self._scale())
 
+    @torch.no_grad()
+    def drop_latent(self) -> None:
+        """With the codes fixed (:meth:`freeze_codes`), keep them packed (``bits`` bits each instead of a float32
+        latent weight and a byte per code) and drop the latent weight: the layer computes the same, trains its
+        scales the same, and holds a sixteenth of the memory (what a model larger than memory needs while its
+        scales are distilled, :mod:`upq_hf.streamed`)."""
+        if self.codes is None:
+            raise ValueError("drop_latent needs the codes fixed first (freeze_codes or snap)")
+        if not self.codes_packed:
+            self.codes = packing.pack_codes(self.codes, self.bits)
+            self.codes_packed = True
+        self.register_parameter("weight", None)
+
+    def _codes(self) -> torch.Tensor:
+        """The fixed codes ``(out, in)`` as bytes (unpacked on the fly after :meth:`drop_latent`)."""
+        if self.codes_packed:
+            return packing.unpack_codes(self.codes, self.bits, self.in_features)
+        return self.codes
+
     # ------------------------------------------------------------------ quantization
     def _scale(self) -> torch.Tensor:
         return stored_scale(self.weight_scale, self.scale_dtype, self.scale_grid)
@@ -253,8 +273,8 @@ class QATLinear(nn.Module):
         """The quantized weight the forward pass uses (float32, differentiable)."""
         if self.codes is not None:  # codes frozen: the dequantization of the stored format, differentiable in s
             if self.bits == 2:
-                return formats.dequantize_seq(self.codes, self._scale(), self.group_size)
-            return formats.dequantize_int4(self.codes, self._scale(), self.weight_zero.detach(), self.group_size)
+                return formats.dequantize_seq(self._codes(), self._scale(), self.group_size)
+            return formats.dequantize_int4(self._codes(), self._scale(), self.weight_zero.detach(), self.group_size)
         if self.bits == 2:
             return formats.fake_quant_seq(self.weight, self._scale(), self.group_size)
         return formats.fake_quant_int4(self.weight, self._scale(), self._zero(), self.group_size)
@@ -272,7 +292,7 @@ class QATLinear(nn.Module):
         scale = formats._round_scale(self.weight_scale.detach().float(), self.scale_dtype, self.scale_grid)
         if self.codes is not None:
             zero = None if self.bits == 2 else torch.round(self.weight_zero.detach().float()).to(self.scale_dtype)
-            return formats.QuantizedWeight(self.codes.clone(), scale.to(self.scale_dtype), zero, self.bits,
+            return formats.QuantizedWeight(self._codes().clone(), scale.to(self.scale_dtype), zero, self.bits,
                                            self.group_size)
         w = self.weight.detach().float()
         if self.bits == 2:
@@ -290,9 +310,10 @@ class QATLinear(nn.Module):
         """The packed ``UPQLinear`` of the current state. ``scale_dtype`` defaults to the one the forward
         pass rounds to (``self.scale_dtype``); only then is the frozen output exactly the QAT output."""
         if scale_dtype is not None and scale_dtype != self.scale_dtype:
-            qat = QATLinear(self.weight, self.weight_scale, self.weight_zero, self.bias, self.bits, self.group_size,
+            latent = self.weight if self.weight is not None else self.fake_quant_weight().detach()
+            qat = QATLinear(latent, self.weight_scale, self.weight_zero, self.bias, self.bits, self.group_size,
                             scale_dtype, self.scale_grid)
-            qat.codes = self.codes
+            qat.codes, qat.codes_packed = self.codes, self.codes_packed
             return qat.freeze(backend=backend)
         bias = None if self.bias is None else self.bias.detach()
         frozen = UPQLinear.from_quantized(self.quantized_weight(), bias, backend=backend)

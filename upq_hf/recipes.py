@@ -98,16 +98,22 @@ def _self_kwargs(config) -> dict:
     return {"n_prompts": config.data.prompts} if config.data.dataset == "self" and config.data.prompts else {}
 
 
-def _ptq(model, calibration, config, run: Run, bits: int, group_size, ptq=None, **options):
+def ptq_options(model, config, run: Run, bits: int) -> dict:
+    """The keyword arguments of :func:`upq_hf.ptq.blockwise_ptq` that ``config`` and ``run`` set."""
     from .models import autocast_dtype
-    from .ptq import blockwise_ptq
 
     device = _device(run, model)
-    report = blockwise_ptq(model, calibration, bits, group_size, ptq or config.ptq, scale_init=config.rtn.scale_init,
-                           scale_dtype=config.torch_scale_dtype, modules_to_not_convert=config.modules_to_not_convert,
-                           device=device, backend=config.backend, seed=config.seed, progress=run.progress,
-                           autocast=autocast_dtype(device, config.distill.mixed_precision),
-                           scale_grid=config.scale_grid if bits == 2 else None, **options)
+    return dict(scale_init=config.rtn.scale_init, scale_dtype=config.torch_scale_dtype,
+                modules_to_not_convert=config.modules_to_not_convert, device=device, backend=config.backend,
+                seed=config.seed, progress=run.progress, autocast=autocast_dtype(device, config.distill.mixed_precision),
+                scale_grid=config.scale_grid if bits == 2 else None)
+
+
+def _ptq(model, calibration, config, run: Run, bits: int, group_size, ptq=None, **options):
+    from .ptq import blockwise_ptq
+
+    report = blockwise_ptq(model, calibration, bits, group_size, ptq or config.ptq,
+                           **ptq_options(model, config, run, bits), **options)
     _log(str(report).splitlines()[0] if str(report) else "PTQ done")
     return report
 

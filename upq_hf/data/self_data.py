@@ -40,10 +40,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     dtype, sum and a strided sample of values. Two checkpoints that differ anywhere in their
     weights almost surely get different fingerprints; reading them costs one pass over memory."""
     h = hashlib.sha256()
+    store = getattr(model, "_upq_block_store", None)  # a skeleton whose blocks stay on disk (upq_hf.offload)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if not isinstance(tensor, torch.Tensor):
                 continue
+            if tensor.device.type == "meta" and store is not None and name in store.index:
+                tensor = store.read(name)  # one tensor at a time: the fingerprint of the model as loaded
             h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
             if tensor.device.type == "meta" or tensor.numel() == 0:
                 continue

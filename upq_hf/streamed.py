@@ -1,0 +1,251 @@
+"""The ``upq`` recipe for a model larger than memory: its dense weights stay on disk, one block at a time in memory.
+
+The same stages as :func:`upq_hf.recipes.upq`, in an order that never needs the dense model whole:
+
+1. The teacher is a :func:`upq_hf.offload.skeleton` (embeddings, final norm and head in memory; every decoder
+   block read from the checkpoint's safetensors files around its forward, :meth:`BlockStore.streaming`). It
+   answers the ``"self"`` prompts and gives the calibration text as the dense model would.
+2. The student is a second skeleton sharing the teacher's embeddings and head. Its blocks are quantized in
+   order, each read from disk once: block-wise PTQ to INT4, then the INT2 reconstruction from the INT4 latents,
+   each against its own activation stream (:class:`upq_hf.ptq.BlockwisePTQ`, two passes interleaved block by
+   block: the same arithmetic as the in-memory recipe's two passes one after the other). The INT2 codes are
+   then fixed, kept packed and the latent weights dropped (:meth:`upq_hf.qat.QATLinear.drop_latent`), so the
+   student is its packed size plus its scales.
+3. Distill-QAT trains the scales and norms against the teacher's top-k distributions, cached with the
+   streamed teacher before training; the student recomputes each block's activations in the backward pass
+   (activation checkpointing), so training holds one block's activations.
+
+After every block the finished blocks and the activation streams are written to ``work_dir`` (atomically), so
+a killed run resumes at the next block. Where the checkpoint's dtype is float32 (the bundled model) this path
+computes what the in-memory recipe computes, bit for bit; a bf16 checkpoint keeps the teacher, the activations
+and the embeddings in bf16 (the in-memory command line loads float32), see docs/quantize.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+from torch import nn
+
+from . import convert, offload
+from .recipes import Run, _calibration, _device, _log, _train, ptq_options
+
+#: the in-memory ``upq`` recipe's peak memory, in multiples of the model's bf16 size (a 1B-shaped model measured
+#: 20.9 GiB against its 2.05 GiB of bf16 weights, docs/BENCHMARKS.md)
+IN_MEMORY_FACTOR = 10.0
+STATE = "stream-state.safetensors"
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def choose(source: str, config, device, stream: str = "auto") -> tuple[bool, str]:
+    """Whether ``upq quantize`` streams the model (``stream``: ``"auto"``, ``"on"`` or ``"off"``) and why, in
+    one line for the log."""
+    if stream == "off":
+        return False, "in-memory path (--stream off)"
+    if config.recipe != "upq":
+        if stream == "on":
+            raise ValueError(f"--stream on: only recipe 'upq' streams a model from disk, not {config.recipe!r}")
+        return False, f"in-memory path (recipe {config.recipe!r})"
+    problem = offload.stream_problem(source, config)
+    if problem:
+        return False, f"in-memory path: the model cannot be streamed from disk ({problem})"
+    if stream == "on":
+        return True, "streaming the model block by block from disk (--stream on)"
+    index = offload.SafetensorsIndex.of_folder(offload._local_folder(source))
+    need = IN_MEMORY_FACTOR * index.nbytes * 2 / index.dtype().itemsize
+    have = _available_bytes(torch.device(device or "cpu"))
+    if need > 0.8 * have:
+        return True, (f"streaming the model block by block from disk: the in-memory path needs about "
+                      f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available")
+    return False, (f"in-memory path (about {need / 2**30:.1f} GiB of the {have / 2**30:.1f} GiB available; "
+                   f"faster; --stream on streams anyway)")
+
+
+def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.Module, nn.Module]:
+    """Quantize the checkpoint at ``source`` with recipe ``upq`` (``config``, a ``UPQConfig``) never holding its
+    dense weights (see the module doc). Returns ``(student, teacher)``: the quantized model (call
+    :func:`upq_hf.quantizer.attach` before saving it) and the streamed teacher (run it inside
+    ``teacher._upq_block_store.streaming()``)."""
+    from .models import load_tokenizer
+    from .qat import freeze_model
+
+    run = run or Run()
+    if config.recipe != "upq" or config.bits != 2:
+        raise ValueError("quantize_streamed runs recipe 'upq' at bits=2")
+    if config.e2e_qp.steps:
+        raise ValueError("E2E-QP after Distill-QAT does not run on the streaming path yet: set e2e_qp.steps=0, "
+                         "or quantize in memory (--stream off)")
+    problem = offload.stream_problem(source, config)
+    if problem:
+        raise ValueError(f"{source} cannot be streamed: {problem}")
+    teacher = offload.skeleton(source)
+    store = offload.BlockStore(source, teacher)
+    student = offload.skeleton(source, shared=teacher)
+    student_store = offload.BlockStore(source, student)
+    tokenizer = run.tokenizer or load_tokenizer(source)
+    convert.prepare(student, config)
+    _log(f"streaming {source}: {len(store.layers)} blocks of up to {store.block_bytes / 2**20:.0f} MiB read from "
+         f"disk as needed ({store.dtype})")
+    with store.streaming():
+        calibration = _calibration(teacher, tokenizer, config)
+    _quantize_blocks(student, student_store, calibration, config, run)
+    for module in student.modules():  # the norms train in float32, as in a float32 model
+        if offload._is_norm(module):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.float()
+    # the student recomputes each block's activations in the backward pass: training holds one block's
+    student.config.use_cache = False
+    _checkpointing(student, True)
+    run = dataclasses.replace(run, tokenizer=tokenizer)
+    with store.streaming():
+        _train(student, teacher, tokenizer, config, run, "jsd")
+        _checkpointing(student, False)
+    freeze_model(student, config.torch_scale_dtype, backend=config.backend)
+    convert.check_quantized(student, config)
+    return student.eval(), teacher
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing of the decoder blocks on or off (transformers renamed the method in 5.2x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+    if not on and (getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook")):
+        model.disable_input_require_grads()  # enabling added it: the embeddings' output would require grad
+
+
+def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration: torch.Tensor, config,
+                     run: Run) -> None:
+    """Each block read once: INT4 block-wise PTQ, the INT2 reconstruction from its latents, the codes fixed and
+    packed; the state written after each block for a restart."""
+    from .ptq import BlockwisePTQ
+    from .qat import qat_layers, release_latents, snap
+
+    int4 = BlockwisePTQ(student, calibration, 4, config.int4_group_size,
+                        dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True,
+                        **ptq_options(student, config, run, 4))
+    int2 = BlockwisePTQ(student, calibration, 2, config.group_size, config.ptq, keep_qat=True,
+                        layer_formats=convert.model_layer_formats(student, config),
+                        **ptq_options(student, config, run, 2))
+    folder = os.path.join(run.work_dir, "stream") if run.work_dir else None
+    fingerprint = json.dumps({"source": os.path.abspath(store.index.entries[next(iter(store.index.entries))].path),
+                              "config": config.to_dict(), "blocks": len(store.layers)}, sort_keys=True, default=str)
+    first = _restore(folder, fingerprint, student, store, int4, int2) if run.resume and folder else 0
+    started = time.perf_counter()
+    if first:
+        _log(f"resuming at block {first + 1} of {len(store.layers)}: blocks 1-{first} read back from {folder}")
+    for index in range(first, len(store.layers)):
+        block = store.load(index)
+        int4.quantize_block(index)
+        release_latents(block)
+        int2.quantize_block(index)
+        snap(block)
+        for layer in qat_layers(block).values():
+            layer.drop_latent()
+        if folder:
+            _save(folder, fingerprint, index, block, int4, int2)
+    int4.finish()
+    report = int2.finish()
+    _log(f"streamed PTQ: INT4 then INT2, {len(store.layers)} blocks, {report.nsamples}x{report.seqlen} tokens, "
+         f"{int4.report.steps_per_block} + {report.steps_per_block} steps/block, "
+         f"{time.perf_counter() - started:.0f} s")
+
+
+_STREAMS = ("quant_inputs", "fp_inputs")
+
+
+def _save(folder: str, fingerprint: str, index: int, block: nn.Module, int4, int2) -> None:
+    """Block ``index``'s state and, for a restart, both passes' activations and generators, atomically (the
+    block first: a state naming block ``index`` means its file is complete)."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, f"block-{index:05d}.safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp))
+    tensors = {f"{name}.{key}": getattr(ptq.run, key).contiguous() for name, ptq in (("int4", int4), ("int2", int2))
+               for key in _STREAMS}
+    tensors.update({f"{name}.generator": ptq.run.generator.get_state() for name, ptq in (("int4", int4),
+                                                                                        ("int2", int2))})
+    stats = {name: [dataclasses.asdict(b) for b in ptq.report.blocks] for name, ptq in (("int4", int4), ("int2", int2))}
+    with atomic_path(os.path.join(folder, STATE)) as tmp:
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "done": str(index + 1),
+                                               "stats": json.dumps(stats)})
+
+
+def _restore(folder: str, fingerprint: str, student: nn.Module, store: offload.BlockStore, int4, int2) -> int:
+    """Put the finished blocks kept in ``folder`` back; returns how many (0: none kept, or kept with other
+    settings)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .ptq import BlockStats
+
+    path = os.path.join(folder, STATE)
+    if not os.path.isfile(path):
+        _log(f"nothing to resume in {folder}: quantizing from the first block")
+        return 0
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            _log(f"{folder} holds blocks made with other settings: quantizing from the first block")
+            return 0
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    done = int(meta["done"])
+    for name, ptq in (("int4", int4), ("int2", int2)):
+        for key in _STREAMS:
+            getattr(ptq.run, key).copy_(tensors[f"{name}.{key}"])
+        ptq.run.generator.set_state(tensors[f"{name}.generator"])
+        ptq.report.blocks = [BlockStats(**b) for b in json.loads(meta["stats"])[name]]
+    for index in range(done):
+        block = store.load(index)
+        prefix = int2.prefix(index)
+        for name in (n for n in int2.run.selected if n.startswith(prefix)):
+            local = name[len(prefix):]
+            convert.replace_module(block, local, _shell(block.get_submodule(local), *int2.run.format_of(name),
+                                                        int2.run.scale_dtype, int2.run.scale_grid))
+        block.load_state_dict(load_file(os.path.join(folder, f"block-{index:05d}.safetensors")))
+    return done
+
+
+def _shell(linear: nn.Linear, bits: int, group_size, scale_dtype, scale_grid):
+    """An INT2 QAT layer of ``linear``'s shape with packed codes and no latent weight, to load a state into."""
+    from . import formats, packing
+    from .qat import QATLinear
+
+    out_features, in_features = linear.weight.shape
+    groups = formats.num_groups(in_features, formats.effective_group_size(in_features, group_size))
+    zero = torch.zeros(out_features, groups) if bits == 4 else None
+    layer = QATLinear(torch.zeros(1, in_features).expand(out_features, in_features), torch.ones(out_features, groups),
+                      zero, linear.bias, bits, group_size, scale_dtype, scale_grid)
+    layer.codes = torch.zeros(packing.packed_shape(out_features, in_features, bits), dtype=torch.int32)
+    layer.codes_packed = True
+    layer.register_parameter("weight", None)
+    return layer.requires_grad_(False)
