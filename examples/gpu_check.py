@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         help="tiny shapes on the CPU, kernels under TRITON_INTERPRET=1 (exercises the code paths)")
     parser.add_argument("--device", default=None, help="cuda (default) or cpu (implies --dry-run)")
     parser.add_argument("--full", action="store_true", help="also M = 4096 and INT4 g128 in the grid")
-    parser.add_argument("--parts", default="correctness,grid,decode,train", help="comma-separated parts to run")
+    parser.add_argument("--parts", default="correctness,grid,decode,train,distributed", help="comma-separated parts to run")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip parts that would start after this")
     parser.add_argument("--replays", type=int, default=20, help="timed graph replays per measurement (median)")
     parser.add_argument("--decode-compile", default="cudagraphs", choices=["cudagraphs", "inductor", "none"])
@@ -420,6 +420,52 @@ def markdown_train(part: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. Several GPUs: Distill-QAT under DDP and FSDP2 against one process
+# ----------------------------------------------------------------------------------------------
+
+def part_distributed(sizes: dict, device: str) -> dict:
+    """``examples/distributed_distill.py`` on one process and on ``min(GPUs, 2)`` processes with DDP and with FSDP2
+    (the same global batch): the trained scales' largest difference from one process's. Needs 2 GPUs."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus < 2:
+        return {"skipped": f"{gpus} GPU{'s' if gpus != 1 else ''} visible: DDP and FSDP need 2"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_distill.py")
+    out = os.path.join(ARGS.out, "distributed")
+    result = {}
+    for name, processes, extra in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--fsdp"])):
+        command = [sys.executable, script] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script]
+        started = time.perf_counter()
+        run = subprocess.run([*command, "--out", os.path.join(out, name), "--steps", "4", *extra],
+                             capture_output=True, text=True, timeout=300)
+        result[name] = {"seconds": time.perf_counter() - started, "returncode": run.returncode,
+                        "stderr": run.stderr[-1500:] if run.returncode else ""}
+    one = load_file(os.path.join(out, "one", "trained.safetensors"))
+    for name in ("ddp", "fsdp"):
+        if result[name]["returncode"] == 0:
+            other = load_file(os.path.join(out, name, "trained.safetensors"))
+            result[name]["max_abs_diff"] = max(float((other[k] - one[k]).abs().max()) for k in one)
+    return result
+
+
+def markdown_distributed(part: dict) -> list[str]:
+    if "skipped" in part:
+        return [f"Distill-QAT on several GPUs: skipped ({part['skipped']})."]
+    lines = ["Distill-QAT (examples/distributed_distill.py) on 2 GPUs against one process, same global batch:", "",
+             "| run | s | trained scales: largest difference from one process |", "|---|---:|---:|"]
+    for name in ("one", "ddp", "fsdp"):
+        row = part[name]
+        diff = row.get("max_abs_diff")
+        status = f"{diff:.2e}" if diff is not None else ("-" if name == "one" else f"failed: {row['stderr'][-200:]}")
+        lines.append(f"| {name} | {row['seconds']:.0f} | {status} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Compiling ahead of the run, in parallel
 # ----------------------------------------------------------------------------------------------
 
@@ -494,7 +540,8 @@ def precompile(workers: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 PARTS = {"correctness": (part_correctness, markdown_correctness), "grid": (part_grid, markdown_grid),
-         "decode": (part_decode, markdown_decode), "train": (part_train, markdown_train)}
+         "decode": (part_decode, markdown_decode), "train": (part_train, markdown_train),
+         "distributed": (part_distributed, markdown_distributed)}
 
 
 def environment(device: str) -> dict:

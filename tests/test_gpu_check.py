@@ -24,6 +24,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert report["errors"] == {} and report["skipped"] == []
     assert report["environment"]["dry_run"] and report["environment"]["interpreter"]
     parts = report["parts"]
+    assert parts["distributed"] == {"skipped": "0 GPUs visible: DDP and FSDP need 2"}  # a CPU: nothing to launch
     correctness = parts["correctness"]
     assert correctness["failed"] == 0 and correctness["total"] == 12
     assert {c["variant"] for c in correctness["cases"]} == {"gemv", "splitk", "tiled", "dequant"}
