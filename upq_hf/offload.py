@@ -152,12 +152,13 @@ def stream_problem(source: str, config=None) -> str | None:
     return None
 
 
-def skeleton(source: str, dtype: torch.dtype | None = None, load: bool = True, shared: nn.Module | None = None):
+def skeleton(source: str, dtype: torch.dtype | None = None, load: bool = True, shared: nn.Module | None = None,
+             device: str | torch.device = "cpu"):
     """The model of ``source`` with its decoder blocks' parameters on the meta device and everything else (the
     embeddings, the final norm, the output head) read from the checkpoint in ``dtype`` (default: the
     checkpoint's). ``shared``: another skeleton of the same checkpoint whose non-block tensors this one takes
     without a copy (its normalisation layers excepted: those get their own, they train). ``load=False``: every
-    parameter stays on the meta device."""
+    parameter stays on the meta device. ``device``: where the loaded tensors go."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -185,7 +186,7 @@ def skeleton(source: str, dtype: torch.dtype | None = None, load: bool = True, s
             if full in others and name not in norms:
                 tensor = others[full].data
             elif full in index:
-                tensor = index.read(full, dtype)
+                tensor = index.read(full, dtype).to(device)
             else:
                 continue  # tied to a tensor read under another name: tie_weights below
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
@@ -205,10 +206,12 @@ def _is_norm(module: nn.Module) -> bool:
 class BlockStore:
     """The decoder blocks of a :func:`skeleton`, read from the checkpoint one at a time."""
 
-    def __init__(self, source: str, model: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, source: str, model: nn.Module, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu"):
         folder = _local_folder(source) or source
         self.index = SafetensorsIndex.of_folder(folder)
         self.dtype = dtype or self.index.dtype()
+        self.device = torch.device(device)
         self.model = model
         self.layers_name, self.layers, owners = _block_params(model)
         self.params = [{name: owner for name, owner in owners.items()
@@ -223,7 +226,8 @@ class BlockStore:
     def load(self, index: int, dtype: torch.dtype | None = None) -> nn.Module:
         """Block ``index`` with its weights read from the checkpoint (in ``dtype``, default the store's)."""
         for name, (module, leaf) in self.params[index].items():
-            module._parameters[leaf] = nn.Parameter(self.index.read(name, dtype or self.dtype), requires_grad=False)
+            module._parameters[leaf] = nn.Parameter(self.index.read(name, dtype or self.dtype).to(self.device),
+                                                    requires_grad=False)
         return self.layers[index]
 
     def release(self, index: int) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import convert, offload
-from .recipes import Run, _calibration, _device, _log, _train, ptq_options
+from .recipes import Run, _calibration, _log, _train, ptq_options
 
 #: the in-memory ``upq`` recipe's peak memory, in multiples of the model's bf16 size (a 1B-shaped model measured
 #: 20.9 GiB against its 2.05 GiB of bf16 weights, docs/BENCHMARKS.md)
@@ -97,9 +97,12 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     problem = offload.stream_problem(source, config)
     if problem:
         raise ValueError(f"{source} cannot be streamed: {problem}")
-    teacher = offload.skeleton(source)
-    store = offload.BlockStore(source, teacher)
-    student = offload.skeleton(source, shared=teacher)
+    # the teacher computes where the work runs, a block at a time; the student's blocks wait on the CPU (block-wise
+    # PTQ moves each to the device in turn, the trainer the packed model)
+    device = torch.device(run.device or "cpu")
+    teacher = offload.skeleton(source, device=device)
+    store = offload.BlockStore(source, teacher, device=device)
+    student = offload.skeleton(source, shared=teacher if device.type == "cpu" else None)
     student_store = offload.BlockStore(source, student)
     tokenizer = run.tokenizer or load_tokenizer(source)
     convert.prepare(student, config)
