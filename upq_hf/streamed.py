@@ -65,6 +65,11 @@ def choose(source: str, config, device, stream: str = "auto") -> tuple[bool, str
         if stream == "on":
             raise ValueError(f"--stream on: only recipe 'upq' streams a model from disk, not {config.recipe!r}")
         return False, f"in-memory path (recipe {config.recipe!r})"
+    if config.e2e_qp.steps:
+        if stream == "on":
+            raise ValueError("--stream on: E2E-QP after Distill-QAT does not run on the streaming path yet: set "
+                             "e2e_qp.steps to 0, or --stream off")
+        return False, "in-memory path (E2E-QP does not run on the streaming path yet)"
     problem = offload.stream_problem(source, config)
     if problem:
         return False, f"in-memory path: the model cannot be streamed from disk ({problem})"
