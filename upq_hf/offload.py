@@ -203,6 +203,41 @@ def _is_norm(module: nn.Module) -> bool:
     return is_norm(module)
 
 
+def park(models, index: SafetensorsIndex) -> list:
+    """Put the parameters of ``models`` that are neither in a decoder block nor a norm's (the embeddings, the output
+    head) back on the meta device, to be read again by :func:`unpark`; returns what :func:`unpark` needs. Only
+    tensors the checkpoint holds under their own name are parked (tied ones follow their source)."""
+    parked = []
+    for model in models:
+        _, _, owners = _block_params(model)
+        norms = {name for name, module in model.named_modules() if _is_norm(module)}
+        for name, module in model.named_modules():
+            if name in norms:
+                continue
+            for leaf, param in list(module.named_parameters(recurse=False)):
+                full = f"{name}.{leaf}" if name else leaf
+                if full in owners or full not in index or param.device.type == "meta":
+                    continue
+                parked.append((model, module, leaf, full, param.dtype, param.device))
+                module._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                        requires_grad=False)
+    for model in models:
+        model.tie_weights()
+    return parked
+
+
+def unpark(parked: list, index: SafetensorsIndex) -> None:
+    """Read back what :func:`park` parked: each tensor once per dtype and device, shared by the models again."""
+    read: dict = {}
+    for model, module, leaf, full, dtype, device in parked:
+        key = (full, dtype, device)
+        if key not in read:
+            read[key] = index.read(full, dtype).to(device)
+        module._parameters[leaf] = nn.Parameter(read[key], requires_grad=False)
+    for model in dict.fromkeys(entry[0] for entry in parked):
+        model.tie_weights()
+
+
 class BlockStore:
     """The decoder blocks of a :func:`skeleton`, read from the checkpoint one at a time."""
 
@@ -236,6 +271,11 @@ class BlockStore:
             param = module._parameters[leaf]
             module._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                     requires_grad=False)
+
+    def forget(self, index: int) -> None:
+        """Stop tracking block ``index``'s parameters (once the block's modules are replaced, as the student's are
+        when quantized: the dense modules it held go with their last reference)."""
+        self.params[index] = {}
 
     def read(self, name: str) -> torch.Tensor:
         """One block parameter as the checkpoint holds it, in the store's dtype."""

@@ -348,6 +348,7 @@ def _train_block(run: _Run, block: nn.Module, trainable: dict, rtn_loss: float, 
             bar.set_postfix(loss=f"{running:.4g}", rtn=f"{rtn_loss:.4g}")
             if best is not None and (step % checks == 0 or step == run.total_steps):
                 if (held := held_out()) < best[0]:
+                    best = None  # the state it held goes before the new one is copied: one copy at a time
                     best = (held, _state(trainable))
     bar.close()
     return None if best is None else best[1]
@@ -485,7 +486,11 @@ class BlockwisePTQ:
 
     def quantize_block(self, index: int, ref_block: nn.Module | None = None) -> BlockStats:
         """Quantize block ``index`` (the next one: blocks go in order) and move the activations past it."""
-        stats = _quantize_block(self.run, index, self.layers[index], self.prefix(index), len(self.layers), ref_block)
+        prefix = self.prefix(index)
+        for name in self.run.selected:  # the block's dense layers get replaced: keep their names, not the modules
+            if name.startswith(prefix):
+                self.run.selected[name] = None
+        stats = _quantize_block(self.run, index, self.layers[index], prefix, len(self.layers), ref_block)
         self.report.blocks.append(stats)
         if self.progress:
             print(f"block {index + 1}/{len(self.layers)}: RTN {stats.rtn_loss:.4g} -> {stats.final_loss:.4g}"

@@ -115,7 +115,8 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
          f"disk as needed ({store.dtype})")
     with store.streaming():
         calibration = _calibration(teacher, tokenizer, config)
-    _quantize_blocks(student, student_store, calibration, config, run)
+    _return_freed_memory()
+    _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student])
     for module in student.modules():  # the norms train in float32, as in a float32 model
         if offload._is_norm(module):
             for param in module.parameters(recurse=False):
@@ -149,9 +150,10 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 
 
 def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration: torch.Tensor, config,
-                     run: Run) -> None:
+                     run: Run, park: list[nn.Module] = ()) -> None:
     """Each block read once: INT4 block-wise PTQ, the INT2 reconstruction from its latents, the codes fixed and
-    packed; the state written after each block for a restart."""
+    packed; the state written after each block for a restart. The embeddings and head of the models in ``park``
+    go back to disk while the blocks are quantized (they are read again after)."""
     from .ptq import BlockwisePTQ
     from .qat import qat_layers, release_latents, snap
 
@@ -165,24 +167,64 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
     fingerprint = json.dumps({"source": os.path.abspath(store.index.entries[next(iter(store.index.entries))].path),
                               "config": config.to_dict(), "blocks": len(store.layers)}, sort_keys=True, default=str)
     first = _restore(folder, fingerprint, student, store, int4, int2) if run.resume and folder else 0
+    parked = offload.park(park, store.index)  # the calibration is captured: no embedding is needed until training
     started = time.perf_counter()
     if first:
         _log(f"resuming at block {first + 1} of {len(store.layers)}: blocks 1-{first} read back from {folder}")
     for index in range(first, len(store.layers)):
         block = store.load(index)
+        store.forget(index)  # the block's dense layers go as soon as their QAT layers replace them
         int4.quantize_block(index)
         release_latents(block)
         int2.quantize_block(index)
         snap(block)
         for layer in qat_layers(block).values():
             layer.drop_latent()
+        _trim()
         if folder:
             _save(folder, fingerprint, index, block, int4, int2)
+    offload.unpark(parked, store.index)
     int4.finish()
     report = int2.finish()
     _log(f"streamed PTQ: INT4 then INT2, {len(store.layers)} blocks, {report.nsamples}x{report.seqlen} tokens, "
          f"{int4.report.steps_per_block} + {report.steps_per_block} steps/block, "
          f"{time.perf_counter() - started:.0f} s")
+
+
+def _libc():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give freed memory back to the system as it goes: tensors of 1 MiB and more get their own mapping
+    (``mallopt(M_MMAP_THRESHOLD)``; by default the threshold rises to 32 MiB as large blocks are freed, and a
+    block's temporaries below it would stay resident, reused or not), and what the heap holds free now is trimmed.
+    Costs a page fault per page of each new large tensor; the streaming path trades that for its peak."""
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            libc.malloc_trim(0)
+        except AttributeError:
+            pass
+
+
+def _trim() -> None:
+    """Hand the C heap's free memory back to the system (glibc)."""
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.malloc_trim(0)
+        except AttributeError:
+            pass
 
 
 _STREAMS = ("quant_inputs", "fp_inputs")
@@ -240,6 +282,7 @@ def _restore(folder: str, fingerprint: str, student: nn.Module, store: offload.B
             convert.replace_module(block, local, _shell(block.get_submodule(local), *int2.run.format_of(name),
                                                         int2.run.scale_dtype, int2.run.scale_grid))
         block.load_state_dict(load_file(os.path.join(folder, f"block-{index:05d}.safetensors")))
+        store.forget(index)
     return done
 
 
