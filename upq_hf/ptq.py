@@ -305,10 +305,26 @@ class _Run:
     batch_size: int
     total_steps: int
     progress: bool
+    spill: str | None = None  # a folder for the start and best states of a block (None: kept in memory)
 
 
-def _state(trainable: dict) -> dict:
-    return {key: {n: t.detach().clone() for n, t in m.state_dict().items()} for key, m in trainable.items()}
+def _state(trainable: dict, spill: str | None = None, name: str = "state") -> dict | str:
+    """A copy of the trainable layers' state; with ``spill`` (a folder), written there instead of kept in memory
+    (the path is returned; :func:`_load_state` reads either)."""
+    if spill is None:
+        return {key: {n: t.detach().clone() for n, t in m.state_dict().items()} for key, m in trainable.items()}
+    import os
+
+    path = os.path.join(spill, f"{name}.pt")
+    torch.save({key: m.state_dict() for key, m in trainable.items()}, path)
+    return path
+
+
+def _load_state(trainable: dict, state: dict | str) -> None:
+    if isinstance(state, str):
+        state = torch.load(state, weights_only=True)
+    for key, module in trainable.items():
+        module.load_state_dict(state[key])
 
 
 def _train_block(run: _Run, block: nn.Module, trainable: dict, rtn_loss: float, label: str) -> dict | None:
@@ -349,7 +365,7 @@ def _train_block(run: _Run, block: nn.Module, trainable: dict, rtn_loss: float, 
             if best is not None and (step % checks == 0 or step == run.total_steps):
                 if (held := held_out()) < best[0]:
                     best = None  # the state it held goes before the new one is copied: one copy at a time
-                    best = (held, _state(trainable))
+                    best = (held, _state(trainable, run.spill, "best"))
     bar.close()
     return None if best is None else best[1]
 
@@ -387,18 +403,16 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, prefix: str, n_bloc
         trainable[local] = QATLinear.from_linear(block.get_submodule(local), *run.format_of(name), run.scale_init,
                                                  run.scale_dtype, run.scale_grid)
         replace_module(block, local, trainable[local])
-    start_state = _state(trainable)
+    start_state = _state(trainable, run.spill, "start")
     rtn_loss = _block_outputs(block, run.quant_inputs, run.kwargs, run.device, run.batch_size, targets=run.fp_inputs)
     best = _train_block(run, block, trainable, rtn_loss, f"PTQ block {index + 1}/{n_blocks}")
     holdout = len(run.held_rows) > 0
     if holdout:  # the held-out error chose: the best state met, the start if none beat it
-        for key, module in trainable.items():
-            module.load_state_dict((best or start_state)[key])
+        _load_state(trainable, best or start_state)
     final_loss = _install(run, block, trainable)
     reverted = best is None if holdout else not final_loss < rtn_loss
     if reverted and not holdout:
-        for key, module in trainable.items():
-            module.load_state_dict(start_state[key])
+        _load_state(trainable, start_state)
         final_loss = _install(run, block, trainable)
     run.quant_inputs, run.next_inputs = run.next_inputs, run.quant_inputs
     for param, flag in requires_grad.items():
@@ -438,14 +452,15 @@ class BlockwisePTQ:
     """One block-wise PTQ pass, a block at a time: set up (checks, the calibration captured at the first block),
     :meth:`quantize_block` for each block in order, :meth:`finish`. :func:`blockwise_ptq` runs it over a model in
     memory; :mod:`upq_hf.streamed` interleaves two passes (INT4, then INT2 from it) over blocks read from disk.
-    The arguments are :func:`blockwise_ptq`'s."""
+    The arguments are :func:`blockwise_ptq`'s, and ``spill``: a folder where each block's start and best states
+    are written instead of kept in memory (the same arithmetic; two copies of the block's layers less)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, bits: int, group_size: int | None,
                  config: PTQConfig | None = None, *, scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
                  modules_to_not_convert=None, layer_formats: dict[str, tuple[int, int | None]] | None = None,
                  device: torch.device | str | None = None, backend: str | None = None, seed: int = 0,
                  keep_qat: bool = False, autocast: torch.dtype | None = None, activations_on_device: bool = False,
-                 scale_grid: str | None = None, progress: bool = True):
+                 scale_grid: str | None = None, progress: bool = True, spill: str | None = None):
         config = config or PTQConfig()
         formats.check_bits(bits)
         if input_ids.dim() != 2:
@@ -477,7 +492,7 @@ class BlockwisePTQ:
         self.run = _Run(config, selected, lambda name: layer_formats.get(name, (bits, group_size)), scale_init,
                         scale_dtype, scale_grid, device, backend, keep_qat, autocast, kwargs, quant_inputs,
                         quant_inputs.clone(), torch.empty_like(quant_inputs), permutation[:nsamples - holdout],
-                        permutation[nsamples - holdout:], generator, batch_size, total_steps, progress)
+                        permutation[nsamples - holdout:], generator, batch_size, total_steps, progress, spill)
         self.report.capture_seconds = time.perf_counter() - self.started
 
     def prefix(self, index: int) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -157,13 +158,18 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
     from .ptq import BlockwisePTQ
     from .qat import qat_layers, release_latents, snap
 
+    import tempfile
+
+    folder = os.path.join(run.work_dir, "stream") if run.work_dir else None
+    if run.work_dir:
+        os.makedirs(run.work_dir, exist_ok=True)
+    spill = tempfile.mkdtemp(prefix="upq-spill-", dir=run.work_dir)  # each block's start and best states
     int4 = BlockwisePTQ(student, calibration, 4, config.int4_group_size,
-                        dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True,
+                        dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True, spill=spill,
                         **ptq_options(student, config, run, 4))
-    int2 = BlockwisePTQ(student, calibration, 2, config.group_size, config.ptq, keep_qat=True,
+    int2 = BlockwisePTQ(student, calibration, 2, config.group_size, config.ptq, keep_qat=True, spill=spill,
                         layer_formats=convert.model_layer_formats(student, config),
                         **ptq_options(student, config, run, 2))
-    folder = os.path.join(run.work_dir, "stream") if run.work_dir else None
     fingerprint = json.dumps({"source": os.path.abspath(store.index.entries[next(iter(store.index.entries))].path),
                               "config": config.to_dict(), "blocks": len(store.layers)}, sort_keys=True, default=str)
     first = _restore(folder, fingerprint, student, store, int4, int2) if run.resume and folder else 0
@@ -184,6 +190,7 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
         if folder:
             _save(folder, fingerprint, index, block, int4, int2)
     offload.unpark(parked, store.index)
+    shutil.rmtree(spill, ignore_errors=True)
     int4.finish()
     report = int2.finish()
     _log(f"streamed PTQ: INT4 then INT2, {len(store.layers)} blocks, {report.nsamples}x{report.seqlen} tokens, "
