@@ -39,6 +39,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from . import formats, packing
@@ -282,9 +283,17 @@ class QATLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 2 and self.codes is None:
             return _SEQLinear.apply(x, self.weight, self._scale(), self.bias, self.group_size, formats.SEQ_EPS)
-        weight = self.fake_quant_weight().to(x.dtype)
+        if self.codes is None and torch.is_grad_enabled():
+            # INT4 latents in training: the fake-quant's weight-sized intermediates (12 bytes per parameter through
+            # autograd) are recomputed in the backward pass instead of kept; the gradients are the same
+            weight = checkpoint(self._fake_quant_as, x.dtype, use_reentrant=False)
+        else:
+            weight = self._fake_quant_as(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
+
+    def _fake_quant_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.fake_quant_weight().to(dtype)
 
     @torch.no_grad()
     def quantized_weight(self) -> formats.QuantizedWeight:

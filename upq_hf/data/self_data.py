@@ -53,7 +53,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 256)
             sample = flat[::step][:256].to(device="cpu", dtype=torch.float64)
-            total = flat.sum(dtype=torch.float64 if flat.is_floating_point() else torch.int64).item()
+            # summed in slices: a sum in float64 of the whole tensor would copy it into float64 first
+            total = sum(chunk.sum(dtype=torch.float64 if flat.is_floating_point() else torch.int64).item()
+                        for chunk in flat.split(1 << 22))
             h.update(sample.numpy().tobytes())
             h.update(repr(total).encode())
     return h.hexdigest()
