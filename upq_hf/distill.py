@@ -134,12 +134,14 @@ def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int = 64, tempe
     for start in tqdm(range(0, n, batch_size), desc="teacher distributions", unit="batch", disable=not progress):
         rows = input_ids[start:start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-        out = teacher(input_ids=rows, attention_mask=mask, use_cache=False)
-        log_probs = F.log_softmax(out.logits.float() / temperature, dim=-1)
-        top_logp, top_ids = log_probs.topk(k, dim=-1)
-        rest = torch.logsumexp(log_probs.scatter(-1, top_ids, float("-inf")), dim=-1, keepdim=True)
-        ids[start:start + len(rows)] = top_ids.to("cpu", torch.int32)
-        logp[start:start + len(rows)] = torch.cat([top_logp, rest], dim=-1).cpu()
+        logits = teacher(input_ids=rows, attention_mask=mask, use_cache=False).logits
+        for row in range(len(rows)):  # one sequence's vocabulary-wide temporaries at a time
+            log_probs = F.log_softmax(logits[row].float() / temperature, dim=-1)
+            top_logp, top_ids = log_probs.topk(k, dim=-1)
+            rest = torch.logsumexp(log_probs.scatter(-1, top_ids, float("-inf")), dim=-1, keepdim=True)
+            ids[start + row] = top_ids.to("cpu", torch.int32)
+            logp[start + row] = torch.cat([top_logp, rest], dim=-1).cpu()
+        del logits
     teacher.train(was_training)
     return ids, logp
 
