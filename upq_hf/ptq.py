@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -389,7 +390,8 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, prefix: str, n_bloc
     training, the state to keep, the packed layers; the quantized activations move on to the next block."""
     started = time.perf_counter()
     original = _stage(block, run.device)
-    requires_grad = {param: param.requires_grad for param in block.parameters()}
+    # the flags to restore, without keeping the dense layers that get replaced alive (weak references)
+    requires_grad = weakref.WeakKeyDictionary({param: param.requires_grad for param in block.parameters()})
     for param in requires_grad:
         param.requires_grad_(False)
     target_block = block if ref_block is None else ref_block  # fp_inputs becomes its outputs, in place
