@@ -203,3 +203,18 @@ def test_cli_streamed_and_in_memory_write_the_same_checkpoint_and_report(tiny_di
     assert 0 < reports[0]["metrics"]["fidelity_top1"] <= 1
     reloaded = AutoModelForCausalLM.from_pretrained(outs["on"])
     assert reloaded.model.layers[0].self_attn.q_proj.bits == 2
+
+
+def test_a_bf16_checkpoint_streams_in_bf16(tmp_path, tokenizer):
+    path = save_tiny(tmp_path / "bf16", tokenizer, torch.bfloat16)
+    model, teacher = streamed.quantize_streamed(path, config(), Run(tokenizer=tokenizer))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # what is not trained stays as the file has it
+    assert model.model.norm.weight.dtype == torch.bfloat16  # trained in float32, then the model's dtype again
+    assert model.model.layers[0].mlp.down_proj.bits == 2
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad(), teacher._upq_block_store.streaming():
+        assert torch.equal(teacher(input_ids=ids).logits, dense(input_ids=ids).logits)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()

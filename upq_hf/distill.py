@@ -46,14 +46,14 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def _chunk_jsd_sum(s_hidden, t_hidden, s_weight, t_weight, beta, temperature):
-    s_logits = F.linear(s_hidden, s_weight)
+    s_logits = F.linear(s_hidden.to(s_weight.dtype), s_weight)  # a bf16 head (streamed models) takes bf16
     with torch.no_grad():
-        t_logits = F.linear(t_hidden, t_weight)
+        t_logits = F.linear(t_hidden.to(t_weight.dtype), t_weight)
     return generalized_jsd(s_logits, t_logits, beta, temperature).sum()
 
 
 def _chunk_ce_sum(s_hidden, s_weight, labels):
-    return F.cross_entropy(F.linear(s_hidden, s_weight).float(), labels, reduction="sum")
+    return F.cross_entropy(F.linear(s_hidden.to(s_weight.dtype), s_weight).float(), labels, reduction="sum")
 
 
 def chunked_jsd(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.Tensor,
@@ -87,7 +87,7 @@ def topk_log_probs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torc
 
 
 def _chunk_topk_sum(s_hidden, s_weight, topk_ids, teacher_logp, beta, temperature):
-    s_logits = F.linear(s_hidden, s_weight)
+    s_logits = F.linear(s_hidden.to(s_weight.dtype), s_weight)  # a bf16 head (streamed models) takes bf16
     if temperature != 1.0:
         s_logits = s_logits / temperature
     student = topk_log_probs(s_logits, topk_ids)

@@ -130,6 +130,10 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
         _train(student, teacher, tokenizer, config, run, "jsd")
         _checkpointing(student, False)
     freeze_model(student, config.torch_scale_dtype, backend=config.backend)
+    for module in student.modules():  # trained, the norms take the model's dtype again (the rest never left it)
+        if offload._is_norm(module):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(store.dtype)
     convert.check_quantized(student, config)
     return student.eval(), teacher
 
