@@ -95,6 +95,7 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     from .qat import freeze_model
 
     run = run or Run()
+    _return_freed_memory()  # before the teacher's first block is read: every block comes and goes
     if config.recipe != "upq" or config.bits != 2:
         raise ValueError("quantize_streamed runs recipe 'upq' at bits=2")
     if config.e2e_qp.steps:
@@ -116,7 +117,7 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
          f"disk as needed ({store.dtype})")
     with store.streaming():
         calibration = _calibration(teacher, tokenizer, config)
-    _return_freed_memory()
+    _trim()
     _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student])
     for module in student.modules():  # the norms train in float32, as in a float32 model
         if offload._is_norm(module):
