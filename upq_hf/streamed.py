@@ -119,10 +119,7 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
         calibration = _calibration(teacher, tokenizer, config)
     _trim()
     _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student])
-    for module in student.modules():  # the norms train in float32, as in a float32 model
-        if offload._is_norm(module):
-            for param in module.parameters(recurse=False):
-                param.data = param.data.float()
+    _cast_norms(student, torch.float32)  # the norms train in float32, as in a float32 model
     # the student recomputes each block's activations in the backward pass: training holds one block's
     student.config.use_cache = False
     _checkpointing(student, True)
@@ -131,12 +128,17 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
         _train(student, teacher, tokenizer, config, run, "jsd")
         _checkpointing(student, False)
     freeze_model(student, config.torch_scale_dtype, backend=config.backend)
-    for module in student.modules():  # trained, the norms take the model's dtype again (the rest never left it)
-        if offload._is_norm(module):
-            for param in module.parameters(recurse=False):
-                param.data = param.data.to(store.dtype)
+    _cast_norms(student, store.dtype)  # trained, the norms take the model's dtype again (the rest never left it)
     convert.check_quantized(student, config)
     return student.eval(), teacher
+
+
+def _cast_norms(model: nn.Module, dtype: torch.dtype) -> None:
+    """The normalisation layers' parameters of ``model`` in ``dtype``."""
+    for module in model.modules():
+        if offload._is_norm(module):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
