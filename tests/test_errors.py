@@ -156,11 +156,6 @@ def stream_other_recipe(ctx):
     return quantize(ctx, "--bits", "2", "--recipe", "ptq", "--stream", "on", model=ctx.tinytok)
 
 
-def stream_with_e2e_qp(ctx):
-    stages = stage_file(ctx, {"e2e_qp": {"steps": 5}})
-    return quantize(ctx, "--bits", "2", "--recipe", "upq", "--stream", "on", "--config", stages, model=ctx.tinytok)
-
-
 def stage_file(ctx, stages: dict) -> str:
     """A ``--config`` file of ``stages`` in the case's folder."""
     path = ctx.tmp / "stages.json"
@@ -490,7 +485,6 @@ CASES: dict[str, Case] = {
     "an unknown recipe (Python)": Case(python_error(lambda: UPQConfig(recipe="gptq"))),
     "an INT2-only recipe at 4 bits": Case(int2_recipe_at_4_bits),
     "`--stream on` with a recipe other than upq": Case(stream_other_recipe, before_work=True),
-    "`--stream on` with E2E-QP": Case(stream_with_e2e_qp, before_work=True),
     "`beta` outside [0, 1]": Case(beta_out_of_range, before_work=True),
     "a training budget that is not positive": Case(budget_not_positive, before_work=True),
     "a stage setting that does not exist": Case(unknown_stage_field, before_work=True),

@@ -126,6 +126,37 @@ def test_streamed_upq_is_the_in_memory_checkpoint_bit_for_bit(tiny_dir, tokenize
     assert torch.equal(model(input_ids=ids).logits, expected(input_ids=ids).logits)
 
 
+def test_streamed_e2e_qp_is_the_in_memory_one_bit_for_bit(tiny_dir, tokenizer):
+    cfg = config(e2e_qp={"steps": 2})
+    expected = in_memory(tiny_dir, tokenizer, cfg)
+    model, _ = streamed.quantize_streamed(tiny_dir, config(e2e_qp={"steps": 2}), Run(tokenizer=tokenizer))
+    assert_same_state(model, expected)
+    without, _ = streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer))
+    assert not torch.equal(without.model.norm.weight, model.model.norm.weight)  # E2E-QP trained the norms further
+
+
+def test_disk_rows_round_trip_bit_for_bit(tmp_path):
+    for dtype in (torch.float32, torch.bfloat16):
+        values = torch.randn(7, 5, 3).to(dtype)
+        rows = offload.DiskRows.of(tmp_path / f"{dtype}.bin", values)
+        assert os.path.getsize(rows.path) == values.numel() * values.element_size()
+        assert rows.shape == (7, 5, 3) and len(rows) == 7 and rows.dtype == dtype
+        assert torch.equal(rows[:], values) and torch.equal(rows[2:5], values[2:5]) and torch.equal(rows[6], values[6])
+        index = torch.tensor([6, 0, 3, 3])
+        assert torch.equal(rows[index], values[index])
+        copy = rows.like(tmp_path / f"{dtype}-copy.bin", copy=True)
+        rows[1:3] = torch.ones(2, 5, 3)
+        assert torch.equal(copy.tensor(), values)  # a copy, not the same file
+        assert torch.equal(rows[1:3], torch.ones(2, 5, 3, dtype=dtype)) and torch.equal(rows[3:], values[3:])
+        assert torch.equal(rows.like(tmp_path / f"{dtype}-zeros.bin").tensor(), torch.zeros(7, 5, 3, dtype=dtype))
+        with pytest.raises(IndexError, match="step 1"):
+            rows[::2]
+    with open(rows.path, "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(OSError, match="truncated"):
+        rows[6]
+
+
 def test_a_killed_streamed_run_resumes_at_the_next_block(tiny_dir, tokenizer, tmp_path, monkeypatch):
     work = str(tmp_path / "work")
     expected, _ = streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer))
@@ -140,8 +171,10 @@ def test_a_killed_streamed_run_resumes_at_the_next_block(tiny_dir, tokenizer, tm
     with pytest.raises(KeyboardInterrupt):
         streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer, work_dir=work))
     monkeypatch.setattr(streamed, "_save", save)
-    assert sorted(os.listdir(os.path.join(work, "stream"))) == ["block-00000.safetensors", "block-00001.safetensors",
-                                                                streamed.STATE]
+    assert sorted(os.listdir(os.path.join(work, "stream"))) == ["activations-00002", "block-00000.safetensors",
+                                                                "block-00001.safetensors", streamed.STATE]
+    assert sorted(os.listdir(os.path.join(work, "stream", "activations-00002"))) == [
+        f"{p}.{k}.bin" for p in ("int2", "int4") for k in ("fp_inputs", "quant_inputs")]
     quantized = []
     from upq_hf.ptq import BlockwisePTQ
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,3 +300,93 @@ class BlockStore:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class DiskRows:
+    """A ``(rows, ...)`` tensor kept in a file, read and written a few rows at a time with ``pread``/``pwrite``:
+    block-wise PTQ's activation streams on the streaming path. Like :class:`SafetensorsIndex`, no memory map: the
+    rows live in the kernel's page cache (dropped under pressure, never the process's resident memory) and only the
+    rows of a step are in memory. Indexing takes an int, a slice with step 1 or a 1-D index tensor and returns a
+    new CPU tensor; assignment takes a slice (or an int) and a tensor of the rows' shape; the values round-trip bit
+    for bit."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype, create: bool = True):
+        self.path, self.shape, self.dtype = str(path), tuple(int(s) for s in shape), dtype
+        self.device = torch.device("cpu")
+        self.row_numel = 1
+        for size in self.shape[1:]:
+            self.row_numel *= size
+        self.row_bytes = self.row_numel * torch.empty((), dtype=dtype).element_size()
+        if create:
+            with open(self.path, "wb") as handle:
+                handle.truncate(self.row_bytes * self.shape[0])
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, tensor: torch.Tensor) -> "DiskRows":
+        """A file holding ``tensor``'s rows."""
+        rows = cls(path, tuple(tensor.shape), tensor.dtype)
+        rows[:] = tensor
+        return rows
+
+    def like(self, path: str | os.PathLike, copy: bool = False) -> "DiskRows":
+        """A file of the same shape and dtype at ``path``: zeros, or with ``copy`` these rows (a kernel-side copy:
+        nothing passes through the process's memory)."""
+        if copy:
+            shutil.copyfile(self.path, path)
+        return DiskRows(path, self.shape, self.dtype, create=not copy)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _span(self, key) -> tuple[int, int]:
+        if isinstance(key, int):
+            key = slice(key, key + 1) if key != -1 else slice(key, None)
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("DiskRows takes slices with step 1")
+        return start, max(start, stop)
+
+    def _read(self, out: torch.Tensor, first: int) -> None:
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        done, size, offset = 0, len(view), first * self.row_bytes
+        while done < size:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path} ends before row {first + done // self.row_bytes}: the file is truncated")
+            done += got
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if torch.is_tensor(key):
+            index = key.reshape(-1).tolist()
+            out = torch.empty((len(index),) + self.shape[1:], dtype=self.dtype)
+            for position, row in enumerate(index):
+                self._read(out[position], row % self.shape[0])
+            return out
+        start, stop = self._span(key)
+        out = torch.empty((stop - start,) + self.shape[1:], dtype=self.dtype)
+        self._read(out, start)
+        return out[0] if isinstance(key, int) else out
+
+    def __setitem__(self, key, value: torch.Tensor) -> None:
+        start, stop = self._span(key)
+        value = torch.as_tensor(value).to("cpu", self.dtype).expand((stop - start,) + self.shape[1:]).contiguous()
+        view = memoryview(value.view(torch.uint8).numpy()).cast("B") if value.numel() else memoryview(b"")
+        done, offset = 0, start * self.row_bytes
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def tensor(self) -> torch.Tensor:
+        """Every row, in memory."""
+        return self[:]

@@ -27,6 +27,7 @@ rounded to nearest. The hyper-parameters are :class:`upq_hf.stages.PTQConfig`'s.
 from __future__ import annotations
 
 import math
+import os
 import time
 import weakref
 from collections import Counter
@@ -455,14 +456,18 @@ class BlockwisePTQ:
     :meth:`quantize_block` for each block in order, :meth:`finish`. :func:`blockwise_ptq` runs it over a model in
     memory; :mod:`upq_hf.streamed` interleaves two passes (INT4, then INT2 from it) over blocks read from disk.
     The arguments are :func:`blockwise_ptq`'s, and ``spill``: a folder where each block's start and best states
-    are written instead of kept in memory (the same arithmetic; two copies of the block's layers less)."""
+    are written instead of kept in memory (the same arithmetic; two copies of the block's layers less);
+    ``activations``: a folder where the three activation streams (the quantized blocks' inputs, the unquantized
+    blocks' outputs, the next inputs) are kept in files (:class:`upq_hf.offload.DiskRows`), a step's rows in
+    memory at a time (the same arithmetic; ``3 x nsamples x seqlen x hidden`` values less)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, bits: int, group_size: int | None,
                  config: PTQConfig | None = None, *, scale_init: str = "mse", scale_dtype: torch.dtype = torch.float16,
                  modules_to_not_convert=None, layer_formats: dict[str, tuple[int, int | None]] | None = None,
                  device: torch.device | str | None = None, backend: str | None = None, seed: int = 0,
                  keep_qat: bool = False, autocast: torch.dtype | None = None, activations_on_device: bool = False,
-                 scale_grid: str | None = None, progress: bool = True, spill: str | None = None):
+                 scale_grid: str | None = None, progress: bool = True, spill: str | None = None,
+                 activations: str | None = None):
         config = config or PTQConfig()
         formats.check_bits(bits)
         if input_ids.dim() != 2:
@@ -491,9 +496,18 @@ class BlockwisePTQ:
         model.eval()
         storage = device if activations_on_device else torch.device("cpu")
         quant_inputs, kwargs = capture_block_inputs(model, self.layers, input_ids, device, storage)
+        if activations is None:
+            fp_inputs, next_inputs = quant_inputs.clone(), torch.empty_like(quant_inputs)
+        else:  # the three streams in files, a step's rows read at a time (the same values: bit-exact round trips)
+            from .offload import DiskRows
+
+            os.makedirs(activations, exist_ok=True)
+            quant_inputs = DiskRows.of(os.path.join(activations, "quant_inputs.bin"), quant_inputs)
+            fp_inputs = quant_inputs.like(os.path.join(activations, "fp_inputs.bin"), copy=True)
+            next_inputs = quant_inputs.like(os.path.join(activations, "next_inputs.bin"))
         self.run = _Run(config, selected, lambda name: layer_formats.get(name, (bits, group_size)), scale_init,
                         scale_dtype, scale_grid, device, backend, keep_qat, autocast, kwargs, quant_inputs,
-                        quant_inputs.clone(), torch.empty_like(quant_inputs), permutation[:nsamples - holdout],
+                        fp_inputs, next_inputs, permutation[:nsamples - holdout],
                         permutation[nsamples - holdout:], generator, batch_size, total_steps, progress, spill)
         self.report.capture_seconds = time.perf_counter() - self.started
 

@@ -227,9 +227,12 @@ class QATLinear(nn.Module):
     def freeze_codes(self) -> None:
         """Fix the current codes (and INT4 zero points); from here on only the scales train (E2E-QP). The
         forward pass is unchanged at this point: the same codes and scales give the same weight. The latent
-        weight and the zero point stop requiring gradients."""
-        self.codes = self.quantized_weight().codes.to(torch.uint8)
-        self.weight.requires_grad_(False)
+        weight and the zero point stop requiring gradients. Codes fixed already stay as they are (packed ones
+        too, with the latent weight dropped)."""
+        if self.codes is None:
+            self.codes = self.quantized_weight().codes.to(torch.uint8)
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
         if self.weight_zero is not None:
             self.weight_zero.copy_(torch.round(self.weight_zero))
             self.weight_zero.requires_grad_(False)

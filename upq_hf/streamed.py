@@ -66,11 +66,6 @@ def choose(source: str, config, device, stream: str = "auto") -> tuple[bool, str
         if stream == "on":
             raise ValueError(f"--stream on: only recipe 'upq' streams a model from disk, not {config.recipe!r}")
         return False, f"in-memory path (recipe {config.recipe!r})"
-    if config.e2e_qp.steps:
-        if stream == "on":
-            raise ValueError("--stream on: E2E-QP after Distill-QAT does not run on the streaming path yet: set "
-                             "e2e_qp.steps to 0, or --stream off")
-        return False, "in-memory path (E2E-QP does not run on the streaming path yet)"
     problem = offload.stream_problem(source, config)
     if problem:
         return False, f"in-memory path: the model cannot be streamed from disk ({problem})"
@@ -92,15 +87,12 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     :func:`upq_hf.quantizer.attach` before saving it) and the streamed teacher (run it inside
     ``teacher._upq_block_store.streaming()``)."""
     from .models import load_tokenizer
-    from .qat import freeze_model
+    from .qat import freeze_model, snap
 
     run = run or Run()
     _return_freed_memory()  # before the teacher's first block is read: every block comes and goes
     if config.recipe != "upq" or config.bits != 2:
         raise ValueError("quantize_streamed runs recipe 'upq' at bits=2")
-    if config.e2e_qp.steps:
-        raise ValueError("E2E-QP after Distill-QAT does not run on the streaming path yet: set e2e_qp.steps=0, "
-                         "or quantize in memory (--stream off)")
     problem = offload.stream_problem(source, config)
     if problem:
         raise ValueError(f"{source} cannot be streamed: {problem}")
@@ -125,7 +117,12 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     _checkpointing(student, True)
     run = dataclasses.replace(run, tokenizer=tokenizer)
     with store.streaming():
-        _train(student, teacher, tokenizer, config, run, "jsd")
+        trainer = _train(student, teacher, tokenizer, config, run, "jsd")
+        if config.e2e_qp.steps:  # E2E-QP on the same data: the teacher's cached top-k, no teacher pass
+            snap(student)  # the trained scales onto their grid, as the in-memory recipe does
+            _log(f"E2E-QP: codes fixed, {config.e2e_qp.steps} steps on the scales")
+            _train(student, teacher, tokenizer, config, run, "jsd", dataset=trainer.train_dataset,
+                   stage="trainer-e2e-qp", steps=config.e2e_qp.steps, scale_learning_rate=config.e2e_qp.learning_rate)
         _checkpointing(student, False)
     freeze_model(student, config.torch_scale_dtype, backend=config.backend)
     _cast_norms(student, store.dtype)  # trained, the norms take the model's dtype again (the rest never left it)
@@ -171,10 +168,12 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
     if run.work_dir:
         os.makedirs(run.work_dir, exist_ok=True)
     spill = tempfile.mkdtemp(prefix="upq-spill-", dir=run.work_dir)  # each block's start and best states
+    # the activation streams of both passes live in files beside those states, a step's rows read at a time
     int4 = BlockwisePTQ(student, calibration, 4, config.int4_group_size,
                         dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True, spill=spill,
-                        **ptq_options(student, config, run, 4))
+                        activations=os.path.join(spill, "int4"), **ptq_options(student, config, run, 4))
     int2 = BlockwisePTQ(student, calibration, 2, config.group_size, config.ptq, keep_qat=True, spill=spill,
+                        activations=os.path.join(spill, "int2"),
                         layer_formats=convert.model_layer_formats(student, config),
                         **ptq_options(student, config, run, 2))
     fingerprint = json.dumps({"source": os.path.abspath(store.index.entries[next(iter(store.index.entries))].path),
@@ -197,6 +196,9 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
         if folder:
             _save(folder, fingerprint, index, block, int4, int2)
     offload.unpark(parked, store.index)
+    for ptq in (int4, int2):
+        for key in _STREAMS + ("next_inputs",):
+            getattr(ptq.run, key).close()
     shutil.rmtree(spill, ignore_errors=True)
     int4.finish()
     report = int2.finish()
@@ -245,8 +247,9 @@ _STREAMS = ("quant_inputs", "fp_inputs")
 
 
 def _save(folder: str, fingerprint: str, index: int, block: nn.Module, int4, int2) -> None:
-    """Block ``index``'s state and, for a restart, both passes' activations and generators, atomically (the
-    block first: a state naming block ``index`` means its file is complete)."""
+    """Block ``index``'s state and, for a restart, both passes' activations and generators, atomically: the block's
+    file, then the activations after it (a folder named by the number of blocks done, copied file to file by the
+    kernel), then the state naming both; older activations go after."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_path
@@ -254,14 +257,23 @@ def _save(folder: str, fingerprint: str, index: int, block: nn.Module, int4, int
     os.makedirs(folder, exist_ok=True)
     with atomic_path(os.path.join(folder, f"block-{index:05d}.safetensors")) as tmp:
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp))
-    tensors = {f"{name}.{key}": getattr(ptq.run, key).contiguous() for name, ptq in (("int4", int4), ("int2", int2))
-               for key in _STREAMS}
-    tensors.update({f"{name}.generator": ptq.run.generator.get_state() for name, ptq in (("int4", int4),
-                                                                                        ("int2", int2))})
+    done = _activations(folder, index + 1)
+    with atomic_path(done, folder=True) as tmp:
+        for name, ptq in (("int4", int4), ("int2", int2)):
+            for key in _STREAMS:
+                shutil.copyfile(getattr(ptq.run, key).path, os.path.join(tmp, f"{name}.{key}.bin"))
+    tensors = {f"{name}.generator": ptq.run.generator.get_state() for name, ptq in (("int4", int4), ("int2", int2))}
     stats = {name: [dataclasses.asdict(b) for b in ptq.report.blocks] for name, ptq in (("int4", int4), ("int2", int2))}
     with atomic_path(os.path.join(folder, STATE)) as tmp:
         save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "done": str(index + 1),
                                                "stats": json.dumps(stats)})
+    for entry in os.listdir(folder):
+        if entry.startswith("activations-") and os.path.join(folder, entry) != done:
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+def _activations(folder: str, done: int) -> str:
+    return os.path.join(folder, f"activations-{done:05d}")
 
 
 def _restore(folder: str, fingerprint: str, student: nn.Module, store: offload.BlockStore, int4, int2) -> int:
@@ -285,7 +297,7 @@ def _restore(folder: str, fingerprint: str, student: nn.Module, store: offload.B
     done = int(meta["done"])
     for name, ptq in (("int4", int4), ("int2", int2)):
         for key in _STREAMS:
-            getattr(ptq.run, key).copy_(tensors[f"{name}.{key}"])
+            shutil.copyfile(os.path.join(_activations(folder, done), f"{name}.{key}.bin"), getattr(ptq.run, key).path)
         ptq.run.generator.set_state(tensors[f"{name}.generator"])
         ptq.report.blocks = [BlockStats(**b) for b in json.loads(meta["stats"])[name]]
     for index in range(done):
