@@ -79,6 +79,7 @@ def run(path: str, mode: str, config: str | None, out: str, extra: list[str]) ->
     log_path = f"{out}.log"
     started = time.time()
     peak = {"VmRSS": 0, "RssAnon": 0}
+    at_peak = {"log_bytes": 0, "seconds": 0.0}  # where the log stood when VmRSS peaked: the phase that peaks
     with open(log_path, "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         done = threading.Event()
@@ -86,8 +87,11 @@ def run(path: str, mode: str, config: str | None, out: str, extra: list[str]) ->
         def sample():
             while not done.is_set():
                 for key, value in _status(child.pid).items():
-                    if key in peak:
-                        peak[key] = max(peak[key], value)
+                    if key in peak and value > peak[key]:
+                        peak[key] = value
+                        if key == "VmRSS":
+                            log.flush()
+                            at_peak.update(log_bytes=os.path.getsize(log_path), seconds=time.time() - started)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -99,6 +103,8 @@ def run(path: str, mode: str, config: str | None, out: str, extra: list[str]) ->
     text = open(log_path, errors="replace").read()
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log_path}")
+    before = open(log_path, "rb").read()[:at_peak["log_bytes"]].decode(errors="replace")
+    phase = next((line.strip() for line in reversed(re.split(r"[\r\n]", before)) if line.strip()), "start")
     ptq = sum(float(s) for s in re.findall(r"\[upq\] (?:streamed )?PTQ[^\n]*?, ([\d.]+) s(?: \(capture|\n)", text))
     trained = re.search(r"trained in (\d+) s \((\d+) tokens/s\)", text)
     samples = re.search(r"(\d+)x(\d+) tokens", text)
@@ -107,7 +113,8 @@ def run(path: str, mode: str, config: str | None, out: str, extra: list[str]) ->
             "ru_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "wall": wall,
             "ptq_seconds": ptq, "calibration_tokens": tokens,
             "s_per_calibration_token": ptq / tokens if tokens else None,
-            "s_per_training_token": 1 / int(trained.group(2)) if trained else None, "log": log_path}
+            "s_per_training_token": 1 / int(trained.group(2)) if trained else None, "log": log_path,
+            "peak_at_s": round(at_peak["seconds"]), "peak_during": phase[-160:]}
 
 
 def main() -> int:
@@ -135,6 +142,8 @@ def main() -> int:
         print(f"| {r['mode']} | {r['peak_rss'] / 2**30:.2f} | {r['peak_rss'] / size:.2f} | "
               f"{r['peak_anon'] / 2**30:.2f} | {r['wall']:.0f} | {r['ptq_seconds']:.0f} | "
               f"{r['s_per_calibration_token'] or float('nan'):.4f} | {r['s_per_training_token'] or float('nan'):.4f} |")
+    for r in rows:
+        print(f"\n--stream {r['mode']}: VmRSS peaked {r['peak_at_s']} s in, the log then at: {r['peak_during']}")
     return 0
 
 

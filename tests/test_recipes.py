@@ -82,6 +82,46 @@ def test_upq_keeps_int4_and_restarts_from_it(tokenizer, tmp_path, monkeypatch):
     assert calls == [4, 2]
 
 
+def test_upq_without_its_int4_stage_is_ptq_then_the_same_distillation(tokenizer):
+    """``int4_epochs=0``: block-wise PTQ from the unquantized weights, then the scales distilled: recipe ``ptq``
+    with E2E-QP at the distillation's steps and rate computes the same model."""
+    torch.manual_seed(0)
+    no_int4 = model_for(tokenizer)
+    pair = AutoModelForCausalLM.from_config(no_int4.config)
+    pair.load_state_dict(no_int4.state_dict())
+    upq_hf.quantize_model(no_int4, small("upq", ptq={"int4_epochs": 0}), tokenizer=tokenizer, progress=False)
+    distill = small("upq").distill
+    upq_hf.quantize_model(pair, small("ptq", e2e_qp={"steps": distill.steps,
+                                                     "learning_rate": distill.scale_learning_rate}),
+                          tokenizer=tokenizer, progress=False)
+    a, b = no_int4.state_dict(), pair.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_upq_int2_target_dense_reconstructs_the_unquantized_blocks(tokenizer, monkeypatch):
+    from upq_hf import recipes
+
+    references = []
+    real = recipes._ptq
+    monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: references.append((a[4], k.get("reference"))) or
+                        real(*a, **k))
+    results = {}
+    for target in ("int4", "dense"):
+        torch.manual_seed(0)
+        model = model_for(tokenizer)
+        upq_hf.quantize_model(model, small("upq", ptq={"int2_target": target}), tokenizer=tokenizer, progress=False)
+        results[target] = model.state_dict()
+    (bits4, ref4), (bits2, ref2), (_, ref4b), (_, dense_ref) = references
+    assert (bits4, bits2) == (4, 2) and ref4 is ref2 is ref4b is None
+    assert dense_ref is not None and not any(isinstance(m, upq_hf.qat.QATLinear) for m in dense_ref.modules())
+    differ = [k for k in results["int4"] if not torch.equal(results["int4"][k], results["dense"][k])]
+    assert any(k.endswith("weight_scale") for k in differ)
+    with pytest.raises(ValueError, match="int2_target must be one of"):
+        small("upq", ptq={"int2_target": "fp"})
+    with pytest.raises(ValueError, match="int4_epochs must be a non-negative"):
+        small("upq", ptq={"int4_epochs": -1})
+
+
 def test_int4_only_recipes_reject_bits_4(tokenizer):
     with pytest.raises(ValueError, match="produces INT2"):
         upq_hf.quantize_model(model_for(tokenizer), small("ntp", bits=4), tokenizer=tokenizer)

@@ -328,16 +328,19 @@ def upq(model: nn.Module, config, run: Run) -> nn.Module:
     tokenizer, teacher = _int2_start(model, config, run)
     calibration = _calibration(teacher, tokenizer, config)
     # 1. FP -> INT4 by block-wise PTQ, kept as QAT layers: their latent weights start the INT2 stage
-    if not restore_int4_state(model, run.keep_int4, config):
-        _ptq(model, calibration, config, run, 4, config.int4_group_size,
-             ptq=dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True)
-        if run.keep_int4:
-            keep_int4_state(model, run.keep_int4, config)
+    if config.ptq.int4_epochs:
+        if not restore_int4_state(model, run.keep_int4, config):
+            _ptq(model, calibration, config, run, 4, config.int4_group_size,
+                 ptq=dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True)
+            if run.keep_int4:
+                keep_int4_state(model, run.keep_int4, config)
+        release_latents(model)
     # 2. INT4 -> INT2: block-wise reconstruction from the INT4 stage's latent weights (the teacher's weights moved
-    #    by that stage by a fraction of an INT4 step), against the model's own blocks
-    release_latents(model)
+    #    by that stage by a fraction of an INT4 step), against the model's own blocks (``int2_target="int4"``) or
+    #    the unquantized ones (``"dense"``)
+    reference = teacher if config.ptq.int2_target == "dense" else None
     _ptq(model, calibration, config, run, 2, config.group_size, layer_formats=convert.model_layer_formats(model, config),
-         keep_qat=True)
+         keep_qat=True, reference=reference)
     # 3. Distill-QAT against the unquantized teacher: the reconstruction's codes fixed, the scales (and norms) trained
     snap(model)
     trainer = _train(model, teacher, tokenizer, config, run, "jsd")

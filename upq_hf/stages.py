@@ -18,6 +18,7 @@ from typing import Any
 from .formats import SCALE_INITS
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
+INT2_TARGETS = ("int4", "dense")
 
 
 def _positive_int(config, *names: str, allow_none: bool = False) -> None:
@@ -83,7 +84,11 @@ class PTQConfig:
 
     epochs: passes over the calibration set per block, INT2 (and ``ptq`` at any bits); 9 measured better than 6
         over training seeds (docs/BENCHMARKS.md). ``steps``, if set, is the number of steps per block instead.
-    int4_epochs: the same for the INT4 stage of ``upq``.
+    int4_epochs: the same for the INT4 stage of ``upq``; 0: no INT4 stage (the INT2 reconstruction starts from the
+        unquantized weights: EfficientQAT's Block-AP at INT2, then the same distillation).
+    int2_target: what ``upq``'s INT2 reconstruction matches: ``"int4"``, each block as the INT4 stage left its
+        latent weights (the paper's progression: INT4 -> INT2), or ``"dense"``, the unquantized block (the INT4
+        latents only as the start).
     batch_size: calibration sequences per step.
     holdout: the share of calibration sequences held out to choose each block's state (its round-to-nearest start
         included): the block ends in the state with the lowest held-out error, checked ``checks`` times per block.
@@ -100,9 +105,15 @@ class PTQConfig:
     scale_learning_rate: float = 3e-3
     steps: int | None = None
     checks: int = 8
+    int2_target: str = "int4"
 
     def __post_init__(self):
-        _positive_int(self, "epochs", "int4_epochs", "batch_size", "checks")
+        _positive_int(self, "epochs", "batch_size", "checks")
+        if not isinstance(self.int4_epochs, int) or isinstance(self.int4_epochs, bool) or self.int4_epochs < 0:
+            raise ValueError(f"PTQConfig: int4_epochs must be a non-negative integer (0: no INT4 stage), "
+                             f"got {self.int4_epochs!r}")
+        if self.int2_target not in INT2_TARGETS:
+            raise ValueError(f"PTQConfig: int2_target must be one of {list(INT2_TARGETS)}, got {self.int2_target!r}")
         _positive_int(self, "steps", allow_none=True)
         if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
                 or not 0.0 <= self.holdout < 1.0:

@@ -110,7 +110,8 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     with store.streaming():
         calibration = _calibration(teacher, tokenizer, config)
     _trim()
-    _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student])
+    _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student],
+                     reference=store if config.ptq.int2_target == "dense" else None)
     _cast_norms(student, torch.float32)  # the norms train in float32, as in a float32 model
     # the student recomputes each block's activations in the backward pass: training holds one block's
     student.config.use_cache = False
@@ -155,10 +156,11 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 
 
 def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration: torch.Tensor, config,
-                     run: Run, park: list[nn.Module] = ()) -> None:
+                     run: Run, park: list[nn.Module] = (), reference: offload.BlockStore | None = None) -> None:
     """Each block read once: INT4 block-wise PTQ, the INT2 reconstruction from its latents, the codes fixed and
     packed; the state written after each block for a restart. The embeddings and head of the models in ``park``
-    go back to disk while the blocks are quantized (they are read again after)."""
+    go back to disk while the blocks are quantized (they are read again after). ``reference``: the teacher's
+    store, whose blocks give the INT2 reconstruction's targets (``int2_target="dense"``)."""
     from .ptq import BlockwisePTQ
     from .qat import qat_layers, release_latents, snap
 
@@ -171,7 +173,8 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
     # the activation streams of both passes live in files beside those states, a step's rows read at a time
     int4 = BlockwisePTQ(student, calibration, 4, config.int4_group_size,
                         dataclasses.replace(config.ptq, epochs=config.ptq.int4_epochs), keep_qat=True, spill=spill,
-                        activations=os.path.join(spill, "int4"), **ptq_options(student, config, run, 4))
+                        activations=os.path.join(spill, "int4"), **ptq_options(student, config, run, 4)) \
+        if config.ptq.int4_epochs else None
     int2 = BlockwisePTQ(student, calibration, 2, config.group_size, config.ptq, keep_qat=True, spill=spill,
                         activations=os.path.join(spill, "int2"),
                         layer_formats=convert.model_layer_formats(student, config),
@@ -186,9 +189,14 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
     for index in range(first, len(store.layers)):
         block = store.load(index)
         store.forget(index)  # the block's dense layers go as soon as their QAT layers replace them
-        int4.quantize_block(index)
-        release_latents(block)
-        int2.quantize_block(index)
+        if int4 is not None:
+            int4.quantize_block(index)
+            release_latents(block)
+        if reference is not None:
+            int2.quantize_block(index, reference.load(index))
+            reference.release(index)
+        else:
+            int2.quantize_block(index)
         snap(block)
         for layer in qat_layers(block).values():
             layer.drop_latent()
@@ -196,15 +204,21 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
         if folder:
             _save(folder, fingerprint, index, block, int4, int2)
     offload.unpark(parked, store.index)
-    for ptq in (int4, int2):
+    for ptq in _passes(int4, int2):
         for key in _STREAMS + ("next_inputs",):
             getattr(ptq.run, key).close()
     shutil.rmtree(spill, ignore_errors=True)
-    int4.finish()
+    if int4 is not None:
+        int4.finish()
     report = int2.finish()
-    _log(f"streamed PTQ: INT4 then INT2, {len(store.layers)} blocks, {report.nsamples}x{report.seqlen} tokens, "
-         f"{int4.report.steps_per_block} + {report.steps_per_block} steps/block, "
-         f"{time.perf_counter() - started:.0f} s")
+    _log(f"streamed PTQ: {'INT4 then ' if int4 else ''}INT2, {len(store.layers)} blocks, "
+         f"{report.nsamples}x{report.seqlen} tokens, {f'{int4.report.steps_per_block} + ' if int4 else ''}"
+         f"{report.steps_per_block} steps/block, {time.perf_counter() - started:.0f} s")
+
+
+def _passes(int4, int2) -> list:
+    """The block-wise PTQ passes that run, by name (no INT4 pass with ``int4_epochs=0``)."""
+    return [ptq for ptq in (int4, int2) if ptq is not None]
 
 
 def _libc():
@@ -259,17 +273,21 @@ def _save(folder: str, fingerprint: str, index: int, block: nn.Module, int4, int
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp))
     done = _activations(folder, index + 1)
     with atomic_path(done, folder=True) as tmp:
-        for name, ptq in (("int4", int4), ("int2", int2)):
+        for name, ptq in _named(int4, int2):
             for key in _STREAMS:
                 shutil.copyfile(getattr(ptq.run, key).path, os.path.join(tmp, f"{name}.{key}.bin"))
-    tensors = {f"{name}.generator": ptq.run.generator.get_state() for name, ptq in (("int4", int4), ("int2", int2))}
-    stats = {name: [dataclasses.asdict(b) for b in ptq.report.blocks] for name, ptq in (("int4", int4), ("int2", int2))}
+    tensors = {f"{name}.generator": ptq.run.generator.get_state() for name, ptq in _named(int4, int2)}
+    stats = {name: [dataclasses.asdict(b) for b in ptq.report.blocks] for name, ptq in _named(int4, int2)}
     with atomic_path(os.path.join(folder, STATE)) as tmp:
         save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint, "done": str(index + 1),
                                                "stats": json.dumps(stats)})
     for entry in os.listdir(folder):
         if entry.startswith("activations-") and os.path.join(folder, entry) != done:
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+def _named(int4, int2) -> list:
+    return [(name, ptq) for name, ptq in (("int4", int4), ("int2", int2)) if ptq is not None]
 
 
 def _activations(folder: str, done: int) -> str:
@@ -295,7 +313,7 @@ def _restore(folder: str, fingerprint: str, student: nn.Module, store: offload.B
             return 0
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     done = int(meta["done"])
-    for name, ptq in (("int4", int4), ("int2", int2)):
+    for name, ptq in _named(int4, int2):
         for key in _STREAMS:
             shutil.copyfile(os.path.join(_activations(folder, done), f"{name}.{key}.bin"), getattr(ptq.run, key).path)
         ptq.run.generator.set_state(tensors[f"{name}.generator"])
