@@ -1,0 +1,112 @@
+"""What upq's INT4 stage buys (issue 36): the default against the ways of using it (or not) that the options allow,
+over seeds and the six rounding variants, judged by a rule written before the runs.
+
+Variants (``upq quantize --bits 2 --recipe upq`` at the default budget, ``--config`` with the ``ptq`` fields):
+
+- ``default``: FP -> INT4 (1 epoch), INT2 reconstructed from the INT4 latents against the INT4 blocks;
+- ``no-int4``: ``int4_epochs=0``, INT2 reconstructed from the unquantized weights (EfficientQAT's Block-AP at INT2),
+  then the same distillation;
+- ``dense-target``: ``int2_target="dense"``, INT2 from the INT4 latents against the unquantized blocks.
+
+Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
+and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
+verdict of the rule (``RULE`` below). Checkpoints and scores are kept under ``--out`` and reused on a rerun.
+
+    python examples/bench_int4_stage.py --variants default,no-int4,dense-target --seeds 0,1 --split validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = {"default": {}, "no-int4": {"int4_epochs": 0}, "dense-target": {"int2_target": "dense"}}
+
+RULE = ("A variant replaces the default if, averaged over the seeds and the six rounding variants, its top-1 is "
+        "higher by at least 0.005 and its KL lower by at least 0.02, with on topic not lower by more than 1; if "
+        "several do, the highest top-1. Otherwise the default stays (a tie keeps the paper's progression).")
+
+
+def _run(command: list[str], log: str) -> float:
+    started = time.time()
+    with open(log, "w") as handle:
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
+    return time.time() - started
+
+
+def checkpoint(out: str, variant: str, seed: int) -> tuple[str, float | None]:
+    """The variant's checkpoint for ``seed`` (made once) and the seconds it took (None: made by an earlier run)."""
+    path = os.path.join(out, f"{variant}-s{seed}")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path, None
+    config = os.path.join(out, f"{variant}.json")
+    with open(config, "w") as handle:
+        json.dump({"ptq": VARIANTS[variant]}, handle)
+    seconds = _run([sys.executable, "-m", "upq_hf.cli", "quantize", "--bits", "2", "--recipe", "upq", "--seed",
+                    str(seed), "--config", config, "--stream", "off", "--out", path, "--overwrite"], f"{path}.log")
+    return path, seconds
+
+
+def scores(path: str, split: str, dtype: str) -> list[dict]:
+    """bench_backends' rows for the checkpoint (computed once)."""
+    target = f"{path}.{split}.{dtype}.json"
+    if not os.path.isfile(target):
+        here = os.path.dirname(os.path.abspath(__file__))
+        _run([sys.executable, os.path.join(here, "bench_backends.py"), path, "--split", split, "--dtype", dtype,
+              "--json", target], f"{target}.log")
+    with open(target) as handle:
+        return json.load(handle)["rows"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="default,no-int4,dense-target")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--split", default="validation", choices=["validation", "report"])
+    parser.add_argument("--out", default="out/int4-stage")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {}
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}: one of {list(VARIANTS)}")
+        per_seed = []
+        for seed in seeds:
+            path, seconds = checkpoint(args.out, variant, seed)
+            rows = [row for dtype in ("bfloat16", "float32") for row in scores(path, args.split, dtype)]
+            per_seed.append(dict(seed=seed, seconds=seconds, top1=sum(r["top1"] for r in rows) / len(rows),
+                                 kl=sum(r["kl"] for r in rows) / len(rows),
+                                 on_topic=sum(r["on_topic"] for r in rows) / len(rows), prompts=len(rows[0]["answers"])))
+            print(json.dumps({"variant": variant, **per_seed[-1]}), flush=True)
+        results[variant] = per_seed
+    print(f"\n{args.split} split, seeds {seeds}, six rounding variants each (bf16/fp32 x torch/avx2/a8)\n")
+    print("| variant | top-1 per seed | KL per seed | on topic per seed | mean top-1 | mean KL | mean on topic | "
+          "minutes per run |\n|---|---|---|---|---:|---:|---:|---:|")
+    means = {}
+    for variant, per_seed in results.items():
+        mean = {key: sum(s[key] for s in per_seed) / len(per_seed) for key in ("top1", "kl", "on_topic")}
+        means[variant] = mean
+        minutes = [s["seconds"] / 60 for s in per_seed if s["seconds"]]
+        timing = f"{sum(minutes) / len(minutes):.1f}" if minutes else "(made earlier)"
+        cells = [" / ".join(f"{s[key]:{form}}" for s in per_seed) for key, form in
+                 (("top1", ".4f"), ("kl", ".3f"), ("on_topic", ".1f"))]
+        print(f"| {variant} | {' | '.join(cells)} | {mean['top1']:.4f} | {mean['kl']:.3f} | "
+              f"{mean['on_topic']:.1f} of {per_seed[0]['prompts']} | {timing} |")
+    if "default" in means:
+        base = means["default"]
+        winners = [v for v, m in means.items() if v != "default" and m["top1"] >= base["top1"] + 0.005
+                   and m["kl"] <= base["kl"] - 0.02 and m["on_topic"] >= base["on_topic"] - 1]
+        winner = max(winners, key=lambda v: means[v]["top1"]) if winners else "default"
+        print(f"\nRule (written before the runs): {RULE}\nVerdict: {winner}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
