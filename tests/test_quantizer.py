@@ -200,3 +200,28 @@ def test_corrupt_checkpoint_gives_clear_error(tiny_llama_dir, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])  # truncated file
     with pytest.raises(ValueError, match="corrupt UPQ checkpoint file"):
         load_quantized(tmp_path)
+
+
+def test_head_takes_contiguous_input_in_generate(tiny_llama_dir, tmp_path):
+    """generate's first step gives the head the last position of each row, a strided view; for a bf16 head on a CPU
+    torch's F.linear then copies the weight once per row. UPQ models (loaded, reloaded, quantized in place) and
+    every model upq_hf generates with get a pre-hook that makes the input contiguous: the same logits."""
+    from upq_hf.chat import contiguous_head_input
+
+    model = load_quantized(tiny_llama_dir, quantization_config=UPQConfig(bits=2, group_size=32), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    contiguous_head_input(dense)
+    contiguous_head_input(dense)  # once per model
+    for m in (model, load_quantized(tmp_path), dense):
+        head = m.get_output_embeddings()
+        assert head._upq_contiguous_input and len(head._forward_pre_hooks) == 1
+        seen = []
+        handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        hidden = torch.randn(3, 5, head.in_features, dtype=head.weight.dtype)
+        strided = hidden[:, -1:, :]
+        assert not strided.is_contiguous()
+        with torch.no_grad():
+            assert torch.equal(head(strided), torch.nn.functional.linear(strided.contiguous(), head.weight))
+        handle.remove()
+        assert seen == [True]

@@ -19,6 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from . import convert, recipes, streaming
 from .adapters import layout_version
+from .chat import contiguous_head_input
 from .checkpoint import IN_FEATURES_KEY, checkpoint_keys, expected_upq_tensors, split_sources, validate_checkpoint
 from .config import UPQConfig
 from .packing import FORMAT_VERSION
@@ -114,6 +115,7 @@ class UPQHfQuantizer(HfQuantizer):
         if self.quantization_config.format_version >= 2:
             model._weight_conversions = []  # saved under the model's own names (see attach)
         install_card_hooks(model)
+        contiguous_head_input(model)  # a bf16 head in generate's first step (upq_hf.chat)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -158,6 +160,7 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
         # names) through its conversions: format 2 keeps the model's own names, which no conversion touches
         model._weight_conversions = []
     install_card_hooks(model)
+    contiguous_head_input(model)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config._is_quantized = True
