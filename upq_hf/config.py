@@ -20,6 +20,7 @@ from . import backends
 from .formats import Q2_K_GROUP, SCALE_GRIDS, check_bits
 from .packing import FORMAT_VERSION
 from .recipes import RECIPES
+from .rotation import ROTATIONS
 from .stages import BUDGETS, STAGES, as_dict, stage_config
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -179,14 +180,18 @@ class UPQConfig(QuantizationConfigMixin):
         rtn, data, ptq, distill, e2e_qp: the configs of the recipe's stages (:mod:`upq_hf.stages`), each a
             dataclass or a dict of its fields; a stage the recipe does not run cannot be set. ``stages``: all of
             them as one dict (what config.json holds).
-        seed: for the data, its order and the training.
+        seed: for the data, its order and the training (and the rotation's signs).
+        rotation: ``"hadamard"``: before any stage, turn the residual stream by a Hadamard matrix with random signs
+            fused into the weights (:mod:`upq_hf.rotation`, QuaRot/SpinQuant's R1): the same function, weights that
+            quantize better; the checkpoint is a plain one of its family (norm weights of one, the head untied).
+            Pre-norm RMSNorm families without experts; needs the dense model in memory. None (default): no rotation.
     """
 
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn", mix: str | None = "auto",
                  module_bits: dict[str, Any] | None = None, int4_group_size: int | None = 64,
                  scale_dtype: str = "float16", modules_to_not_convert: list[str] | None = None,
                  backend: str | None = None, scale_grid: str | None = None, format_version: int = FORMAT_VERSION,
-                 seed: int = 0, rtn=None,
+                 seed: int = 0, rotation: str | None = None, rtn=None,
                  data=None, ptq=None, distill=None, e2e_qp=None, stages: dict | None = None, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
@@ -202,6 +207,7 @@ class UPQConfig(QuantizationConfigMixin):
         self.scale_grid = scale_grid
         self.format_version = format_version
         self.seed = seed
+        self.rotation = rotation
         reading = kwargs.pop("_reading", False)  # from_dict: a saved config.json, maybe of an older upq_hf
         given = dict(stages or {})
         for name, value in (("rtn", rtn), ("data", data), ("ptq", ptq), ("distill", distill), ("e2e_qp", e2e_qp)):
@@ -266,6 +272,8 @@ class UPQConfig(QuantizationConfigMixin):
             raise ValueError(f"UPQConfig: backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"UPQConfig: seed must be an integer, got {self.seed!r}")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise ValueError(f"UPQConfig: rotation must be one of {list(ROTATIONS)} or None, got {self.rotation!r}")
         self._check_module_bits()
         if self.mix == "auto":
             self.mix = AUTO_MIX if self.recipe == "upq" and self.bits == 2 and self.scale_grid is None else None

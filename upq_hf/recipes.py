@@ -196,6 +196,11 @@ def apply_recipe(model: nn.Module, config, run: Run | None = None) -> nn.Module:
     check_device(run.device, f"quantize_model(device={str(run.device)!r})", "use device='cpu' or leave it unset")
     config.check_backend()
     was_training = model.training
+    if getattr(config, "rotation", None):
+        from .rotation import rotate_residual
+
+        rotate_residual(model, seed=config.seed)
+        _log(f"rotated the residual stream ({config.rotation}, seed {config.seed}) into the weights")
     recipe.apply(model, config, run)
     convert.check_quantized(model, config)
     return model.train(was_training)  # training recipes leave the model in training mode (dropout on)

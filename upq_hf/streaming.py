@@ -36,8 +36,8 @@ from .nn import UPQLinear
 
 def on_load_applies(config, pre_quantized: bool) -> bool:
     """Quantize while loading: a dense checkpoint and the round-to-nearest recipe (the only one that needs
-    nothing but each weight by itself)."""
-    return not pre_quantized and config.recipe == "rtn"
+    nothing but each weight by itself), unrotated (a rotation needs the whole model: it loads dense first)."""
+    return not pre_quantized and config.recipe == "rtn" and getattr(config, "rotation", None) is None
 
 
 def prepare_on_load(model: nn.Module, config) -> dict[str, Callable]:
