@@ -90,15 +90,22 @@ class SafetensorsIndex:
         size = entry.end - entry.start
         buffer = bytearray(size)
         with open(entry.path, "rb", buffering=0) as handle:
-            view, done = memoryview(buffer), 0
-            while done < size:
-                got = os.preadv(handle.fileno(), [view[done:]], entry.start + done)
-                if got <= 0:
-                    raise OSError(f"{entry.path} ends before tensor {name} does: the file is truncated")
-                done += got
+            _read_exactly(handle.fileno(), memoryview(buffer), entry.start,
+                          f"{entry.path} ends before tensor {name} does: the file is truncated")
         tensor = torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape) if size else \
             torch.empty(entry.shape, dtype=entry.dtype)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, truncated: str) -> None:
+    """Fill ``view`` from file ``fd`` at ``offset`` (``pread``, as many calls as it takes); ``OSError(truncated)``
+    where the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(truncated)
+        done += got
 
 
 def _local_folder(source: str) -> str | None:
@@ -362,12 +369,8 @@ class DiskRows:
 
     def _read(self, out: torch.Tensor, first: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        done, size, offset = 0, len(view), first * self.row_bytes
-        while done < size:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"{self.path} ends before row {first + done // self.row_bytes}: the file is truncated")
-            done += got
+        _read_exactly(self._fd, view, first * self.row_bytes,
+                      f"{self.path} ends before row {first + len(out) - 1}: the file is truncated")
 
     def __getitem__(self, key) -> torch.Tensor:
         if torch.is_tensor(key):

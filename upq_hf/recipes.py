@@ -255,16 +255,18 @@ def ptq(model: nn.Module, config, run: Run) -> nn.Module:
     return model
 
 
-def _e2e_qp(model: nn.Module, teacher: nn.Module, tokenizer, config, run: Run, dataset=None) -> None:
+def _e2e_qp(model: nn.Module, teacher: nn.Module, tokenizer, config, run: Run, dataset=None,
+            pack: bool = True) -> None:
     """E2E-QP: every code fixed, the scales (and norms) trained ``config.e2e_qp.steps`` steps against the teacher
-    on the distillation's data, then packed."""
+    on the distillation's data, then packed (unless ``pack`` is False)."""
     from .qat import freeze_model, snap
 
     snap(model)
     _log(f"E2E-QP: codes fixed, {config.e2e_qp.steps} steps on the scales")
     _train(model, teacher, tokenizer, config, run, "jsd", dataset=dataset, stage="trainer-e2e-qp",
            steps=config.e2e_qp.steps, scale_learning_rate=config.e2e_qp.learning_rate)
-    freeze_model(model, config.torch_scale_dtype, backend=config.backend)
+    if pack:
+        freeze_model(model, config.torch_scale_dtype, backend=config.backend)
 
 
 # ------------------------------------------------------------------------------------------------- upq

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import convert, offload
-from .recipes import Run, _calibration, _log, _train, ptq_options
+from .recipes import Run, _calibration, _e2e_qp, _log, _train, ptq_options
 
 #: the in-memory ``upq`` recipe's peak memory, in multiples of the model's bf16 size (a 1B-shaped model measured
 #: 20.9 GiB against its 2.05 GiB of bf16 weights, docs/BENCHMARKS.md)
@@ -87,7 +87,7 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     :func:`upq_hf.quantizer.attach` before saving it) and the streamed teacher (run it inside
     ``teacher._upq_block_store.streaming()``)."""
     from .models import load_tokenizer
-    from .qat import freeze_model, snap
+    from .qat import freeze_model
 
     run = run or Run()
     _return_freed_memory()  # before the teacher's first block is read: every block comes and goes
@@ -120,10 +120,7 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     with store.streaming():
         trainer = _train(student, teacher, tokenizer, config, run, "jsd")
         if config.e2e_qp.steps:  # E2E-QP on the same data: the teacher's cached top-k, no teacher pass
-            snap(student)  # the trained scales onto their grid, as the in-memory recipe does
-            _log(f"E2E-QP: codes fixed, {config.e2e_qp.steps} steps on the scales")
-            _train(student, teacher, tokenizer, config, run, "jsd", dataset=trainer.train_dataset,
-                   stage="trainer-e2e-qp", steps=config.e2e_qp.steps, scale_learning_rate=config.e2e_qp.learning_rate)
+            _e2e_qp(student, teacher, tokenizer, config, run, dataset=trainer.train_dataset, pack=False)
         _checkpointing(student, False)
     freeze_model(student, config.torch_scale_dtype, backend=config.backend)
     _cast_norms(student, store.dtype)  # trained, the norms take the model's dtype again (the rest never left it)
@@ -204,7 +201,7 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
         if folder:
             _save(folder, fingerprint, index, block, int4, int2)
     offload.unpark(parked, store.index)
-    for ptq in _passes(int4, int2):
+    for _, ptq in _named(int4, int2):
         for key in _STREAMS + ("next_inputs",):
             getattr(ptq.run, key).close()
     shutil.rmtree(spill, ignore_errors=True)
@@ -215,10 +212,6 @@ def _quantize_blocks(student: nn.Module, store: offload.BlockStore, calibration:
          f"{report.nsamples}x{report.seqlen} tokens, {f'{int4.report.steps_per_block} + ' if int4 else ''}"
          f"{report.steps_per_block} steps/block, {time.perf_counter() - started:.0f} s")
 
-
-def _passes(int4, int2) -> list:
-    """The block-wise PTQ passes that run, by name (no INT4 pass with ``int4_epochs=0``)."""
-    return [ptq for ptq in (int4, int2) if ptq is not None]
 
 
 def _libc():
@@ -287,6 +280,7 @@ def _save(folder: str, fingerprint: str, index: int, block: nn.Module, int4, int
 
 
 def _named(int4, int2) -> list:
+    """The block-wise PTQ passes that run, by name (no INT4 pass with ``int4_epochs=0``)."""
     return [(name, ptq) for name, ptq in (("int4", int4), ("int2", int2)) if ptq is not None]
 
 
