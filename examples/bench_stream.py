@@ -8,7 +8,7 @@ the process holds, its anonymous memory and any file pages it maps) and peak ``R
 size in bf16, wall time, and from the run's own log the seconds per calibration token of block-wise PTQ (both
 passes, at the config's steps) and per training token of Distill-QAT.
 
-    python examples/bench_stream.py --shape 1b --modes off,on --config out/stream/reduced.yaml
+    python examples/bench_stream.py --shape 1b --modes off,on --config examples/configs/stream-reduced.yaml
 """
 
 from __future__ import annotations
