@@ -34,6 +34,20 @@ def test_fidelity_uses_only_answer_tokens():
     assert other["kl"] > 0.0 and other["jsd"] <= math.log(2)
 
 
+def test_fidelity_chunks_give_the_same_numbers():
+    """The divergences run a few answer rows at a time (memory); the numbers equal one pass over all rows."""
+    teacher, student = tiny_llama(seed=0), tiny_llama(seed=1)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]
+    answers = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 4, 12, 7)]
+    reference = FidelityReference(["a", "b", "c", "d"], prompts, answers)
+    whole = fidelity(student, teacher, reference, chunk_tokens=10_000)
+    assert whole["tokens"] == 32
+    for chunk in (1, 3, 7):
+        assert fidelity(student, teacher, reference, chunk_tokens=chunk) == whole
+    assert whole["kl"] > 0.0 and whole["jsd"] > 0.0
+
+
 @pytest.mark.parametrize("name,good,bad", [
     ("lowercase", "it rains softly.", "It rains."),
     ("max_20_words", "It measures temperature.", " ".join(["word"] * 21)),
