@@ -245,9 +245,14 @@ def test_cli_streamed_and_in_memory_write_the_same_checkpoint_and_report(tiny_di
     assert reloaded.model.layers[0].self_attn.q_proj.bits == 2
 
 
-def test_a_bf16_checkpoint_streams_in_bf16(tmp_path, tokenizer):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_bf16_checkpoint_streams_in_bf16(tmp_path, tokenizer, precision):
+    """With and without bf16 autocast: without it (a CPU with no native bf16) the float32 norms' output meets the
+    bf16 head, which takes it in its own dtype."""
     path = save_tiny(tmp_path / "bf16", tokenizer, torch.bfloat16)
-    model, teacher = streamed.quantize_streamed(path, config(), Run(tokenizer=tokenizer))
+    distill = {"steps": 2, "batch_size": 2, "seqlen": 32, "samples": 4, "mixed_precision": precision}
+    model, teacher = streamed.quantize_streamed(path, config(distill=distill), Run(tokenizer=tokenizer))
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the training-time cast is removed after it
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # what is not trained stays as the file has it
     assert model.model.norm.weight.dtype == torch.bfloat16  # trained in float32, then the model's dtype again
     assert model.model.layers[0].mlp.down_proj.bits == 2

@@ -113,6 +113,10 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     _quantize_blocks(student, student_store, calibration, config, run, park=[teacher, student],
                      reference=store if config.ptq.int2_target == "dense" else None)
     _cast_norms(student, torch.float32)  # the norms train in float32, as in a float32 model
+    # so the final norm hands the head float32 rows; under bf16 autocast F.linear casts them, without it (a CPU
+    # without native bf16, a GPU run in fp32) a bf16 head needs them in its own dtype: the same cast autocast makes
+    head = student.get_output_embeddings()
+    head_hook = head.register_forward_pre_hook(_input_in_weight_dtype) if head is not None else None
     # the student recomputes each block's activations in the backward pass: training holds one block's
     student.config.use_cache = False
     _checkpointing(student, True)
@@ -122,10 +126,20 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
         if config.e2e_qp.steps:  # E2E-QP on the same data: the teacher's cached top-k, no teacher pass
             _e2e_qp(student, teacher, tokenizer, config, run, dataset=trainer.train_dataset, pack=False)
         _checkpointing(student, False)
+    if head_hook is not None:
+        head_hook.remove()
     freeze_model(student, config.torch_scale_dtype, backend=config.backend)
     _cast_norms(student, store.dtype)  # trained, the norms take the model's dtype again (the rest never left it)
     convert.check_quantized(student, config)
     return student.eval(), teacher
+
+
+def _input_in_weight_dtype(module: nn.Module, args: tuple):
+    """Forward pre-hook: the layer's input in its weight's dtype."""
+    x, *rest = args
+    if torch.is_tensor(x) and x.is_floating_point() and x.dtype != module.weight.dtype:
+        return (x.to(module.weight.dtype), *rest)
+    return None
 
 
 def _cast_norms(model: nn.Module, dtype: torch.dtype) -> None:
