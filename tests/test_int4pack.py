@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import upq_hf
-from upq_hf import UPQConfig, UPQLinear, formats, int4pack
+from upq_hf import UPQConfig, UPQLinear, backends, formats, int4pack
 from upq_hf.backends import resolve_backend, torch_linear
 
 from helpers import check_cpu_kernel_fallbacks
@@ -328,6 +328,8 @@ def test_mixed_bits_model_each_layer_on_its_own_format(tmp_path, monkeypatch):
     and a save/reload gives the same formats and the same output."""
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)  # where calls of several rows go to the kernel
+
     from helpers import tiny_llama
     from upq_hf.convert import upq_layers
 
@@ -403,8 +405,10 @@ def safetensors_content(folder):
     return json.loads(raw[8:8 + length]), raw[8 + length:]
 
 
-def test_save_pretrained_is_unchanged_by_the_cache(tiny_llama_dir, tmp_path):
+def test_save_pretrained_is_unchanged_by_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)  # where calls of several rows go to the kernel
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     upq_hf.quantize_model(model, UPQConfig(bits=4, group_size=32, recipe="rtn"), progress=False)

@@ -89,8 +89,10 @@ def test_without_learning_ptq_is_rtn(tiny):
     rtn = copy.deepcopy(model)
     quantize_linears_rtn(rtn, 2, 16, scale_init="mse", modules_to_not_convert=skip)
     ptq = copy.deepcopy(model)
+    # the packed layers on the reference path, whose arithmetic is the QAT layers' (a CPU kernel sums in another
+    # order: its final error then differs from the start's in the last bits, and the block still reverts)
     report = blockwise_ptq(ptq, calibration, 2, 16, P(steps=2, learning_rate=0.0, scale_learning_rate=0.0),
-                           modules_to_not_convert=skip, progress=False)
+                           modules_to_not_convert=skip, progress=False, backend="torch")
     assert all(b.reverted and b.final_loss == b.rtn_loss for b in report.blocks)
     assert type(ptq.model.layers[0].mlp.down_proj) is nn.Linear
     assert isinstance(ptq.model.layers[0].mlp.up_proj, UPQLinear)
