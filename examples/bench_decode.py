@@ -5,13 +5,17 @@ its dense model, in bf16, on ``--threads`` threads, greedy decode of ``--tokens`
 
 * ``eager``: ``generate`` as it is (dynamic cache, the Python forward each token);
 * ``compiled``: ``generate(cache_implementation="static", compile_config=...)``: transformers compiles the decode
-  step (``torch.compile``, inductor; on the CPU only when the compile config says so); the UPQ layers enter the graph as the custom op ``upq_hf::cpu_linear`` (the CPU
-  kernel, opaque to the compiler), so the step compiles whole. Timed after a warm-up generation that compiles.
+  step (``torch.compile``, inductor; on the CPU only when the compile config says so); the UPQ layers enter the
+  graph as the kernel's C++ operator ``upq_cpu::linear`` (or, where it did not build, the Python custom op
+  ``upq_hf::cpu_linear``), opaque to the compiler, so the step compiles whole. Timed after a warm-up generation
+  that compiles;
+* ``compiled, C++ wrapper`` (``--cpp-wrapper``): the same with inductor's C++ wrapper, which makes the step's calls
+  from C++ (the UPQ layers' operator included) instead of Python.
 
 Also, ``--profile``: where a decode step of the UPQ model goes, eager and compiled (``torch.profiler``, top ops by
 self CPU time), the answer to "is it the kernel or the Python around it".
 
-    python examples/bench_decode.py [CHECKPOINT] [--threads 2] [--tokens 64] [--runs 3] [--profile]
+    python examples/bench_decode.py [CHECKPOINT] [--threads 2] [--tokens 64] [--runs 3] [--profile] [--cpp-wrapper]
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ def timed(model, ids, settings, runs: int) -> tuple[float, float]:
     return first, settings["max_new_tokens"] / statistics.median(times)
 
 
-def compiled_settings(mode: str) -> dict:
+def compiled_settings(mode: str, cpp_wrapper: bool = False) -> dict:
     """``generate`` settings for a static cache and a compiled decode step on the CPU (transformers compiles by
-    itself only on accelerators: ``_compile_all_devices`` lifts that)."""
+    itself only on accelerators: ``_compile_all_devices`` lifts that). ``cpp_wrapper``: inductor's C++ wrapper (the
+    step's calls made from C++, not Python; torch.compile takes options or a mode, not both)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(fullgraph=True, mode=mode)
+    config = (CompileConfig(fullgraph=True, mode=None, options={"cpp_wrapper": True}) if cpp_wrapper else
+              CompileConfig(fullgraph=True, mode=mode))
     config._compile_all_devices = True
     return {"cache_implementation": "static", "compile_config": config}
 
@@ -89,6 +95,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--mode", default="default", help="torch.compile mode of the decode step")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="also time the compiled step with inductor's C++ wrapper")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -111,13 +119,21 @@ def main() -> int:
                                   source, dtype=torch.bfloat16, quantization_config=UPQConfig(bits=2, group_size=64)))
     if args.profile:
         print(profile(models[f"UPQ {label}"], ids, args.mode))
-    print(f"| model | eager tokens/s | compiled (static cache) tokens/s | x eager | first compiled call s |")
-    print("|---|---:|---:|---:|---:|")
+    variants = [("compiled", compiled_settings(args.mode))]
+    if args.cpp_wrapper:
+        variants.append(("compiled, C++ wrapper", compiled_settings(args.mode, cpp_wrapper=True)))
+    print("| model | eager tokens/s | " + " | ".join(f"{name} tokens/s | x eager | first call s" for name, _ in variants)
+          + " |")
+    print("|---|---:|" + "---:|---:|---:|" * len(variants))
     with torch.no_grad():
         for name, model in models.items():
             _, eager = timed(model, ids, settings, args.runs)
-            first, compiled = timed(model, ids, {**settings, **compiled_settings(args.mode)}, args.runs)
-            print(f"| {name} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.2f} | {first:.0f} |", flush=True)
+            cells = [f"{eager:.1f}"]
+            for _, extra in variants:
+                torch._dynamo.reset()
+                first, compiled = timed(model, ids, {**settings, **extra}, args.runs)
+                cells += [f"{compiled:.1f}", f"{compiled / eager:.2f}", f"{first:.0f}"]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

@@ -169,6 +169,7 @@ def test_many_rows_and_gradients_take_the_reference_path(monkeypatch):
             return compiled.linear(*args)
 
     monkeypatch.setattr(avx2, "kernel", lambda: Spy())
+    monkeypatch.setattr(avx2, "has_op", lambda: False)  # the ctypes calls, which the spy counts (same routing)
     check_cpu_kernel_fallbacks(module, "avx2", avx2.MAX_ROWS, calls)
     assert calls[0] == avx2.MAX_ROWS
 
@@ -294,10 +295,13 @@ def test_the_custom_op_hands_an_inf_back_to_the_exact_kernel():
     torch.testing.assert_close(handed_back, run(module, x, "a8"), rtol=0, atol=0, equal_nan=True)  # as eager
 
 
-def test_a_compiled_decode_step_keeps_the_kernel_without_a_graph_break(monkeypatch, tiny_llama_dir):
+@pytest.mark.parametrize("operator", [True, False], ids=["cpp-operator", "python-custom-op"])
+def test_a_compiled_decode_step_keeps_the_kernel_without_a_graph_break(monkeypatch, tiny_llama_dir, operator):
     """A whole tiny Llama decode step under ``torch.compile(fullgraph=True)`` (aot_eager: the graph as inductor
-    would get it, without its C++ build): it compiles (a graph break would raise), every UPQ layer's call is the
-    kernel (counted), and the logits equal the eager model's bit for bit."""
+    would get it, without its C++ build): it compiles into one graph (a graph break would raise), every UPQ
+    layer is one call of the kernel in it (the C++ operator ``upq_cpu::linear`` where it built, else the Python
+    custom op ``upq_hf::cpu_linear``), and the logits equal the eager model's bit for bit."""
+    from torch._dynamo.backends.debugging import aot_eager
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=UPQConfig(
@@ -306,18 +310,77 @@ def test_a_compiled_decode_step_keeps_the_kernel_without_a_graph_break(monkeypat
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
-    calls = []
-    run_kernel = avx2._run
+    if operator:
+        assert avx2.has_op(), avx2._load_op()
+        expected = torch.ops.upq_cpu.linear
+    else:
+        monkeypatch.setattr(avx2, "has_op", lambda: False)
+        expected = torch.ops.upq_hf.cpu_linear
+    graphs = []
 
-    def spy(*args):
-        calls.append(args[0].shape[-2] if args[0].dim() > 1 else 1)
-        return run_kernel(*args)
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
 
-    monkeypatch.setattr(avx2, "_run", spy)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda i: model(i, use_cache=False).logits, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda i: model(i, use_cache=False).logits, fullgraph=True, backend=keep)
     with torch.no_grad():
         logits = compiled(ids)
     torch._dynamo.reset()
-    assert len(calls) >= layers  # every layer ran the kernel (tracing may add calls of its own)
+    targets = [node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert len(graphs) == 1
+    assert sum(target in (expected, expected.default) for target in targets) == layers
     assert torch.equal(logits, eager)
+
+
+@pytest.mark.parametrize("bits,group_size,bias", [(2, 64, True), (4, 32, False), (2, None, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_torch_operator_is_the_kernel_bit_for_bit(bits, group_size, bias, dtype):
+    """``torch.ops.upq_cpu.linear`` (upq_op.cpp: the kernel behind torch's dispatcher, built on first use) gives
+    the ctypes call's result bit for bit, exact and int8 kernels, one row and several; torch's own checks of an
+    operator (schema, fake tensor) pass."""
+    assert avx2.has_op(), avx2._load_op()
+    module = layer(bits, group_size, 128, 48, bias=bias)
+    for rows in (1, 5):
+        x = torch.randn(rows, 128).to(dtype)
+        for int8_activations in (False, True):
+            args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach() if bias else None,
+                    bits, group_size or 128, 128, int8_activations)
+            expected = avx2._run(*args)
+            if expected is None:  # the int8 kernel without AVX512-VNNI: the exact one runs it
+                expected = avx2._run(*args[:-1], False)
+            assert torch.equal(torch.ops.upq_cpu.linear(*args), expected)
+    torch.library.opcheck(torch.ops.upq_cpu.linear.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_torch_operator_hands_an_inf_to_the_exact_kernel():
+    module = layer(2, 64, 128, 32)
+    x = torch.randn(1, 128)
+    x[0, 3] = float("inf")
+    args = (x, module.weight, module.weight_scale, None, module.bias.detach(), 2, 64, 128)
+    torch.testing.assert_close(torch.ops.upq_cpu.linear(*args, True), avx2._run(*args, False), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+def test_eager_layers_call_the_operator_and_without_it_the_same_numbers(monkeypatch):
+    from torch.profiler import profile
+
+    module = layer(2, 64, 128, 32)
+    module.backend = "avx2"
+    x = torch.randn(1, 128)
+    with torch.no_grad(), profile() as prof:
+        on_operator = module(x)
+    assert any(event.name == "upq_cpu::linear" for event in prof.events())
+    monkeypatch.setattr(avx2, "has_op", lambda: False)
+    with torch.no_grad(), profile() as prof:
+        on_ctypes = module(x)
+    assert not any(event.name == "upq_cpu::linear" for event in prof.events())
+    assert torch.equal(on_operator, on_ctypes)
+
+
+def test_no_cpp_compiler_means_no_operator_and_nothing_half_made(monkeypatch, tmp_path):
+    monkeypatch.setenv("UPQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        avx2._build_op(avx2.kernel())
+    assert list(tmp_path.rglob("*.so")) == [] and list(tmp_path.rglob(".*tmp*")) == []

@@ -33,8 +33,15 @@ why, and the automatic choice in :mod:`upq_hf.backends` passes it by.
 A call takes the reference path instead when the kernel cannot or should not run it: more than
 :data:`MAX_ROWS` rows (prefill: dequantize + one dense matmul is faster there; the int8 kernel has no such limit),
 a group size that splits a 32-bit word (INT2 groups not a multiple of 16, INT4 not of 8), and calls that need a
-gradient for ``x``. Under ``torch.compile`` a call the kernel takes is the custom op ``upq_hf::cpu_linear``, which
-the compiler leaves opaque: a compiled decode step runs the kernel, with no graph break.
+gradient for ``x``.
+
+The calls the kernel takes go through ``torch.ops.upq_cpu.linear`` (``upq_hf/csrc/upq_op.cpp``: the same kernel
+behind torch's dispatcher, built with the system's C++ compiler against the installed torch on first use, about
+15 s, cached like the kernel; ``UPQ_CPU_OP=0`` keeps it off): eager, a layer call costs a few microseconds less
+than through ``ctypes``, and under ``torch.compile`` the operator is opaque to the compiler and called with no
+Python in between, where the Python custom op ``upq_hf::cpu_linear`` (what runs where the operator did not build)
+costs tens of microseconds a call. Either way a compiled decode step runs the kernel with no graph break, and
+every path gives the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 from .machine import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
+OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator, for compiled graphs
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
 ABI = 3
@@ -96,13 +104,17 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
+def _flags(openmp: bool, bf16: bool) -> tuple[str, ...]:
+    return FLAGS + (("-fopenmp",) if openmp else ()) + (BF16_FLAGS if bf16 else ())
+
+
 def _build(compiler: str, openmp: bool, bf16: bool) -> Path:
     """The compiled library in the cache, compiled now if it is not there (atomically: a temporary beside it,
     renamed into place, so concurrent processes never load half a file)."""
     from .atomic import atomic_path
     from .machine import cache_dir
 
-    flags = FLAGS + (("-fopenmp",) if openmp else ()) + (BF16_FLAGS if bf16 else ())
+    flags = _flags(openmp, bf16)
     digest = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode())
     target = cache_dir() / "kernels" / f"upq_cpu-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
@@ -125,8 +137,9 @@ def bf16_wanted() -> bool:
 
 
 class _Kernel:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, compiler: str = "cc", flags: tuple[str, ...] = FLAGS):
         library = ctypes.CDLL(str(path))
+        self.compiler, self.flags = compiler, flags
         if library.upq_cpu_abi() != ABI:
             raise OSError(f"{path} is not the kernel this upq_hf expects (ABI {library.upq_cpu_abi()} != {ABI})")
         self.path = path
@@ -161,7 +174,7 @@ def _load() -> tuple[_Kernel | None, str | None]:
     for openmp in (True, False):
         for bf16 in (True, False):
             try:
-                return _Kernel(_build(compiler, openmp, bf16)), None
+                return _Kernel(_build(compiler, openmp, bf16), compiler, _flags(openmp, bf16)), None
             except (OSError, subprocess.SubprocessError) as error:
                 errors.append(str(error))
     return None, f"{compiler} could not build {SOURCE.name}: {errors[0]}"
@@ -208,6 +221,94 @@ def say_why_once() -> None:
         _log(f"the avx2 CPU backend is unavailable ({reason}); UPQ layers on the CPU use another path")
 
 
+def _cxx() -> str | None:
+    named = os.environ.get("CXX")
+    if named:
+        return shutil.which(named) or named
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+
+
+def _build_op(compiled: _Kernel) -> Path:
+    """The kernel as a torch operator (``upq_op.cpp`` + ``upq_cpu.c`` with the flags the loaded kernel was built
+    with, linked against this torch), in the cache, built now if it is not there: about 15 s, once per machine and
+    torch version."""
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    from .atomic import atomic_path
+    from .machine import cache_dir
+
+    cxx = _cxx()
+    if cxx is None:
+        raise OSError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    torch_dir = Path(torch.__file__).parent
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cxx_flags = ("-O2", "-fPIC", "-std=c++17", abi, *includes)
+    link = ("-shared", *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), f"-L{torch_dir / 'lib'}", "-lc10",
+            "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
+    key = (OP_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
+           + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
+    target = cache_dir() / "kernels" / f"upq_op-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if not target.is_file():
+        started = time.perf_counter()
+        c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
+        with tempfile.TemporaryDirectory() as work, atomic_path(target) as tmp:
+            kernel_o, op_o = Path(work) / "upq_cpu.o", Path(work) / "upq_op.o"
+            for command in ([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)],
+                            [cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)],
+                            [cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)]):
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+                if done.returncode:
+                    lines = done.stderr.strip().splitlines()
+                    raise OSError(lines[-1] if lines else f"{command[0]} exited with {done.returncode}")
+        _log(f"built the avx2 kernel's torch operator into {target} ({time.perf_counter() - started:.1f} s, once "
+             "per machine and torch version)")
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _load_op() -> str | None:
+    """Build and load ``torch.ops.upq_cpu.linear``; None when it runs, else why not (then eager calls take the
+    kernel through ``ctypes`` and compiled graphs through the Python custom op :func:`cpu_linear`: slower per call,
+    the same numbers). ``UPQ_CPU_OP=0`` keeps it off."""
+    compiled = kernel()
+    if compiled is None:
+        return unavailable_reason()
+    if os.environ.get("UPQ_CPU_OP", "1") == "0":
+        return "UPQ_CPU_OP=0"
+    try:
+        path = _build_op(compiled)
+        if _OP_KERNEL:  # one operator library per process (its TORCH_LIBRARY registers the namespace)
+            raise RuntimeError("the operator was loaded for another build of the kernel in this process")
+        torch.ops.load_library(str(path))
+        # the operator's library holds its own copy of the kernel: the same bf16 switch as the ctypes one's
+        ctypes.CDLL(str(path)).upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
+        torch.library.register_fake("upq_cpu::linear")(_linear_shape)
+        _OP_KERNEL.append(compiled)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _log(f"the avx2 kernel's torch operator did not build ({error}): its layers call the kernel through ctypes "
+             "(eager) or a Python custom op (compiled), slower per call, the same numbers")
+        return str(error)
+    return None
+
+
+_OP_KERNEL: list = []  # the kernel whose build the loaded operator holds (one operator library per process)
+
+
+@torch.compiler.assume_constant_result
+def has_op() -> bool:
+    """Whether ``torch.ops.upq_cpu.linear`` (the kernel as a C++ torch operator) runs the calls: loaded (built on
+    first call), and built from the kernel loaded now."""
+    compiled = kernel()
+    return compiled is not None and _load_op() is None and _OP_KERNEL[-1].path == compiled.path
+
+
+def _linear_shape(x, weight, scale, zero, bias, bits, group_size, in_features, int8_activations):
+    return x.new_empty(x.shape[:-1] + (weight.shape[1],))
+
+
 def supports(module) -> bool:
     """Whether the layer's format fits the kernel: groups made of whole 32-bit words, or one scale per row."""
     per_word = 32 // module.bits
@@ -247,7 +348,11 @@ def linear(x: torch.Tensor, module, int8_activations: bool = False) -> torch.Ten
     if not (weight.is_cpu and scale.dtype in _DTYPES and (bias is None or bias.dtype in _DTYPES)):
         return None
     kernel_bias = None if bias_apart else bias
-    if torch.compiler.is_compiling():
+    if has_op() and not (scale.requires_grad and torch.is_grad_enabled()):
+        # the C++ operator: the fewest steps between the layer and the kernel, eager or compiled
+        y = torch.ops.upq_cpu.linear(x, weight, scale, zero, kernel_bias, module.bits,
+                                     module.group_size or module.in_features, module.in_features, int8_activations)
+    elif torch.compiler.is_compiling():  # no operator built: the Python custom op, opaque to the compiler
         y = cpu_linear(x, weight, scale, zero, kernel_bias, module.bits, module.group_size or module.in_features,
                        module.in_features, int8_activations)
     else:
@@ -303,6 +408,4 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero:
     return y
 
 
-@cpu_linear.register_fake
-def _(x, weight, scale, zero, bias, bits, group_size, in_features, int8_activations):
-    return x.new_empty(x.shape[:-1] + (weight.shape[1],))
+cpu_linear.register_fake(_linear_shape)
