@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--mode", default="default", help="torch.compile mode of the decode step")
+    parser.add_argument("--skip-dense", action="store_true", help="time the UPQ checkpoint alone")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="also time the compiled step with inductor's C++ wrapper")
     args = parser.parse_args()
@@ -112,7 +113,8 @@ def main() -> int:
     ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
     settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                     pad_token_id=tokenizer.eos_token_id)
-    models = {"dense bf16": AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()}
+    models = {} if args.skip_dense else {
+        "dense bf16": AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()}
     label = args.checkpoint or "RTN INT2 g64"
     models[f"UPQ {label}"] = (AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
                               if args.checkpoint else AutoModelForCausalLM.from_pretrained(
