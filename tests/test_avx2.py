@@ -21,6 +21,7 @@ import torch
 
 from upq_hf import UPQConfig, UPQLinear, avx2, formats
 from upq_hf.backends import resolve_backend, torch_linear
+from upq_hf.machine import cpu_flags
 
 from helpers import check_cpu_kernel_fallbacks
 from helpers import run_on as run
@@ -384,3 +385,40 @@ def test_no_cpp_compiler_means_no_operator_and_nothing_half_made(monkeypatch, tm
     with pytest.raises(OSError):
         avx2._build_op(avx2.kernel())
     assert list(tmp_path.rglob("*.so")) == [] and list(tmp_path.rglob(".*tmp*")) == []
+
+
+@pytest.mark.skipif(not (avx2.available() and "avx512f" in (cpu_flags() or set()) and "avx512bw" in (cpu_flags() or set())),
+                    reason="the AVX-512 one-row kernel needs a CPU with AVX512F/BW")
+@pytest.mark.parametrize("bits,group_size,in_features,out_features", [
+    (2, 64, 576, 1536), (4, 64, 576, 192), (2, None, 1536, 96), (4, 32, 128, 40), (2, 16, 256, 33), (4, None, 64, 31)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_avx512_one_row_kernel_is_the_avx2_one_bit_for_bit(monkeypatch, bits, group_size, in_features,
+                                                               out_features, dtype):
+    """One-row calls on AVX512F/BW CPUs take 16-lane vectors with each output's operations in the AVX2 kernel's
+    order: the same bits (output counts that are not a multiple of the 32-output block included)."""
+    compiled = avx2.kernel()
+    assert compiled.avx512  # on by default where the CPU has it
+    module = layer(bits, group_size, in_features, out_features)
+    x = torch.randn(1, in_features).to(dtype)
+    args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach(), bits,
+            group_size or in_features, in_features, False)
+    try:
+        wide = avx2._run(*args)
+        assert not compiled.set_avx512(0)
+        narrow = avx2._run(*args)
+    finally:
+        compiled.set_avx512(1)
+    assert torch.equal(wide, narrow)
+    exact, bound = exact_and_bound(module, x, dtype)
+    assert ((wide.double() - exact).abs() <= bound).all()
+
+
+def test_the_avx512_switch_follows_the_environment(monkeypatch, tmp_path):
+    try:
+        monkeypatch.setenv("UPQ_CPU_AVX512", "0")
+        avx2._load.cache_clear()
+        assert avx2.kernel() is not None and not avx2.kernel().avx512
+    finally:
+        monkeypatch.delenv("UPQ_CPU_AVX512")
+        avx2._load.cache_clear()
+    assert avx2.kernel().avx512 == ("avx512f" in (cpu_flags() or set()) and "avx512bw" in (cpu_flags() or set()))

@@ -12,6 +12,10 @@ multiplies them with the activations (exact in bf16) and sums in fp32, twice the
 fp32 FMAs. It is compiled in where the compiler knows the instructions, used where the CPU has them
 (:func:`bf16_wanted`; ``UPQ_CPU_BF16=0`` turns it off), and gives the same accuracy as below.
 
+On CPUs with AVX512F/BW one-row calls (a decode step) take the same kernel on 16-lane vectors: each output sees the
+same fp32 operations in the same order, so the results are the AVX2 kernel's bit for bit, in half the instructions
+(``UPQ_CPU_AVX512=0`` turns it off).
+
 On CPUs with AVX512-VNNI (Ice Lake, Zen 4 and later) the same file holds the ``"a8"`` backend's kernel, which is
 not exact and never chosen automatically: each row's activations are quantized to int8 per weight group on the fly
 (symmetric, ``q = rint(x * 127 / max|x|)``), and VPDPBUSD sums code x int8 products exactly in int32, 64 per
@@ -65,7 +69,7 @@ SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
 OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator, for compiled graphs
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
-ABI = 3
+ABI = 4
 # Rows above which a call takes the reference path: the kernel's time grows with every row, dequantize +
 # matmul pays the dequantization once; on the bundled model's layers they cross at 128-256 rows
 # (docs/BENCHMARKS.md, "crossover"), where torch's INT4 kernel crosses too.
@@ -148,6 +152,13 @@ class _Kernel:
         self.set_bf16 = library.upq_cpu_set_bf16
         #: whether several-rows bf16 calls run on AVX512-BF16 (built with it, and the CPU has it)
         self.bf16 = bool(self.set_bf16(int(bf16_wanted())))
+        library.upq_cpu_set_avx512.argtypes = [ctypes.c_int]
+        library.upq_cpu_set_avx512.restype = ctypes.c_int
+        #: whether one-row calls run on the AVX-512 kernel (built with the AVX-512 kernels, and the CPU has
+        #: AVX512F/BW; ``UPQ_CPU_AVX512=0`` turns it off): the AVX2 kernel's results bit for bit, in half the
+        #: instructions
+        self.set_avx512 = library.upq_cpu_set_avx512
+        self.avx512 = bool(self.set_avx512(int(os.environ.get("UPQ_CPU_AVX512", "1") != "0")))
         self.linear = library.upq_linear
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self.linear.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, integer, pointer,
@@ -284,7 +295,9 @@ def _load_op() -> str | None:
             raise RuntimeError("the operator was loaded for another build of the kernel in this process")
         torch.ops.load_library(str(path))
         # the operator's library holds its own copy of the kernel: the same bf16 switch as the ctypes one's
-        ctypes.CDLL(str(path)).upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
+        library = ctypes.CDLL(str(path))
+        library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
+        library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
         torch.library.register_fake("upq_cpu::linear")(_linear_shape)
         _OP_KERNEL.append(compiled)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:

@@ -336,6 +336,61 @@ int upq_cpu_set_bf16(int on)
     return use_bf16;
 }
 
+// ---- one row on AVX-512 (AVX512F/BW): one_row with 16-lane vectors, half the instructions per weight ----
+// Each output lane sees the same fp32 operations in the same order as in one_row (code -> float, FMA with x_k over
+// the group's columns in order, then s * (acc - z * sum x)), so the results are the AVX2 kernel's bit for bit.
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
+
+AVX512_TARGET static inline __attribute__((always_inline)) void one_row512_bits(const problem *p, int n0, float *out,
+                                                                                const int BITS)
+{
+    const int P = 32 / BITS;
+    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+    __m512 total[NB / 16];
+    for (int v = 0; v < NB / 16; ++v) total[v] = _mm512_setzero_ps();
+    for (int g = 0; g < p->G; ++g) {
+        __m512 acc[NB / 16];
+        for (int v = 0; v < NB / 16; ++v) acc[v] = _mm512_setzero_ps();
+        for (int w = 0; w < p->words_per_group; ++w) {
+            const size_t word = (size_t)g * p->words_per_group + w;
+            const int32_t *row = p->codes + word * p->N + n0;
+            __m512i c[NB / 16];
+            for (int v = 0; v < NB / 16; ++v) c[v] = _mm512_loadu_si512((const void *)(row + 16 * v));
+            const float *xw = p->x + word * P;
+            for (int j = 0; j < P; ++j) {
+                const __m512 xb = _mm512_set1_ps(xw[j]);
+                for (int v = 0; v < NB / 16; ++v) {
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c[v], mask)), xb, acc[v]);
+                    c[v] = _mm512_srli_epi32(c[v], BITS);
+                }
+            }
+        }
+        const __m512 xs = _mm512_set1_ps(p->xsum[g]);
+        for (int v = 0; v < NB / 16; ++v) {
+            const size_t at = (size_t)g * p->N + n0 + 16 * v;
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
+            total[v] = _mm512_fmadd_ps(load16(p->scale, at, p->scale_dtype), _mm512_fnmadd_ps(z, xs, acc[v]),
+                                       total[v]);
+        }
+    }
+    for (int v = 0; v < NB / 16; ++v) _mm512_storeu_ps(out + 16 * v, total[v]);
+}
+
+AVX512_TARGET static void one_row512(const problem *p, int n0, float *out)
+{
+    if (p->bits == 2) one_row512_bits(p, n0, out, 2);
+    else one_row512_bits(p, n0, out, 4);
+}
+
+static int use_avx512 = 0;
+// the AVX-512 one-row kernel, on only where this CPU has AVX512F/BW
+int upq_cpu_set_avx512(int on)
+{
+    __builtin_cpu_init();
+    use_avx512 = on != 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return use_avx512;
+}
+
 // ---- int8 activations (the "avx512_a8" backend): VPDPBUSD, AVX512-VNNI ----
 // Activations are quantized per row and per weight group to int8 (symmetric: q = rint(x * 127 / max|x|), scale
 // max|x| / 127), codes (0..15, unsigned bytes) times int8 activations are summed exactly in int32 by VPDPBUSD,
@@ -561,9 +616,11 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
 }
 static const int use_bf16 = 0;
 int upq_cpu_set_bf16(int on) { (void)on; return 0; }  // built without it: the several-rows kernel is fp32
+static const int use_avx512 = 0;
+int upq_cpu_set_avx512(int on) { (void)on; return 0; }  // built without AVX-512: the AVX2 one-row kernel
 #endif
 
-int upq_cpu_abi(void) { return 3; }
+int upq_cpu_abi(void) { return 4; }
 
 // returns 0 on success, 1 for a group size that splits a word (the caller takes another path), 2 out of memory
 int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
@@ -615,6 +672,9 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
         for (int b = 0; b < blocks; ++b) {
             if (!work) continue;
             if (M == 1) {
+#ifdef UPQ_BF16
+                if (use_avx512) one_row512(&p, b * NB, work); else
+#endif
                 if (bits == 2) one_row(&p, b * NB, work, 2); else one_row(&p, b * NB, work, 4);
             }
 #ifdef UPQ_BF16
