@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--mode", default="default", help="torch.compile mode of the decode step")
     parser.add_argument("--skip-dense", action="store_true", help="time the UPQ checkpoint alone")
+    parser.add_argument("--dense", default=None,
+                        help="the unquantized model (default: the bundled one; e.g. bench_stream's /tmp/upq-1b)")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="also time the compiled step with inductor's C++ wrapper")
     args = parser.parse_args()
@@ -108,7 +110,7 @@ def main() -> int:
     from upq_hf.chat import chat_prompt_ids
     from upq_hf.models import bundled_model_dir, load_tokenizer
 
-    source = bundled_model_dir()
+    source = args.dense or bundled_model_dir()
     tokenizer = load_tokenizer(source)
     ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
     settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
