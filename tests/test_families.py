@@ -317,7 +317,8 @@ def test_upq_int4_stage_of_a_split_projection_restarts(tokenizer, tmp_path, monk
     """Phi-3 under kv4: the INT4 stage runs on the split q/k/v (one format); its kept state holds them split, and a
     second run restarts from it."""
     family = BY_NAME["Phi-3"]
-    config = dict(bits=2, group_size=32, int4_group_size=32, recipe="upq", mix="kv4", **TINY)
+    config = dict(bits=2, group_size=32, int4_group_size=32, recipe="upq", mix="kv4",
+                  **{**TINY, "ptq": {**TINY["ptq"], "int4_epochs": 1}})  # the INT4 stage, off by default
     keep = str(tmp_path / "int4")
     upq_hf.quantize_model(build(family, vocab_size=len(tokenizer)), UPQConfig(**config), tokenizer=tokenizer,
                           keep_int4=keep, progress=False)

@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory):
 def quantize_argv(model_dir: Path, out: Path) -> list[str]:
     stages = model_dir.parent / "stages.json"
     stages.write_text(json.dumps({"int4_group_size": 32, "data": {"calibration_samples": 4, "calibration_seqlen": 32},
-                                  "ptq": {"epochs": 1}, "distill": {"steps": STEPS, "batch_size": 2, "seqlen": 32,
+                                  "ptq": {"epochs": 1, "int4_epochs": 1}, "distill": {"steps": STEPS, "batch_size": 2, "seqlen": 32,
                                                                     "samples": 8}}))
     return ["quantize", str(model_dir), "--bits", "2", "--group-size", "32", "--recipe", "upq",
             "--dataset", str(model_dir.parent / "texts.txt"), "--config", str(stages), "--fidelity-prompts", "0",

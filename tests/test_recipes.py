@@ -36,6 +36,9 @@ def small(recipe="ptq", **kw):
     return UPQConfig(**values)
 
 
+INT4_STAGE = {"int4_epochs": 1}  # upq's INT4 stage, off by default (docs/BENCHMARKS.md, "What the INT4 stage buys")
+
+
 def model_for(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), initializer_range=0.1)
 
@@ -62,7 +65,8 @@ def test_recipes_produce_packed_int2(tokenizer, tmp_path, recipe, mixed_precisio
 def test_upq_keeps_int4_and_restarts_from_it(tokenizer, tmp_path, monkeypatch):
     int4_dir = tmp_path / "int4"
     model = model_for(tokenizer)
-    upq_hf.quantize_model(model, small("upq"), tokenizer=tokenizer, keep_int4=str(int4_dir), progress=False)
+    upq_hf.quantize_model(model, small("upq", ptq=INT4_STAGE), tokenizer=tokenizer, keep_int4=str(int4_dir),
+                          progress=False)
     assert all(m.bits == 2 for m in upq_layers(model).values())
     assert (int4_dir / "int4_stage.safetensors").is_file()
 
@@ -72,7 +76,8 @@ def test_upq_keeps_int4_and_restarts_from_it(tokenizer, tmp_path, monkeypatch):
     real = recipes._ptq
     monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
     again = model_for(tokenizer)
-    upq_hf.quantize_model(again, small("upq"), tokenizer=tokenizer, keep_int4=str(int4_dir), progress=False)
+    upq_hf.quantize_model(again, small("upq", ptq=INT4_STAGE), tokenizer=tokenizer, keep_int4=str(int4_dir),
+                          progress=False)
     assert calls == [2]  # the INT4 stage skipped: restarted from the kept state; the INT2 stage ran
     assert all(m.bits == 2 for m in upq_layers(again).values())
     calls.clear()
@@ -146,7 +151,7 @@ def test_from_pretrained_upq_stays_marked_int2(tokenizer, tmp_path):
     source = tmp_path / "dense"
     model_for(tokenizer).save_pretrained(source)
     tokenizer.save_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=small("upq"))
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=small("upq", ptq=INT4_STAGE))
     assert all(m.bits == 2 for m in upq_layers(model).values())
     assert model.config.quantization_config.bits == 2 and model.hf_quantizer.quantization_config.bits == 2
     ids = torch.randint(0, len(tokenizer), (1, 12))
@@ -181,7 +186,7 @@ def test_recipe_writes_only_where_it_is_told(tokenizer, tmp_path, monkeypatch):
     """A recipe writes nothing of its own accord: the INT4 stage's state only under ``keep_int4``, trainer
     checkpoints only under ``work_dir`` (else a temporary folder)."""
     monkeypatch.chdir(tmp_path)
-    upq_hf.quantize_model(model_for(tokenizer), small("upq"), tokenizer=tokenizer, progress=False)
+    upq_hf.quantize_model(model_for(tokenizer), small("upq", ptq=INT4_STAGE), tokenizer=tokenizer, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -189,7 +194,7 @@ def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_pat
     """A restart from the kept INT4 stage reads its latent weights and makes the same INT2 model, code for code
     and scale for scale, as the run that kept it."""
     int4_dir = str(tmp_path / "int4")
-    config = small("upq", distill={"steps": 1, "mixed_precision": "no"})
+    config = small("upq", ptq=INT4_STAGE, distill={"steps": 1, "mixed_precision": "no"})
     straight = model_for(tokenizer)
     upq_hf.quantize_model(straight, config, tokenizer=tokenizer, keep_int4=int4_dir, progress=False)
     from safetensors import safe_open

@@ -135,7 +135,8 @@ def test_streamed_e2e_qp_is_the_in_memory_one_bit_for_bit(tiny_dir, tokenizer):
     assert not torch.equal(without.model.norm.weight, model.model.norm.weight)  # E2E-QP trained the norms further
 
 
-@pytest.mark.parametrize("ptq", [{"int4_epochs": 0}, {"int2_target": "dense"}], ids=["no-int4-stage", "dense-target"])
+@pytest.mark.parametrize("ptq", [{"int4_epochs": 0}, {"int4_epochs": 1}, {"int4_epochs": 1, "int2_target": "dense"}],
+                         ids=["no-int4-stage", "int4-stage", "dense-target"])
 def test_streamed_int4_stage_variants_are_the_in_memory_ones(tiny_dir, tokenizer, ptq):
     expected = in_memory(tiny_dir, tokenizer, config(ptq={"steps": 3, **ptq}))
     model, _ = streamed.quantize_streamed(tiny_dir, config(ptq={"steps": 3, **ptq}), Run(tokenizer=tokenizer))

@@ -174,9 +174,9 @@ class UPQConfig(QuantizationConfigMixin):
 
     Recipe:
         recipe: a name in :data:`upq_hf.recipes.RECIPES`: ``"rtn"`` (round to nearest), ``"ptq"`` (block-wise PTQ),
-            ``"upq"`` (block-wise PTQ to INT4, block-wise INT2 from it, Distill-QAT of the scales), ``"ntp"``
-            (INT2 next-token QAT, ParetoQ's recipe: a baseline) or ``"distill"`` (INT2 Distill-QAT from the dense
-            weights: a baseline).
+            ``"upq"`` (block-wise INT2 PTQ, from an INT4 stage if ``ptq.int4_epochs`` > 0, then Distill-QAT of the
+            scales), ``"ntp"`` (INT2 next-token QAT, ParetoQ's recipe: a baseline) or ``"distill"`` (INT2
+            Distill-QAT from the dense weights: a baseline).
         rtn, data, ptq, distill, e2e_qp: the configs of the recipe's stages (:mod:`upq_hf.stages`), each a
             dataclass or a dict of its fields; a stage the recipe does not run cannot be set. ``stages``: all of
             them as one dict (what config.json holds).

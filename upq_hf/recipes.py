@@ -327,14 +327,16 @@ def restore_int4_state(model: nn.Module, folder: str | None, config) -> bool:
     return True
 
 
-@register_recipe("upq", "block-wise PTQ to INT4, block-wise INT2 from it, then Distill-QAT of the scales",
+@register_recipe("upq", "block-wise INT2 PTQ (from an INT4 stage with ptq.int4_epochs), then Distill-QAT of the "
+                        "scales",
                  stages=("rtn", "data", "ptq", "distill", "e2e_qp"), trains=True)
 def upq(model: nn.Module, config, run: Run) -> nn.Module:
     from .qat import freeze_model, release_latents, snap
 
     tokenizer, teacher = _int2_start(model, config, run)
     calibration = _calibration(teacher, tokenizer, config)
-    # 1. FP -> INT4 by block-wise PTQ, kept as QAT layers: their latent weights start the INT2 stage
+    # 1. FP -> INT4 by block-wise PTQ (``ptq.int4_epochs`` > 0; off by default: it lost to starting INT2 from the
+    #    unquantized weights on the bundled model), kept as QAT layers: their latent weights start the INT2 stage
     if config.ptq.int4_epochs:
         if not restore_int4_state(model, run.keep_int4, config):
             _ptq(model, calibration, config, run, 4, config.int4_group_size,

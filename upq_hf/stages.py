@@ -84,8 +84,10 @@ class PTQConfig:
 
     epochs: passes over the calibration set per block, INT2 (and ``ptq`` at any bits); 9 measured better than 6
         over training seeds (docs/BENCHMARKS.md). ``steps``, if set, is the number of steps per block instead.
-    int4_epochs: the same for the INT4 stage of ``upq``; 0: no INT4 stage (the INT2 reconstruction starts from the
-        unquantized weights: EfficientQAT's Block-AP at INT2, then the same distillation).
+    int4_epochs: the same for the INT4 stage of ``upq`` (the paper's progression, FP -> INT4 -> INT2); 0 (the
+        default): no INT4 stage, the INT2 reconstruction starts from the unquantized weights (EfficientQAT's Block-AP
+        at INT2), then the same distillation. On the bundled model the INT4 stage cost its time and lost on
+        top-1, KL and answers over two seeds (docs/BENCHMARKS.md, "What the INT4 stage buys").
     int2_target: what ``upq``'s INT2 reconstruction matches: ``"int4"``, each block as the INT4 stage left its
         latent weights (the paper's progression: INT4 -> INT2), or ``"dense"``, the unquantized block (the INT4
         latents only as the start).
@@ -98,7 +100,7 @@ class PTQConfig:
     """
 
     epochs: int = 9
-    int4_epochs: int = 1
+    int4_epochs: int = 0
     batch_size: int = 8
     holdout: float = 0.125
     learning_rate: float = 0.01
