@@ -2,9 +2,10 @@
 
 * ``rtn``: round to nearest (no data).
 * ``ptq``: block-wise PTQ (:mod:`upq_hf.ptq`) at ``bits``, optionally followed by E2E-QP.
-* ``upq``: the paper's progression: block-wise PTQ to INT4; block-wise INT2 reconstruction starting from the
-  INT4 stage's latent weights; the codes fixed there and the scales (and norm weights) distilled from the
-  unquantized teacher with the generalized JSD (Distill-QAT); optionally E2E-QP; packed once at the end.
+* ``upq``: block-wise INT2 reconstruction (from the unquantized weights by default; with ``ptq.int4_epochs`` > 0
+  from the latent weights of a block-wise INT4 stage first, the paper's progression, which measured worse on the
+  bundled model); the codes fixed there and the scales (and norm weights) distilled from the unquantized teacher
+  with the generalized JSD (Distill-QAT); optionally E2E-QP; packed once at the end.
 * ``ntp``: INT2 QAT from the unquantized weights with next-token cross-entropy (ParetoQ's recipe; a baseline).
 * ``distill``: INT2 Distill-QAT (JSD) from the unquantized weights, no INT4 stage (a baseline).
 
@@ -327,8 +328,8 @@ def restore_int4_state(model: nn.Module, folder: str | None, config) -> bool:
     return True
 
 
-@register_recipe("upq", "block-wise INT2 PTQ (from an INT4 stage with ptq.int4_epochs), then Distill-QAT of the "
-                        "scales",
+@register_recipe("upq", "block-wise INT2 PTQ, then Distill-QAT of the scales; an INT4 stage first if "
+                        "ptq.int4_epochs > 0",
                  stages=("rtn", "data", "ptq", "distill", "e2e_qp"), trains=True)
 def upq(model: nn.Module, config, run: Run) -> nn.Module:
     from .qat import freeze_model, release_latents, snap

@@ -6,7 +6,8 @@ The same stages as :func:`upq_hf.recipes.upq`, in an order that never needs the 
    block read from the checkpoint's safetensors files around its forward, :meth:`BlockStore.streaming`). It
    answers the ``"self"`` prompts and gives the calibration text as the dense model would.
 2. The student is a second skeleton sharing the teacher's embeddings and head. Its blocks are quantized in
-   order, each read from disk once: block-wise PTQ to INT4, then the INT2 reconstruction from the INT4 latents,
+   order, each read from disk once: block-wise PTQ to INT4 (``ptq.int4_epochs`` > 0), then the INT2
+   reconstruction (from the INT4 latents, or by default from the unquantized weights),
    each against its own activation stream (:class:`upq_hf.ptq.BlockwisePTQ`, two passes interleaved block by
    block: the same arithmetic as the in-memory recipe's two passes one after the other). The INT2 codes are
    then fixed, kept packed and the latent weights dropped (:meth:`upq_hf.qat.QATLinear.drop_latent`), so the
