@@ -2,9 +2,9 @@
 
 Default: the `upq` recipe with the `kv4` mix (attention k/v at INT4, the other layers INT2 with groups wide
 enough to keep uniform INT2 g64's 2.25 bits per weight: 2.23 on this model), on a budget that ends in about
-12 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, block-wise PTQ
-to INT4 (one epoch), INT2 block reconstruction from the INT4 stage's latent weights (6 epochs over 56
-sequences of 128 tokens), then 20 steps of Distill-QAT of the scales and norms, codes fixed, from the teacher's
+12 minutes on a 2-core AVX512-BF16 CPU: the model's own answers to 64 built-in prompts as data, INT2 block
+reconstruction from the unquantized weights (6 epochs over 56 sequences of 128 tokens; upq's INT4 stage is off by
+default), then 20 steps of Distill-QAT of the scales and norms, codes fixed, from the teacher's
 cached top-64 distributions: the `demo` budget of upq_hf.stages.BUDGETS (docs/BENCHMARKS.md).
 `upq quantize --bits 2 --recipe upq --budget demo` makes the same model; without `--budget` it runs the full
 default budget (about 22 minutes there); `--mix none` gives uniform INT2, `--recipe rtn` shows what plain rounding

@@ -81,10 +81,12 @@ def test_setup_cfg_installs_every_package_from_its_folder():
     found += sorted("upq_kernels" + ".".join(("",) + p.parent.relative_to(ROOT / "kernels" / "upq_kernels").parts)
                     for p in (ROOT / "kernels" / "upq_kernels").rglob("__init__.py"))
     assert sorted(packages) == sorted(found) == ["upq_hf", "upq_hf.data", "upq_hf.evaluation", "upq_kernels"]
-    # the C source the avx2 backend compiles at first use ships with the package
+    # the C and C++ sources the avx2 backend compiles at first use ship with the package
     shipped = options["options.package_data"]["upq_hf"].split()
-    assert [str(p.relative_to(ROOT / "upq_hf")) for p in (ROOT / "upq_hf").rglob("*.c")] == ["csrc/upq_cpu.c"]
-    assert all(any(p.match(pattern) for pattern in shipped) for p in (ROOT / "upq_hf").rglob("*.c"))
+    sources = sorted(str(p.relative_to(ROOT / "upq_hf")) for pattern in ("*.c", "*.cpp")
+                     for p in (ROOT / "upq_hf").rglob(pattern))
+    assert sources == ["csrc/upq_cpu.c", "csrc/upq_op.cpp"]
+    assert all(any((ROOT / "upq_hf" / source).match(pattern) for pattern in shipped) for source in sources)
 
 
 # ------------------------------------------------------------------------------------------ import circles

@@ -114,7 +114,8 @@ def test_upq_int2_target_dense_reconstructs_the_unquantized_blocks(tokenizer, mo
     for target in ("int4", "dense"):
         torch.manual_seed(0)
         model = model_for(tokenizer)
-        upq_hf.quantize_model(model, small("upq", ptq={"int2_target": target}), tokenizer=tokenizer, progress=False)
+        upq_hf.quantize_model(model, small("upq", ptq={**INT4_STAGE, "int2_target": target}), tokenizer=tokenizer,
+                              progress=False)
         results[target] = model.state_dict()
     (bits4, ref4), (bits2, ref2), (_, ref4b), (_, dense_ref) = references
     assert (bits4, bits2) == (4, 2) and ref4 is ref2 is ref4b is None

@@ -165,9 +165,15 @@ def test_disk_rows_round_trip_bit_for_bit(tmp_path):
         rows[6]
 
 
-def test_a_killed_streamed_run_resumes_at_the_next_block(tiny_dir, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("int4_epochs", [0, 1], ids=["default", "int4-stage"])
+def test_a_killed_streamed_run_resumes_at_the_next_block(tiny_dir, tokenizer, tmp_path, monkeypatch, int4_epochs):
     work = str(tmp_path / "work")
-    expected, _ = streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer))
+    passes = ("int2", "int4") if int4_epochs else ("int2",)  # the INT4 stage's pass interleaves with INT2's
+
+    def config_here(**ptq):
+        return config(ptq={"steps": 3, "int4_epochs": int4_epochs, **ptq})
+
+    expected, _ = streamed.quantize_streamed(tiny_dir, config_here(), Run(tokenizer=tokenizer))
     save = streamed._save
 
     def killed_after_two(folder, fingerprint, index, *args):
@@ -177,25 +183,25 @@ def test_a_killed_streamed_run_resumes_at_the_next_block(tiny_dir, tokenizer, tm
 
     monkeypatch.setattr(streamed, "_save", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer, work_dir=work))
+        streamed.quantize_streamed(tiny_dir, config_here(), Run(tokenizer=tokenizer, work_dir=work))
     monkeypatch.setattr(streamed, "_save", save)
     assert sorted(os.listdir(os.path.join(work, "stream"))) == ["activations-00002", "block-00000.safetensors",
                                                                 "block-00001.safetensors", streamed.STATE]
     assert sorted(os.listdir(os.path.join(work, "stream", "activations-00002"))) == [
-        f"{p}.{k}.bin" for p in ("int2", "int4") for k in ("fp_inputs", "quant_inputs")]
+        f"{p}.{k}.bin" for p in passes for k in ("fp_inputs", "quant_inputs")]
     quantized = []
     from upq_hf.ptq import BlockwisePTQ
 
     original = BlockwisePTQ.quantize_block
     monkeypatch.setattr(BlockwisePTQ, "quantize_block",
                         lambda self, index, ref=None: quantized.append(index) or original(self, index, ref))
-    resumed, _ = streamed.quantize_streamed(tiny_dir, config(), Run(tokenizer=tokenizer, work_dir=work, resume=True))
-    assert quantized == [2, 2]  # block 3 alone, INT4 then INT2
+    resumed, _ = streamed.quantize_streamed(tiny_dir, config_here(), Run(tokenizer=tokenizer, work_dir=work,
+                                                                          resume=True))
+    assert quantized == [2] * len(passes)  # block 3 alone (INT4 then INT2 with the INT4 stage)
     assert_same_state(resumed, expected)
     quantized.clear()  # other settings: the kept blocks are not theirs
-    streamed.quantize_streamed(tiny_dir, config(ptq={"steps": 2}), Run(tokenizer=tokenizer, work_dir=work,
-                                                                        resume=True))
-    assert quantized == [0, 0, 1, 1, 2, 2]
+    streamed.quantize_streamed(tiny_dir, config_here(steps=2), Run(tokenizer=tokenizer, work_dir=work, resume=True))
+    assert quantized == [index for index in (0, 1, 2) for _ in passes]
 
 
 def test_sources_that_cannot_stream_say_why(tmp_path, tokenizer):
