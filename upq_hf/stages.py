@@ -209,9 +209,9 @@ BUDGETS: dict[str, dict[str, dict]] = {
              "distill": {"steps": 20, "samples": 64}},
 }
 BUDGET_HELP = {
-    "default": "the defaults (upq on the bundled 135M model: about 22 minutes on 2 CPU cores with AVX512-BF16)",
+    "default": "the defaults (upq on the bundled 135M model: under 22 minutes on 2 CPU cores with AVX512-BF16, the time with the former INT4 stage)",
     "demo": "64 calibration sequences and prompts, 6 epochs of reconstruction, 20 distillation steps (make demo: "
-            "about 11 minutes)",
+            "about 10 minutes)",
 }
 
 
