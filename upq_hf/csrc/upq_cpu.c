@@ -336,51 +336,61 @@ int upq_cpu_set_bf16(int on)
     return use_bf16;
 }
 
-// ---- one row on AVX-512 (AVX512F/BW): one_row with 16-lane vectors, half the instructions per weight ----
-// Each output lane sees the same fp32 operations in the same order as in one_row (code -> float, FMA with x_k over
-// the group's columns in order, then s * (acc - z * sum x)), so the results are the AVX2 kernel's bit for bit.
+// ---- one row on AVX-512 (AVX512F/BW): 16-lane vectors, half the instructions per weight of one_row ----
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
 
-AVX512_TARGET static inline __attribute__((always_inline)) void one_row512_bits(const problem *p, int n0, float *out,
-                                                                                const int BITS)
+// One row over a panel of outputs [n0, n0 + width) (width a multiple of NB), word row by word row: each row of codes
+// is read as one contiguous run across the panel (the K-major layout puts a row's outputs side by side), with the
+// panel's accumulators in acc[width] (L1-resident) and its results in total[width]. one_row reads a block's 128
+// bytes per row at a stride of N words instead, which defeats the prefetcher and the TLB once a layer outgrows the
+// cache (a 1B model's layers: 5x slower per weight than cache-resident ones). Each output lane sees the same
+// operations in the same order as in one_row (code -> float, FMA with x_k over the group's columns in order, then
+// s * (acc - z * sum x)): the AVX2 kernel's results bit for bit.
+AVX512_TARGET static inline __attribute__((always_inline)) void row_panel512_bits(const problem *p, int n0, int width,
+                                                                                  float *acc, float *total,
+                                                                                  const int BITS)
 {
     const int P = 32 / BITS;
     const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
-    __m512 total[NB / 16];
-    for (int v = 0; v < NB / 16; ++v) total[v] = _mm512_setzero_ps();
+    for (int i = 0; i < width; i += 16) _mm512_storeu_ps(total + i, _mm512_setzero_ps());
     for (int g = 0; g < p->G; ++g) {
-        __m512 acc[NB / 16];
-        for (int v = 0; v < NB / 16; ++v) acc[v] = _mm512_setzero_ps();
+        for (int i = 0; i < width; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
         for (int w = 0; w < p->words_per_group; ++w) {
             const size_t word = (size_t)g * p->words_per_group + w;
             const int32_t *row = p->codes + word * p->N + n0;
-            __m512i c[NB / 16];
-            for (int v = 0; v < NB / 16; ++v) c[v] = _mm512_loadu_si512((const void *)(row + 16 * v));
             const float *xw = p->x + word * P;
-            for (int j = 0; j < P; ++j) {
-                const __m512 xb = _mm512_set1_ps(xw[j]);
-                for (int v = 0; v < NB / 16; ++v) {
-                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c[v], mask)), xb, acc[v]);
-                    c[v] = _mm512_srli_epi32(c[v], BITS);
+            for (int i = 0; i < width; i += 32) {
+                __m512i c0 = _mm512_loadu_si512((const void *)(row + i));
+                __m512i c1 = _mm512_loadu_si512((const void *)(row + i + 16));
+                __m512 a0 = _mm512_loadu_ps(acc + i), a1 = _mm512_loadu_ps(acc + i + 16);
+                for (int j = 0; j < P; ++j) {
+                    const __m512 xb = _mm512_set1_ps(xw[j]);
+                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c0, mask)), xb, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c1, mask)), xb, a1);
+                    c0 = _mm512_srli_epi32(c0, BITS);
+                    c1 = _mm512_srli_epi32(c1, BITS);
                 }
+                _mm512_storeu_ps(acc + i, a0);
+                _mm512_storeu_ps(acc + i + 16, a1);
             }
         }
         const __m512 xs = _mm512_set1_ps(p->xsum[g]);
-        for (int v = 0; v < NB / 16; ++v) {
-            const size_t at = (size_t)g * p->N + n0 + 16 * v;
+        for (int i = 0; i < width; i += 16) {
+            const size_t at = (size_t)g * p->N + n0 + i;
             const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
-            total[v] = _mm512_fmadd_ps(load16(p->scale, at, p->scale_dtype), _mm512_fnmadd_ps(z, xs, acc[v]),
-                                       total[v]);
+            _mm512_storeu_ps(total + i, _mm512_fmadd_ps(load16(p->scale, at, p->scale_dtype),
+                                                        _mm512_fnmadd_ps(z, xs, _mm512_loadu_ps(acc + i)),
+                                                        _mm512_loadu_ps(total + i)));
         }
     }
-    for (int v = 0; v < NB / 16; ++v) _mm512_storeu_ps(out + 16 * v, total[v]);
 }
 
-AVX512_TARGET static void one_row512(const problem *p, int n0, float *out)
+AVX512_TARGET static void row_panel512(const problem *p, int n0, int width, float *acc, float *total)
 {
-    if (p->bits == 2) one_row512_bits(p, n0, out, 2);
-    else one_row512_bits(p, n0, out, 4);
+    if (p->bits == 2) row_panel512_bits(p, n0, width, acc, total, 2);
+    else row_panel512_bits(p, n0, width, acc, total, 4);
 }
+#define PANEL_BLOCKS 64   // at most 64 blocks (2,048 outputs) a panel: 16 KiB of accumulators and results
 
 static int use_avx512 = 0;
 // the AVX-512 one-row kernel, on only where this CPU has AVX512F/BW
@@ -616,7 +626,7 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
 }
 static const int use_bf16 = 0;
 int upq_cpu_set_bf16(int on) { (void)on; return 0; }  // built without it: the several-rows kernel is fp32
-static const int use_avx512 = 0;
+static const int use_avx512 __attribute__((unused)) = 0;
 int upq_cpu_set_avx512(int on) { (void)on; return 0; }  // built without AVX-512: the AVX2 one-row kernel
 #endif
 
@@ -661,6 +671,29 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
     const int width = M == 1 ? NB : bf16 ? NB_BF16 : NB_ROWS;
     const int blocks = N / width;
     int failed = 0;
+#ifdef UPQ_BF16
+    if (M == 1 && use_avx512) {  // one row on AVX-512: panels of whole code rows (row_panel512)
+        const int per_thread = (blocks + (threads > 1 ? threads : 1) - 1) / (threads > 1 ? threads : 1);
+        const int chunk = per_thread < 1 ? 1 : per_thread > PANEL_BLOCKS ? PANEL_BLOCKS : per_thread;
+        const int panels = (blocks + chunk - 1) / chunk;
+        #pragma omp parallel num_threads(threads) if(threads > 1 && panels > 1)
+        {
+            float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * NB);
+            if (!buf) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(static)
+            for (int q = 0; q < panels; ++q) {
+                if (!buf) continue;
+                const int b0 = q * chunk, nb = blocks - b0 < chunk ? blocks - b0 : chunk;
+                row_panel512(&p, b0 * NB, nb * NB, buf, buf + (size_t)chunk * NB);
+                store_rows(&p, buf + (size_t)chunk * NB, 1, b0 * NB, nb * NB, bias, bias_dtype, y, y_dtype);
+            }
+            free(buf);
+        }
+    } else
+#endif
     #pragma omp parallel num_threads(threads) if(threads > 1 && blocks > 1)
     {
         float *work = (float *)malloc(sizeof(float) * (2 * 32 * (size_t)M + 16 * CHUNK_K + NB));
@@ -672,9 +705,6 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
         for (int b = 0; b < blocks; ++b) {
             if (!work) continue;
             if (M == 1) {
-#ifdef UPQ_BF16
-                if (use_avx512) one_row512(&p, b * NB, work); else
-#endif
                 if (bits == 2) one_row(&p, b * NB, work, 2); else one_row(&p, b * NB, work, 4);
             }
 #ifdef UPQ_BF16
