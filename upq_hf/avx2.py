@@ -96,11 +96,16 @@ def cpu_support() -> str | None:
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
-def _compiler() -> str | None:
-    named = os.environ.get("CC")
+def _tool(variable: str, names: tuple[str, ...]) -> str | None:
+    """The compiler ``$variable`` names, else the first of ``names`` on the PATH."""
+    named = os.environ.get(variable)
     if named:
         return shutil.which(named) or named
-    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+def _compiler() -> str | None:
+    return _tool("CC", ("cc", "gcc", "clang"))
 
 
 def _compiler_version(compiler: str) -> str:
@@ -114,25 +119,34 @@ def _flags(openmp: bool, bf16: bool) -> tuple[str, ...]:
     return FLAGS + (("-fopenmp",) if openmp else ()) + (BF16_FLAGS if bf16 else ())
 
 
-def _build(compiler: str, openmp: bool, bf16: bool) -> Path:
-    """The compiled library in the cache, compiled now if it is not there (atomically: a temporary beside it,
-    renamed into place, so concurrent processes never load half a file)."""
+def _run_compiler(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        raise OSError(lines[-1] if lines else f"{command[0]} exited with {done.returncode}")
+
+
+def _cached_library(name: str, key: bytes, build, what: str, per: str = "machine") -> Path:
+    """``$UPQ_CACHE/kernels/{name}-{hash of key}.so``, made now by ``build(path)`` if it is not there (atomically:
+    into a temporary beside it, renamed into place, so concurrent processes never load half a file)."""
     from .atomic import atomic_path
     from .machine import cache_dir
 
-    flags = _flags(openmp, bf16)
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode())
-    target = cache_dir() / "kernels" / f"upq_cpu-{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if not target.is_file():
         started = time.perf_counter()
         with atomic_path(target) as tmp:
-            done = subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
-                                  timeout=300)
-            if done.returncode:
-                raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
-                              f"{compiler} exited with {done.returncode}")
-        _log(f"compiled the avx2 CPU kernel into {target} ({time.perf_counter() - started:.1f} s, once per machine)")
+            build(tmp)
+        _log(f"{what} into {target} ({time.perf_counter() - started:.1f} s, once per {per})")
     return target
+
+
+def _build(compiler: str, openmp: bool, bf16: bool) -> Path:
+    """The compiled kernel library in the cache, compiled now if it is not there."""
+    flags = _flags(openmp, bf16)
+    return _cached_library("upq_cpu", SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode(),
+                           lambda tmp: _run_compiler([compiler, *flags, "-o", str(tmp), str(SOURCE)]),
+                           "compiled the avx2 CPU kernel")
 
 
 def bf16_wanted() -> bool:
@@ -235,10 +249,7 @@ def say_why_once() -> None:
 
 
 def _cxx() -> str | None:
-    named = os.environ.get("CXX")
-    if named:
-        return shutil.which(named) or named
-    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+    return _tool("CXX", ("c++", "g++", "clang++"))
 
 
 def _build_op(compiled: _Kernel) -> Path:
@@ -248,9 +259,6 @@ def _build_op(compiled: _Kernel) -> Path:
     import tempfile
 
     from torch.utils import cpp_extension
-
-    from .atomic import atomic_path
-    from .machine import cache_dir
 
     cxx = _cxx()
     if cxx is None:
@@ -263,22 +271,16 @@ def _build_op(compiled: _Kernel) -> Path:
             "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
     key = (OP_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
            + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
-    target = cache_dir() / "kernels" / f"upq_op-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if not target.is_file():
-        started = time.perf_counter()
-        c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
-        with tempfile.TemporaryDirectory() as work, atomic_path(target) as tmp:
+    c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory() as work:
             kernel_o, op_o = Path(work) / "upq_cpu.o", Path(work) / "upq_op.o"
-            for command in ([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)],
-                            [cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)],
-                            [cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)]):
-                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-                if done.returncode:
-                    lines = done.stderr.strip().splitlines()
-                    raise OSError(lines[-1] if lines else f"{command[0]} exited with {done.returncode}")
-        _log(f"built the avx2 kernel's torch operator into {target} ({time.perf_counter() - started:.1f} s, once "
-             "per machine and torch version)")
-    return target
+            _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
+            _run_compiler([cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)])
+            _run_compiler([cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)])
+
+    return _cached_library("upq_op", key, build, "built the avx2 kernel's torch operator", "machine and torch version")
 
 
 @functools.lru_cache(maxsize=None)
