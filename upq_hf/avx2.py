@@ -68,7 +68,7 @@ import torch
 from .machine import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
-OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator, for compiled graphs
+OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator (what the layers call)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
 ABI = 4
