@@ -108,6 +108,11 @@ def main() -> int:
     tree = build_llama_cpp(args.build)
     f16 = os.path.join(args.path, "dense-f16.gguf")
     if not os.path.isfile(f16):
+        import importlib.util
+
+        if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's Llama converter imports it
+            raise SystemExit("llama.cpp's converter needs sentencepiece: pip install sentencepiece (for this "
+                             "benchmark only; upq_hf does not need it)")
         subprocess.run([sys.executable, os.path.join(tree, "convert_hf_to_gguf.py"), dense, "--outfile", f16,
                         "--outtype", "f16"], check=True, capture_output=True)
     theirs = {}
