@@ -673,7 +673,8 @@ int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, i
     int failed = 0;
 #ifdef UPQ_BF16
     if (M == 1 && use_avx512) {  // one row on AVX-512: panels of whole code rows (row_panel512)
-        const int per_thread = (blocks + (threads > 1 ? threads : 1) - 1) / (threads > 1 ? threads : 1);
+        const int team = threads > 1 ? threads : 1;
+        const int per_thread = (blocks + team - 1) / team;
         const int chunk = per_thread < 1 ? 1 : per_thread > PANEL_BLOCKS ? PANEL_BLOCKS : per_thread;
         const int panels = (blocks + chunk - 1) / chunk;
         #pragma omp parallel num_threads(threads) if(threads > 1 && panels > 1)
