@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import upq_hf
 from upq_hf import UPQConfig, UPQLinear
 from upq_hf.convert import upq_layers
+from upq_hf.head import UPQHead
 from upq_hf.lora import UPQLoraLinear, UPQMergeError, register_peft, target_modules, unregister_peft
 
 from helpers import tiny_llama
@@ -102,7 +103,7 @@ def test_adapters_land_on_upq_layers(int2_dir):
     # "all-linear" finds the same layers (PEFT alone finds none: a UPQLinear is not an nn.Linear)
     other = get_peft_model(fresh(int2_dir), LoraConfig(r=r, target_modules="all-linear"))
     assert {n for n, m in other.named_modules() if isinstance(m, UPQLoraLinear)} == set(wrapped)
-    assert type(other.base_model.model.lm_head) is nn.Linear  # output embedding left alone
+    assert type(other.base_model.model.lm_head) in (nn.Linear, UPQHead)  # output embedding left alone
 
 
 def test_trainer_lowers_loss_and_keeps_codes_bit_identical(trained):

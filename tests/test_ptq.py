@@ -8,6 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from upq_hf.convert import quantize_linears_rtn
+from upq_hf.head import UPQHead
 from upq_hf.nn import UPQLinear
 from upq_hf.ptq import PTQReport, _run_block, blockwise_ptq, capture_block_inputs, find_decoder_layers
 from upq_hf.stages import PTQConfig
@@ -75,7 +76,7 @@ def test_blockap_beats_rtn(tiny, bits, group_size):
             layer = ptq.get_submodule(f"model.layers.{index}").get_submodule(
                 ("self_attn." if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.") + name)
             assert isinstance(layer, UPQLinear) and layer.bits == bits and layer.group_size == group_size
-    assert type(ptq.lm_head) is nn.Linear
+    assert type(ptq.lm_head) in (nn.Linear, UPQHead)  # dense
     assert torch.equal(ptq.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert len(report.layers) == 14
     assert _logits_error(ptq, held_out, reference) < _logits_error(rtn, held_out, reference)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import upq_hf
 from upq_hf import UPQConfig, UPQLinear
 from upq_hf.convert import upq_layers
+from upq_hf.head import UPQHead
 
 from helpers import tiny_llama
 
@@ -84,7 +85,7 @@ def test_modules_to_not_convert_overrides_but_keeps_output_embedding(tiny_llama_
     for block in model.model.layers:
         assert type(block.mlp.down_proj) is nn.Linear and type(block.self_attn.o_proj) is nn.Linear
         assert isinstance(block.mlp.up_proj, UPQLinear)
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) in (nn.Linear, UPQHead)  # dense (UPQHead: the same, int8 under a8 alone)
     model.save_pretrained(tmp_path)
     reloaded = load_quantized(tmp_path)
     assert type(reloaded.model.layers[0].mlp.down_proj) is nn.Linear

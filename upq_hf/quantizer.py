@@ -17,7 +17,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import convert, recipes, streaming
+from . import convert, head, recipes, streaming
 from .adapters import layout_version
 from .chat import contiguous_head_input
 from .checkpoint import IN_FEATURES_KEY, checkpoint_keys, expected_upq_tensors, split_sources, validate_checkpoint
@@ -116,6 +116,7 @@ class UPQHfQuantizer(HfQuantizer):
             model._weight_conversions = []  # saved under the model's own names (see attach)
         install_card_hooks(model)
         contiguous_head_input(model)  # a bf16 head in generate's first step (upq_hf.chat)
+        head.install(model, self.quantization_config.backend)  # int8 under the a8 backend
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -143,6 +144,7 @@ class UPQHfQuantizer(HfQuantizer):
 
         convert.dequantize_layers(model, dtype or torch.float32)
         refuse(model)
+        head.remove(model)
         remove_card_hooks(model)  # a dense model again: it saves without the UPQ model card
         model.__dict__.pop("_weight_conversions", None)  # and in its family's checkpoint layout
         return model
@@ -161,6 +163,7 @@ def attach(model: nn.Module, config: UPQConfig) -> nn.Module:
         model._weight_conversions = []
     install_card_hooks(model)
     contiguous_head_input(model)
+    head.install(model, config.backend)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config._is_quantized = True
