@@ -11,7 +11,8 @@ Builds TinyLlama-1.1B's shape (hidden 2048, FFN 5632, 22 blocks, 32 heads, 4 KV 
 * builds llama.cpp (``examples/bench_gguf.py``'s ``build_llama_cpp``), converts the dense model with llama.cpp's own
   converter (F16) and quantizes that to llama.cpp's own ``Q2_K`` and ``Q4_0``;
 * times greedy decode, ``llama-bench -p 0 -n 64 -t THREADS``, for the three files, and ``generate`` of 64 new
-  tokens in transformers for the UPQ checkpoint and the dense bf16 model.
+  tokens in transformers for the UPQ checkpoint (on the exact automatic backend; on ``a8``, llama.cpp's int8
+  activations, eager and with a compiled step) and the dense bf16 model.
 
     python examples/bench_q2k.py [--path /tmp/upq-bench-1b-q2k] [--threads 2] [--calibration 16]
 """
@@ -136,14 +137,26 @@ def main() -> int:
     tokenizer = load_tokenizer(dense)
     ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
     settings = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    for label, folder in (("transformers + upq_hf, the INT2 checkpoint (bf16)", int2),
-                          ("transformers, dense bf16", dense)):
+    from bench_decode import compiled_settings
+
+    arms = (("transformers + upq_hf, the INT2 checkpoint (bf16, exact: automatic backend)", int2, None, False),
+            ("transformers + upq_hf, the same, `a8` (int8 activations and head, llama.cpp's trade)", int2, "a8", False),
+            ("transformers + upq_hf, the same, `a8`, static cache + compiled step", int2, "a8", True),
+            ("transformers, dense bf16", dense, None, False))
+    for label, folder, backend, compiled in arms:
+        os.environ.pop("UPQ_BACKEND", None)
+        if backend:
+            os.environ["UPQ_BACKEND"] = backend
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-        model.generate(ids, **dict(settings, max_new_tokens=4, min_new_tokens=4))
+        run = dict(settings, **(compiled_settings("default") if compiled else {}))
+        # warm-up; a compiled step warms up on the very settings timed (a static cache of another length recompiles)
+        model.generate(ids, **(run if compiled else dict(run, max_new_tokens=4, min_new_tokens=4)))
         started = time.perf_counter()
-        model.generate(ids, **settings)
+        model.generate(ids, **run)
         print(f"| {label} | {args.threads} | {64 / (time.perf_counter() - started):.1f} | - | - |", flush=True)
         del model
+        torch._dynamo.reset()
+    os.environ.pop("UPQ_BACKEND", None)
     return 0
 
 
