@@ -16,6 +16,7 @@ Also, ``--profile``: where a decode step of the UPQ model goes, eager and compil
 self CPU time), the answer to "is it the kernel or the Python around it".
 
     python examples/bench_decode.py [CHECKPOINT] [--threads 2] [--tokens 64] [--runs 3] [--profile] [--cpp-wrapper]
+        [--attn eager]
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main() -> int:
     parser.add_argument("--skip-dense", action="store_true", help="time the UPQ checkpoint alone")
     parser.add_argument("--dense", default=None,
                         help="the unquantized model (default: the bundled one; e.g. bench_stream's /tmp/upq-1b)")
+    parser.add_argument("--attn", default=None, choices=["sdpa", "eager"],
+                        help="transformers' attention implementation (default: the model's, sdpa)")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="also time the compiled step with inductor's C++ wrapper")
     args = parser.parse_args()
@@ -115,12 +118,12 @@ def main() -> int:
     ids = torch.tensor([chat_prompt_ids(tokenizer, "Write a short poem about the sea.")])
     settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                     pad_token_id=tokenizer.eos_token_id)
-    models = {} if args.skip_dense else {
-        "dense bf16": AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()}
+    load = dict(dtype=torch.bfloat16, **({"attn_implementation": args.attn} if args.attn else {}))
+    models = {} if args.skip_dense else {"dense bf16": AutoModelForCausalLM.from_pretrained(source, **load).eval()}
     label = args.checkpoint or "RTN INT2 g64"
-    models[f"UPQ {label}"] = (AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+    models[f"UPQ {label}"] = (AutoModelForCausalLM.from_pretrained(args.checkpoint, **load)
                               if args.checkpoint else AutoModelForCausalLM.from_pretrained(
-                                  source, dtype=torch.bfloat16, quantization_config=UPQConfig(bits=2, group_size=64)))
+                                  source, quantization_config=UPQConfig(bits=2, group_size=64), **load))
     if args.profile:
         print(profile(models[f"UPQ {label}"], ids, args.mode))
     variants = [("compiled", compiled_settings(args.mode))]
