@@ -7,10 +7,10 @@ the same trade: its weights rounded to int8 per output row, ``w = s * q`` with `
 ``q = rint(w / s)`` in [-127, 127], made once from the stored dense weights (the checkpoint is unchanged), and
 bf16 activations multiplied by torch's int8 weight kernel (``aten._weight_int8pack_mm``): half the bytes a token.
 The rounding error is at most ``s / 2`` per weight; against an fp32 head on the bundled model it agreed on 96.7% of
-next tokens (the bf16 dense head on 97.8%: bf16 logits tie), KL 0.0014 nats (docs/BENCHMARKS.md, "The head under
-a8").
+next tokens (the bf16 dense head on 97.8%: bf16 logits tie), KL 0.0014 nats (docs/BENCHMARKS.md, "The `a8` backend
+at decode, and the head under it").
 
-Only bf16 activations take it (torch's int8 kernel is 4-25x slower than a dense matmul for fp16 and fp32 on the
+Only bf16 activations take it (torch's int8 kernel ran 3-10x slower than a dense matmul for fp16 and fp32 on the
 CPU: those keep the dense head), on the CPU, without a gradient, where the a8 kernel runs (AVX512-VNNI; elsewhere
 the layers run the exact kernel, and so does the head); any other call runs the dense head, as does every call of
 a backend other than ``a8``. The int8 copy (one byte per weight, alongside the dense weight the model
