@@ -15,7 +15,8 @@ CPU: those keep the dense head), on the CPU, without a gradient, where the a8 ke
 the layers run the exact kernel, and so does the head); any other call runs the dense head, as does every call of
 a backend other than ``a8``. The int8 copy (one byte per weight, alongside the dense weight the model
 keeps for saving and for the embedding it may be tied to) is made on the first eager call that takes it, or by
-:func:`install` when the model's config says ``backend="a8"``, and made again if the dense weight changes.
+:func:`install` when the model's config says ``backend="a8"``, and made again by the next eager call after the dense
+weight changes (a compiled step uses the copy it found when it was traced).
 """
 
 from __future__ import annotations
