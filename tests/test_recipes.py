@@ -185,10 +185,18 @@ def test_registry_is_what_config_cli_and_card_read(monkeypatch):
 
 def test_recipe_writes_only_where_it_is_told(tokenizer, tmp_path, monkeypatch):
     """A recipe writes nothing of its own accord: the INT4 stage's state only under ``keep_int4``, trainer
-    checkpoints only under ``work_dir`` (else a temporary folder)."""
-    monkeypatch.chdir(tmp_path)
+    checkpoints only under ``work_dir`` (else a temporary folder, removed when training ends)."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
     upq_hf.quantize_model(model_for(tokenizer), small("upq", ptq=INT4_STAGE), tokenizer=tokenizer, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
+    assert list(scratch.iterdir()) == []  # no upq-train-* folder left behind (966 had piled up in /tmp)
 
 
 def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_path):

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -150,10 +151,11 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
              f"tokens in {time.time() - started:.0f} s")
     trainable = select_trainable(student, train_norms=distill.train_norms)
     save = bool(run.work_dir)
+    scratch = None if save else tempfile.mkdtemp(prefix="upq-train-")  # the Trainer wants a folder; removed below
     device = _device(run, student)
     bf16 = autocast_dtype(device, distill.mixed_precision) is not None
     args = TrainingArguments(
-        output_dir=os.path.join(run.work_dir or tempfile.mkdtemp(prefix="upq-train-"), stage), max_steps=steps,
+        output_dir=os.path.join(run.work_dir or scratch, stage), max_steps=steps,
         per_device_train_batch_size=distill.batch_size, learning_rate=distill.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=max(1, steps // 20), report_to=[], seed=config.seed, save_strategy="steps" if save else "no",
@@ -175,7 +177,11 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
         _log(f"resuming from {resume}" if resume else
              f"nothing to resume in {args.output_dir} (no complete trainer checkpoint): training from the start")
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     # mixed precision wrapped the model's forward in autocast: the quantized model must not keep that wrapper
     trainer.accelerator.unwrap_model(student, keep_fp32_wrapper=False)
     elapsed = time.time() - started
