@@ -10,16 +10,18 @@ logits), then:
   GGUF, ``--allow-requantize``: the unquantized teacher's weights, as upq_hf loads them);
 * fidelity: on the validation prompts' teacher answers (``upq_hf.prompts.VALIDATION_PROMPTS``), the exported
   GGUF's next-token logits in llama.cpp against upq_hf's own (the checkpoint in transformers, fp32, the torch
-  backend), token by token: top-1 agreement and the largest logit difference;
+  backend; then the same with llama.cpp's activation rounding, :mod:`upq_hf.gguf_arithmetic`), token by token:
+  top-1 agreement and the largest logit difference;
 * speed: ``llama-bench -p 0 -n 64 -t THREADS`` for the exported GGUF and llama.cpp's Q4_0 (greedy decode,
   tokens/s), and the checkpoint's own decode in transformers (``generate``, 64 new tokens, bf16).
 
-    python examples/bench_gguf.py CHECKPOINT [--threads 2] [--build /tmp/upq-llama.cpp] [--prompts 24]
+    python examples/bench_gguf.py CHECKPOINT [--threads 2] [--build /tmp/upq-llama.cpp] [--prompts 24] [--skip-speed]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -88,6 +90,7 @@ def main() -> int:
     parser.add_argument("--build", default="/tmp/upq-llama.cpp")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--dense-type", default="F16", choices=["F16", "F32", "BF16"])
+    parser.add_argument("--skip-speed", action="store_true", help="fidelity only")
     args = parser.parse_args()
 
     import numpy as np
@@ -122,17 +125,26 @@ def main() -> int:
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = "torch"
-    agree = total = 0
-    worst = 0.0
-    for ids, theirs in zip(sequences, llama_logits(ours, sequences, args.threads)):
-        with torch.no_grad():
-            mine = model(torch.tensor([ids])).logits[0].numpy()
-        agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
-        total += len(ids)
-        worst = max(worst, float(np.abs(mine - theirs).max()))
-    print(f"\nfidelity, {len(sequences)} validation prompts with the teacher's answers, {total} positions: top-1 "
-          f"agreement of llama.cpp with upq_hf {agree / total:.4f}, largest logit difference {worst:.4f}")
+    from upq_hf.gguf_arithmetic import llama_cpp_arithmetic
 
+    theirs_all = llama_logits(ours, sequences, args.threads)
+    print(f"\nfidelity, {len(sequences)} validation prompts with the teacher's answers, "
+          f"{sum(map(len, sequences))} positions: llama.cpp's logits of the export against upq_hf's")
+    print("| upq_hf computing | top-1 agreement | largest logit difference |\n|---|---:|---:|")
+    for label, emulate in (("fp32, the torch backend", False),
+                           ("fp32 with llama.cpp's arithmetic (upq_hf.gguf_arithmetic)", True)):
+        agree = total = 0
+        worst = 0.0
+        context = llama_cpp_arithmetic(model, dense_type=args.dense_type) if emulate else contextlib.nullcontext()
+        with context, torch.no_grad():
+            for ids, theirs in zip(sequences, theirs_all):
+                mine = model(torch.tensor([ids])).logits[0].numpy()
+                agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
+                total += len(ids)
+                worst = max(worst, float(np.abs(mine - theirs).max()))
+        print(f"| {label} | {agree / total:.4f} | {worst:.4f} |", flush=True)
+    if args.skip_speed:
+        return 0
     print(f"\n| runtime and format | threads | tokens/s (64 new tokens) | file MiB |")
     print("|---|---:|---:|---:|")
     for label, path in (("llama.cpp, the UPQ checkpoint exported", ours), ("llama.cpp, its own Q4_0", q4_0)):
