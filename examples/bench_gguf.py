@@ -10,8 +10,9 @@ logits), then:
   GGUF, ``--allow-requantize``: the unquantized teacher's weights, as upq_hf loads them);
 * fidelity: on the validation prompts' teacher answers (``upq_hf.prompts.VALIDATION_PROMPTS``), the exported
   GGUF's next-token logits in llama.cpp against upq_hf's own (the checkpoint in transformers, fp32, the torch
-  backend; then the same with llama.cpp's activation rounding, :mod:`upq_hf.gguf_arithmetic`), token by token:
-  top-1 agreement and the largest logit difference;
+  backend), token by token: top-1 agreement and the largest logit difference (over all positions and at each
+  sequence's first), beside llama.cpp against itself with an F32 KV cache instead of F16 (the noise floor of its
+  own arithmetic), and each one's top-1 agreement with the teacher's answer tokens;
 * speed: ``llama-bench -p 0 -n 64 -t THREADS`` for the exported GGUF and llama.cpp's Q4_0 (greedy decode,
   tokens/s), and the checkpoint's own decode in transformers (``generate``, 64 new tokens, bf16).
 
@@ -21,7 +22,6 @@ logits), then:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -69,12 +69,13 @@ def bench(tree: str, model: str, threads: int) -> float:
     return float(json.loads(out)[0]["avg_ts"])
 
 
-def llama_logits(path: str, sequences: list[list[int]], threads: int):
-    """llama.cpp's logits of every position of each token sequence (a fresh context each)."""
+def llama_logits(path: str, sequences: list[list[int]], threads: int, **options):
+    """llama.cpp's logits of every position of each token sequence (a fresh context each); ``options`` go to
+    ``llama_cpp.Llama`` (``type_k=0, type_v=0``: an F32 KV cache)."""
     import numpy as np
     from llama_cpp import Llama
 
-    model = Llama(model_path=path, logits_all=True, n_ctx=512, n_threads=threads, verbose=False)
+    model = Llama(model_path=path, logits_all=True, n_ctx=512, n_threads=threads, verbose=False, **options)
     out = []
     for ids in sequences:
         model.reset()
@@ -125,24 +126,31 @@ def main() -> int:
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = "torch"
-    from upq_hf.gguf_arithmetic import llama_cpp_arithmetic
-
     theirs_all = llama_logits(ours, sequences, args.threads)
+    starts = [len(p) - 1 for p in reference.prompt_ids]  # the logits that predict the teacher's answer tokens
+
+    def teacher_top1(all_logits) -> float:
+        hits = [int((logits[s:len(ids) - 1].argmax(-1) == np.array(ids[s + 1:])).sum())
+                for logits, ids, s in zip(all_logits, sequences, starts)]
+        return sum(hits) / sum(len(ids) - 1 - s for ids, s in zip(sequences, starts))
+
+    def row(label, all_logits):
+        agree = sum(int((mine.argmax(-1) == theirs.argmax(-1)).sum()) for mine, theirs in zip(all_logits, theirs_all))
+        worst = max(float(np.abs(mine - theirs).max()) for mine, theirs in zip(all_logits, theirs_all))
+        first = max(float(np.abs(mine[0] - theirs[0]).max()) for mine, theirs in zip(all_logits, theirs_all))
+        print(f"| {label} | {agree / sum(map(len, sequences)):.4f} | {worst:.4f} | {first:.4f} | "
+              f"{teacher_top1(all_logits):.4f} |", flush=True)
+
     print(f"\nfidelity, {len(sequences)} validation prompts with the teacher's answers, "
-          f"{sum(map(len, sequences))} positions: llama.cpp's logits of the export against upq_hf's")
-    print("| upq_hf computing | top-1 agreement | largest logit difference |\n|---|---:|---:|")
-    for label, emulate in (("fp32, the torch backend", False),
-                           ("fp32 with llama.cpp's arithmetic (upq_hf.gguf_arithmetic)", True)):
-        agree = total = 0
-        worst = 0.0
-        context = llama_cpp_arithmetic(model, dense_type=args.dense_type) if emulate else contextlib.nullcontext()
-        with context, torch.no_grad():
-            for ids, theirs in zip(sequences, theirs_all):
-                mine = model(torch.tensor([ids])).logits[0].numpy()
-                agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
-                total += len(ids)
-                worst = max(worst, float(np.abs(mine - theirs).max()))
-        print(f"| {label} | {agree / total:.4f} | {worst:.4f} |", flush=True)
+          f"{sum(map(len, sequences))} positions: each against llama.cpp's logits of the export (F16 KV cache), "
+          f"and its top-1 agreement with the teacher's answer tokens")
+    print("| logits | top-1 agreement with llama.cpp | largest logit difference | the same, first position only | "
+          "top-1 with the teacher |\n|---|---:|---:|---:|---:|")
+    row("llama.cpp, the export (itself)", theirs_all)
+    row("llama.cpp, the export, F32 KV cache", llama_logits(ours, sequences, args.threads, type_k=0, type_v=0))
+    with torch.no_grad():
+        row("upq_hf, the checkpoint (fp32, the torch backend)",
+            [model(torch.tensor([ids])).logits[0].numpy() for ids in sequences])
     if args.skip_speed:
         return 0
     print(f"\n| runtime and format | threads | tokens/s (64 new tokens) | file MiB |")
