@@ -7,7 +7,7 @@ reconstruction from the unquantized weights (6 epochs over 56 sequences of 128 t
 default), then 20 steps of Distill-QAT of the scales and norms, codes fixed, from the teacher's
 cached top-64 distributions: the `demo` budget of upq_hf.stages.BUDGETS (docs/BENCHMARKS.md).
 `upq quantize --bits 2 --recipe upq --budget demo` makes the same model; without `--budget` it runs the full
-default budget (under 22 minutes there); `--mix none` gives uniform INT2, `--recipe rtn` shows what plain rounding
+default budget (30 minutes there); `--mix none` gives uniform INT2, `--recipe rtn` shows what plain rounding
 does.
 
 Size on disk, fidelity to the unquantized model (teacher-forced top-1 agreement and KL on held-out
