@@ -41,6 +41,7 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}},
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05)}
+DEFAULT_MARGINS = (0.005, 0.02)
 
 RULE = ("A variant replaces the baseline if, averaged over the seeds and the six rounding variants, its top-1 is "
         "higher by at least 0.005 and its KL lower by at least 0.02, with on topic not lower by more than 1; if "
@@ -119,9 +120,12 @@ def main() -> int:
               f"{mean['on_topic']:.1f} of {per_seed[0]['prompts']} | {timing} |")
     if args.baseline in means:
         base = means[args.baseline]
-        winners = [v for v, m in means.items() if v != args.baseline
-                   and m["top1"] >= base["top1"] + MARGINS.get(v, (0.005, 0.02))[0]
-                   and m["kl"] <= base["kl"] - MARGINS.get(v, (0.005, 0.02))[1] and m["on_topic"] >= base["on_topic"] - 1]
+        def wins(variant: str, m: dict) -> bool:
+            gain, drop = MARGINS.get(variant, DEFAULT_MARGINS)
+            return (m["top1"] >= base["top1"] + gain and m["kl"] <= base["kl"] - drop
+                    and m["on_topic"] >= base["on_topic"] - 1)
+
+        winners = [v for v, m in means.items() if v != args.baseline and wins(v, m)]
         winner = max(winners, key=lambda v: means[v]["top1"]) if winners else args.baseline
         print(f"\nRule (written before the runs): {RULE}\nBaseline: {args.baseline}. Verdict: {winner}")
     return 0

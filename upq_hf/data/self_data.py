@@ -24,10 +24,10 @@ from ..chat import generate_answers
 
 # "self" data defaults, sized for a CPU: the bundled 135M model answers all 331 built-in prompts in about 4
 # minutes on two cores, seconds on a GPU (docs/BENCHMARKS.md); the cache makes every later call instant. Larger
-# batches are faster on a CPU too (fewer sequential steps). n_prompts None: every prompt (the default since
-# 2026-12-06: 2.5x the distinct distillation data measured ahead of 128 prompts, docs/BENCHMARKS.md).
+# batches are faster on a CPU too (fewer sequential steps). Every prompt is answered unless n_prompts says
+# otherwise (since 2026-12-06: 2.5x the distinct distillation data measured ahead of 128 prompts,
+# docs/BENCHMARKS.md).
 SELF_DEFAULTS: dict[str, Any] = {
-    "n_prompts": None,
     "max_new_tokens": 128,
     "batch_size": 32,
     "cache": True,
@@ -123,7 +123,7 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
         raise ValueError("source 'self' needs a tokenizer with a chat template (an instruction-tuned model's)")
     prompts = list(SEED_PROMPTS if prompts is None else prompts)
     if n_prompts is None:
-        n_prompts = SELF_DEFAULTS["n_prompts"] or len(prompts)
+        n_prompts = len(prompts)
     if n_prompts <= 0 or max_new_tokens <= 0 or batch_size <= 0:
         raise ValueError(f"n_prompts, max_new_tokens and batch_size must be positive, got "
                          f"{n_prompts}, {max_new_tokens}, {batch_size}")
