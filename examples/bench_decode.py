@@ -10,13 +10,16 @@ its dense model, in bf16, on ``--threads`` threads, greedy decode of ``--tokens`
   ``upq_hf::cpu_linear``), opaque to the compiler, so the step compiles whole. Timed after a warm-up generation
   that compiles;
 * ``compiled, C++ wrapper`` (``--cpp-wrapper``): the same with inductor's C++ wrapper, which makes the step's calls
-  from C++ (the UPQ layers' operator included) instead of Python.
+  from C++ (the UPQ layers' operator included) instead of Python;
+* ``native`` (``--native``): :class:`upq_hf.native.NativeDecoder`, the whole decoder stack in one C++ call per token
+  (fp32 arithmetic, the model's output head), greedy, the same prompt and number of tokens; int8 activations where
+  ``UPQ_BACKEND=a8`` says so. ``--skip-compiled`` leaves the compiled step out.
 
 Also, ``--profile``: where a decode step of the UPQ model goes, eager and compiled (``torch.profiler``, top ops by
 self CPU time), the answer to "is it the kernel or the Python around it".
 
     python examples/bench_decode.py [CHECKPOINT] [--threads 2] [--tokens 64] [--runs 3] [--profile] [--cpp-wrapper]
-        [--attn eager]
+        [--attn eager] [--native] [--skip-compiled]
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def timed(model, ids, settings, runs: int) -> tuple[float, float]:
         model.generate(ids, **settings)
         times.append(time.perf_counter() - started)
     return first, settings["max_new_tokens"] / statistics.median(times)
+
+
+class _Native:
+    """``generate`` of a :class:`upq_hf.native.NativeDecoder` with ``model.generate``'s timed settings (no end
+    token: every run decodes ``max_new_tokens``)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def generate(self, ids, max_new_tokens, **_):
+        out = self.decoder.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=[])
+        assert out.shape[1] == ids.shape[1] + max_new_tokens
+        return out
 
 
 def compiled_settings(mode: str, cpp_wrapper: bool = False) -> dict:
@@ -103,6 +119,8 @@ def main() -> int:
                         help="transformers' attention implementation (default: the model's, sdpa)")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="also time the compiled step with inductor's C++ wrapper")
+    parser.add_argument("--native", action="store_true", help="also time upq_hf.native.NativeDecoder")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave the compiled decode step out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -126,12 +144,12 @@ def main() -> int:
                                   source, quantization_config=UPQConfig(bits=2, group_size=64), **load))
     if args.profile:
         print(profile(models[f"UPQ {label}"], ids, args.mode))
-    variants = [("compiled", compiled_settings(args.mode))]
+    variants = [] if args.skip_compiled else [("compiled", compiled_settings(args.mode))]
     if args.cpp_wrapper:
         variants.append(("compiled, C++ wrapper", compiled_settings(args.mode, cpp_wrapper=True)))
     print("| model | eager tokens/s | " + " | ".join(f"{name} tokens/s | x eager | first call s" for name, _ in variants)
-          + " |")
-    print("|---|---:|" + "---:|---:|---:|" * len(variants))
+          + (" | native tokens/s | x eager" if args.native else "") + " |")
+    print("|---|---:|" + "---:|---:|---:|" * len(variants) + ("---:|---:|" if args.native else ""))
     with torch.no_grad():
         for name, model in models.items():
             _, eager = timed(model, ids, settings, args.runs)
@@ -140,6 +158,12 @@ def main() -> int:
                 torch._dynamo.reset()
                 first, compiled = timed(model, ids, {**settings, **extra}, args.runs)
                 cells += [f"{compiled:.1f}", f"{compiled / eager:.2f}", f"{first:.0f}"]
+            if args.native:
+                from upq_hf.native import NativeDecoder
+
+                decoder = NativeDecoder(model, max_length=ids.shape[1] + args.tokens)
+                _, native = timed(_Native(decoder), ids, settings, args.runs)
+                cells += [f"{native:.1f}", f"{native / eager:.2f}"]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -14,7 +14,11 @@ Builds TinyLlama-1.1B's shape (hidden 2048, FFN 5632, 22 blocks, 32 heads, 4 KV 
   tokens in transformers for the UPQ checkpoint (on the exact automatic backend; on ``a8``, llama.cpp's int8
   activations, eager and with a compiled step) and the dense bf16 model.
 
-    python examples/bench_q2k.py [--path /tmp/upq-bench-1b-q2k] [--threads 2] [--calibration 16]
+    python examples/bench_q2k.py [--path /tmp/upq-bench-1b-q2k] [--threads 2] [--calibration 16] [--native]
+        [--only-native]
+
+``--native`` adds :class:`upq_hf.native.NativeDecoder` (the transformers model's decoder stack run in one C++ call
+per token), exact and on ``a8``; ``--only-native`` times llama.cpp's rows and those two alone.
 """
 
 from __future__ import annotations
@@ -88,6 +92,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration", type=int, default=16)
     parser.add_argument("--build", default="/tmp/upq-llama.cpp")
+    parser.add_argument("--native", action="store_true", help="also time upq_hf.native.NativeDecoder (exact and a8)")
+    parser.add_argument("--only-native", action="store_true",
+                        help="time llama.cpp's rows and the native decoder's, not transformers' generate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -143,11 +150,26 @@ def main() -> int:
             ("transformers + upq_hf, the same, `a8` (int8 activations and head, llama.cpp's trade)", int2, "a8", False),
             ("transformers + upq_hf, the same, `a8`, static cache + compiled step", int2, "a8", True),
             ("transformers, dense bf16", dense, None, False))
+    if args.only_native:
+        args.native, arms = True, ()
+    if args.native:  # upq_hf.native.NativeDecoder: the decoder stack in one C++ call per token
+        arms = (("transformers model + upq_hf native decode (exact)", int2, "avx2", "native"),
+                ("transformers model + upq_hf native decode, `a8`", int2, "a8", "native")) + arms
     for label, folder, backend, compiled in arms:
         os.environ.pop("UPQ_BACKEND", None)
         if backend:
             os.environ["UPQ_BACKEND"] = backend
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        if compiled == "native":
+            from upq_hf.native import NativeDecoder
+
+            decoder = NativeDecoder(model, max_length=ids.shape[1] + 64)
+            decoder.generate(ids, max_new_tokens=4, eos_token_id=[])
+            started = time.perf_counter()
+            assert decoder.generate(ids, max_new_tokens=64, eos_token_id=[]).shape[1] == ids.shape[1] + 64
+            print(f"| {label} | {args.threads} | {64 / (time.perf_counter() - started):.1f} | - | - |", flush=True)
+            del decoder, model
+            continue
         run = dict(settings, **(compiled_settings("default") if compiled else {}))
         # warm-up; a compiled step warms up on the very settings timed (a static cache of another length recompiles)
         model.generate(ids, **(run if compiled else dict(run, max_new_tokens=4, min_new_tokens=4)))

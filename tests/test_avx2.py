@@ -425,3 +425,41 @@ def test_the_avx512_switch_follows_the_environment(monkeypatch, tmp_path):
         monkeypatch.delenv("UPQ_CPU_AVX512")
         avx2._load.cache_clear()
     assert avx2.kernel().avx512 == AVX512
+
+
+VNNI = AVX512 and "avx512_vnni" in (cpu_flags() or set())
+
+
+@pytest.mark.skipif(not avx2.available() or not AVX512, reason="the AVX-512 kernels need a CPU with AVX512F/BW")
+def test_the_avx512_kernels_are_built_where_the_cpu_has_them():
+    """A compile error in the AVX-512 part of the file makes the loader fall back to the AVX2-only build, silently
+    and three times slower on a 1B model's decode step: where the CPU has AVX512F/BW the loaded build must be the
+    full one."""
+    assert "-DUPQ_BF16" in avx2.kernel().flags
+    assert avx2.kernel().avx512
+
+
+@pytest.mark.skipif(not (avx2.available() and VNNI), reason="the int8 kernel needs a CPU with AVX512-VNNI")
+@pytest.mark.parametrize("bits,group_size,in_features,out_features", [
+    (2, 64, 576, 1536), (4, 64, 576, 192), (2, None, 1536, 96), (4, 32, 128, 416), (2, 16, 256, 160),
+    (4, None, 64, 288), (2, 32, 96, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_int8_one_row_panels_are_the_blocks_bit_for_bit(bits, group_size, in_features, out_features, dtype):
+    """One-row int8 calls read panels of 128 outputs with prefetch (a 1B model's decode: 1.7x faster); each output
+    sees the 32-output blocks' operations in their order, so the results are the same bits, outputs past the last
+    panel and past the last block included."""
+    compiled = avx2.kernel()
+    assert compiled.a8_panels  # on by default
+    module = layer(bits, group_size, in_features, out_features)
+    x = torch.randn(1, in_features).to(dtype)
+    args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach(), bits,
+            group_size or in_features, in_features, True)
+    try:
+        panels = avx2._run(*args)
+        assert not compiled.set_a8_panels(0)
+        blocks = avx2._run(*args)
+    finally:
+        compiled.set_a8_panels(1)
+    assert torch.equal(panels, blocks)
+    reference = torch.nn.functional.linear(x.double(), module.dequantize(torch.float64), module.bias.double())
+    assert (panels.double() - reference).abs().max() < 0.05 * reference.abs().max()

@@ -69,9 +69,10 @@ from .machine import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
 OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator (what the layers call)
+DECODER_SOURCE = SOURCE.with_name("upq_decode.cpp")  # a whole decoder stack in C++ (upq_hf/native.py)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
-ABI = 4
+ABI = 5
 # Rows above which a call takes the reference path: the kernel's time grows with every row, dequantize +
 # matmul pays the dequantization once; on the bundled model's layers they cross at 128-256 rows
 # (docs/BENCHMARKS.md, "crossover"), where torch's INT4 kernel crosses too.
@@ -175,6 +176,12 @@ class _Kernel:
         #: instructions
         self.set_avx512 = library.upq_cpu_set_avx512
         self.avx512 = bool(self.set_avx512(int(os.environ.get("UPQ_CPU_AVX512", "1") != "0")))
+        #: whether one-row int8 calls read panels of 128 outputs with prefetch (``UPQ_CPU_A8_PANELS=0``: 32-output
+        #: blocks, as before; the same results bit for bit)
+        library.upq_cpu_set_a8_panels.argtypes = [ctypes.c_int]
+        library.upq_cpu_set_a8_panels.restype = ctypes.c_int
+        self.set_a8_panels = library.upq_cpu_set_a8_panels
+        self.a8_panels = bool(self.set_a8_panels(int(os.environ.get("UPQ_CPU_A8_PANELS", "1") != "0")))
         self.linear = library.upq_linear
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         self.linear.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, integer, pointer,
@@ -269,16 +276,20 @@ def _build_op(compiled: _Kernel) -> Path:
     cxx_flags = ("-O2", "-fPIC", "-std=c++17", abi, *includes)
     link = ("-shared", *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), f"-L{torch_dir / 'lib'}", "-lc10",
             "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    key = (OP_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
+    key = (OP_SOURCE.read_bytes() + DECODER_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
            + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
     c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
 
     def build(tmp: Path) -> None:
         with tempfile.TemporaryDirectory() as work:
             kernel_o, op_o = Path(work) / "upq_cpu.o", Path(work) / "upq_op.o"
+            decoder_o = Path(work) / "upq_decode.o"
             _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
             _run_compiler([cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)])
-            _run_compiler([cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)])
+            _run_compiler([cxx, *cxx_flags, "-O3", "-mavx2", "-mfma", "-w",
+                           *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), "-c", str(DECODER_SOURCE),
+                           "-o", str(decoder_o)])
+            _run_compiler([cxx, str(op_o), str(decoder_o), str(kernel_o), *link, "-o", str(tmp)])
 
     return _cached_library("upq_op", key, build, "built the avx2 kernel's torch operator", "machine and torch version")
 
@@ -302,6 +313,7 @@ def _load_op() -> str | None:
         library = ctypes.CDLL(str(path))
         library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
         library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
+        library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
         torch.library.register_fake("upq_cpu::linear")(_linear_shape)
         _OP_KERNEL.append(compiled)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:

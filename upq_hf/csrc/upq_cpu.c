@@ -392,6 +392,9 @@ AVX512_TARGET static void row_panel512(const problem *p, int n0, int width, floa
 }
 #define PANEL_BLOCKS 64   // at most 64 blocks (2,048 outputs) a panel: 16 KiB of accumulators and results
 
+static int a8_blocks_only = 0;  // UPQ_CPU_A8_PANELS=0 (upq_cpu_set_a8_panels): one-row calls in 32-output blocks
+int upq_cpu_set_a8_panels(int on) { a8_blocks_only = on == 0; return on != 0; }
+
 static int use_avx512 = 0;
 // the AVX-512 one-row kernel, on only where this CPU has AVX512F/BW
 int upq_cpu_set_avx512(int on)
@@ -458,6 +461,60 @@ A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const proble
             }
         }
     }
+}
+
+// One row (a decode step) over a panel of A8_PANEL outputs [n0, n0 + A8_PANEL): each word row of the panel is one
+// contiguous run of 512 bytes (eight int32 accumulators, eight independent VPDPBUSD chains), and the run PF_A8 word
+// rows ahead is prefetched, since the next run sits N words further on, a page away in a big layer, where the
+// hardware prefetcher does not follow. Each output sees the same operations as in rows_a8 (exact int32 sums, then
+// out = s * sx * (acc - z * xsq) + out per group, in group order): its results bit for bit.
+#define A8_PANEL 128
+#ifndef PF_A8
+#define PF_A8 4
+#endif
+A8_TARGET static inline __attribute__((always_inline)) void row_a8_panel(const problem *p, const act8 *a, int n0,
+                                                                         float *out, const int BITS)
+{
+    const int P = 32 / BITS, Q = P / 4, V = A8_PANEL / 16;
+    const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) * 0x01010101);
+    const size_t N = (size_t)p->N, words = (size_t)p->G * p->words_per_group;
+    __m512 total[A8_PANEL / 16];
+    for (int v = 0; v < V; ++v) total[v] = _mm512_setzero_ps();
+    for (int g = 0; g < p->G; ++g) {
+        __m512i acc[A8_PANEL / 16];
+        for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
+        for (int i = 0; i < p->words_per_group; ++i) {
+            const size_t word = (size_t)g * p->words_per_group + i;
+            const int32_t *row = p->codes + word * N + n0;
+            if (word + PF_A8 < words) {
+                const char *ahead = (const char *)(row + PF_A8 * N);
+                for (int line = 0; line < A8_PANEL * 4; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+            }
+            __m512i c[A8_PANEL / 16];
+            for (int v = 0; v < V; ++v) c[v] = _mm512_loadu_si512(row + 16 * v);
+            const int32_t *xw = a->xq + word * Q;
+            for (int q = 0; q < Q; ++q) {
+                const __m512i b = _mm512_set1_epi32(xw[q]);
+                for (int v = 0; v < V; ++v)
+                    acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_and_si512(_mm512_srli_epi32(c[v], BITS * q), mask), b);
+            }
+        }
+        const __m512 sx = _mm512_set1_ps(a->sx[g]), xs = _mm512_set1_ps(a->xsq[g]);
+        for (int v = 0; v < V; ++v) {
+            const size_t at = (size_t)g * N + n0 + 16 * v;
+            const __m512 s = load16(p->scale, at, p->scale_dtype);
+            const __m512 z = BITS == 2 ? _mm512_set1_ps(1.5f) : load16(p->zero, at, p->scale_dtype);
+            const __m512 t = _mm512_fnmadd_ps(z, xs, _mm512_cvtepi32_ps(acc[v]));
+            total[v] = _mm512_fmadd_ps(_mm512_mul_ps(s, sx), t, total[v]);
+        }
+    }
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, total[v]);
+}
+
+A8_TARGET static void row_a8_panel_any(const problem *p, const act8 *a, int n0, float *out)
+{
+    if (p->bits == 2) row_a8_panel(p, a, n0, out, 2);
+    else row_a8_panel(p, a, n0, out, 4);
 }
 
 A8_TARGET static void rows_a8_any(const problem *p, const act8 *a, int n0, int m0, float *out, int rows)
@@ -577,9 +634,18 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
             #pragma omp atomic write
             failed = 1;
         }
+        // one row: panels of A8_PANEL outputs first (row_a8_panel), then the blocks past the last whole panel
+        const int panels = M == 1 && !a8_blocks_only ? N / A8_PANEL : 0, per_panel = A8_PANEL / NB_A8;
         #pragma omp for schedule(static)
-        for (int b = 0; b < blocks; ++b) {
+        for (int unit = 0; unit < panels + blocks - panels * per_panel; ++unit) {
             if (!work) continue;
+            if (unit < panels) {
+                float *panel = work;  // NB_A8 * MR_A8 = 256 floats: room for a panel's 128
+                row_a8_panel_any(&p, &a, unit * A8_PANEL, panel);
+                store_rows(&p, panel, 1, unit * A8_PANEL, A8_PANEL, bias, bias_dtype, y, y_dtype);
+                continue;
+            }
+            const int b = unit - panels + panels * per_panel;
             for (int m0 = 0; m0 < M; m0 += MR_A8) {
                 const int rows = M - m0 < MR_A8 ? M - m0 : MR_A8;
                 rows_a8_any(&p, &a, b * NB_A8, m0, work, rows);
@@ -627,10 +693,11 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
 static const int use_bf16 = 0;
 int upq_cpu_set_bf16(int on) { (void)on; return 0; }  // built without it: the several-rows kernel is fp32
 static const int use_avx512 __attribute__((unused)) = 0;
+int upq_cpu_set_a8_panels(int on) { (void)on; return 0; }
 int upq_cpu_set_avx512(int on) { (void)on; return 0; }  // built without AVX-512: the AVX2 one-row kernel
 #endif
 
-int upq_cpu_abi(void) { return 4; }
+int upq_cpu_abi(void) { return 5; }
 
 // returns 0 on success, 1 for a group size that splits a word (the caller takes another path), 2 out of memory
 int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
