@@ -18,6 +18,9 @@
 // per instruction of fp32 FMAs. upq_cpu_set_bf16() switches it on where the CPU reports the instructions.
 #include <immintrin.h>
 #include <float.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -473,9 +476,9 @@ A8_TARGET static inline __attribute__((always_inline)) void rows_a8(const proble
 #define PF_A8 4
 #endif
 A8_TARGET static inline __attribute__((always_inline)) void row_a8_panel(const problem *p, const act8 *a, int n0,
-                                                                         float *out, const int BITS)
+                                                                         float *out, const int BITS, const int V)
 {
-    const int P = 32 / BITS, Q = P / 4, V = A8_PANEL / 16;
+    const int P = 32 / BITS, Q = P / 4;
     const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) * 0x01010101);
     const size_t N = (size_t)p->N, words = (size_t)p->G * p->words_per_group;
     __m512 total[A8_PANEL / 16];
@@ -488,7 +491,7 @@ A8_TARGET static inline __attribute__((always_inline)) void row_a8_panel(const p
             const int32_t *row = p->codes + word * N + n0;
             if (word + PF_A8 < words) {
                 const char *ahead = (const char *)(row + PF_A8 * N);
-                for (int line = 0; line < A8_PANEL * 4; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+                for (int line = 0; line < V * 64; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
             }
             __m512i c[A8_PANEL / 16];
             for (int v = 0; v < V; ++v) c[v] = _mm512_loadu_si512(row + 16 * v);
@@ -511,10 +514,13 @@ A8_TARGET static inline __attribute__((always_inline)) void row_a8_panel(const p
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, total[v]);
 }
 
-A8_TARGET static void row_a8_panel_any(const problem *p, const act8 *a, int n0, float *out)
+// nb blocks of 32 outputs (1..4) from n0
+A8_TARGET static void row_a8_panel_any(const problem *p, const act8 *a, int n0, float *out, int nb)
 {
-    if (p->bits == 2) row_a8_panel(p, a, n0, out, 2);
-    else row_a8_panel(p, a, n0, out, 4);
+#define PANEL_CASE(B) case B: if (p->bits == 2) row_a8_panel(p, a, n0, out, 2, 2 * B); \
+                              else row_a8_panel(p, a, n0, out, 4, 2 * B); break;
+    switch (nb) { PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) default: PANEL_CASE(4) }
+#undef PANEL_CASE
 }
 
 A8_TARGET static void rows_a8_any(const problem *p, const act8 *a, int n0, int m0, float *out, int rows)
@@ -634,18 +640,23 @@ int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes
             #pragma omp atomic write
             failed = 1;
         }
-        // one row: panels of A8_PANEL outputs first (row_a8_panel), then the blocks past the last whole panel
-        const int panels = M == 1 && !a8_blocks_only ? N / A8_PANEL : 0, per_panel = A8_PANEL / NB_A8;
-        #pragma omp for schedule(static)
-        for (int unit = 0; unit < panels + blocks - panels * per_panel; ++unit) {
-            if (!work) continue;
-            if (unit < panels) {
-                float *panel = work;  // NB_A8 * MR_A8 = 256 floats: room for a panel's 128
-                row_a8_panel_any(&p, &a, unit * A8_PANEL, panel);
-                store_rows(&p, panel, 1, unit * A8_PANEL, A8_PANEL, bias, bias_dtype, y, y_dtype);
-                continue;
+        if (M == 1 && !a8_blocks_only && work) {
+            // one row: each thread an even share of the blocks, read in panels of up to 4 blocks (row_a8_panel)
+#ifdef _OPENMP
+            const int t = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+            const int t = 0, team = 1;
+#endif
+            const int b1 = (int)((long)blocks * (t + 1) / team);
+            for (int b = (int)((long)blocks * t / team); b < b1; b += A8_PANEL / NB_A8) {
+                const int nb = b1 - b < A8_PANEL / NB_A8 ? b1 - b : A8_PANEL / NB_A8;
+                row_a8_panel_any(&p, &a, b * NB_A8, work, nb);
+                store_rows(&p, work, 1, b * NB_A8, nb * NB_A8, bias, bias_dtype, y, y_dtype);
             }
-            const int b = unit - panels + panels * per_panel;
+        }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < (M == 1 && !a8_blocks_only ? 0 : blocks); ++b) {
+            if (!work) continue;
             for (int m0 = 0; m0 < M; m0 += MR_A8) {
                 const int rows = M - m0 < MR_A8 ? M - m0 : MR_A8;
                 rows_a8_any(&p, &a, b * NB_A8, m0, work, rows);
