@@ -130,3 +130,46 @@ def test_what_it_does_not_run_is_a_clear_error():
     wrapped = get_peft_model(quantized("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="merge or unload adapters"):
         NativeDecoder(wrapped.base_model.model)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny INT2 Llama checkpoint that speaks the bundled tokenizer (its chat template included)."""
+    from upq_hf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    quantize_model(model, UPQConfig(bits=2, group_size=32, recipe="rtn"), progress=False)
+    folder = tmp_path_factory.mktemp("chat-int2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_upq_generate_streams_an_answer_with_the_native_decoder(chat_checkpoint, capsys):
+    from upq_hf import cli
+
+    assert cli.main(["generate", chat_checkpoint, "--prompt", "Name a colour.", "--max-new-tokens", "6",
+                     "--dtype", "float32", "--backend", "avx2"]) == 0
+    err = capsys.readouterr().err
+    assert "upq: native decode;" in err and "new in" in err
+    assert cli.main(["generate", chat_checkpoint, "--prompt", "Name a colour.", "--max-new-tokens", "6",
+                     "--engine", "transformers", "--temperature", "0.8"]) == 0
+    assert "upq: transformers generate;" in capsys.readouterr().err
+
+
+def test_upq_generate_native_on_a_family_it_does_not_run_exits_2(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from upq_hf import cli
+    from upq_hf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+                    ).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path), "--prompt", "Hi", "--engine", "native"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("upq: error: --engine native: native decode runs the llama") 
+    assert cli.main(["generate", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "0"]) == 2

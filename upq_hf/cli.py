@@ -263,6 +263,59 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """``upq generate``: answer one chat prompt, streamed, with the native decoder where it runs."""
+    import time
+
+    import torch
+
+    from .chat import chat_prompt_ids, end_token_ids
+    from .models import load_model, load_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.backend:  # the layers and the output head read it when they run
+        os.environ["UPQ_BACKEND"] = args.backend
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import TextStreamer
+
+    from .native import NativeDecoder, native_problem
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype)
+    problem = native_problem(model)
+    if args.engine == "native" and problem:
+        raise ValueError(f"--engine native: {problem}")
+    native = args.engine != "transformers" and problem is None
+    ids = torch.tensor([chat_prompt_ids(tokenizer, args.prompt)])
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = end_token_ids(model, tokenizer)
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p)
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
+    with torch.no_grad():
+        if native:
+            decoder = NativeDecoder(model, max_length=ids.shape[1] + args.max_new_tokens)
+            out = decoder.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=stops, streamer=streamer,
+                                   generator=generator, **sampling)
+            t = decoder.timings
+            how = f"native decode{', int8 activations' if decoder.int8_activations else ''}"
+            speed = (f"prompt {t['prompt_tokens']} tokens in {t['prompt_s']:.2f} s, {t['new_tokens']} new in "
+                     f"{t['decode_s'] + t['prompt_s']:.2f} s ({max(t['new_tokens'] - 1, 1) / max(t['decode_s'], 1e-9):.1f}"
+                     " tokens/s after the first)")
+        else:
+            torch.manual_seed(args.seed)
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=stops, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id, **(sampling if sampling["do_sample"] else
+                                                                         {"do_sample": False}))
+            how = "transformers generate" + (f" (native decode does not run here: {problem})" if problem else "")
+            elapsed = time.perf_counter() - started
+            speed = f"{out.shape[1] - ids.shape[1]} new tokens in {elapsed:.2f} s"
+    print(f"upq: {how}; {speed}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args) -> int:
     """``upq eval``: lm-eval tasks (offline from local files if need be) and our fidelity report."""
     from .evaluation import evaluate_model, summary_table
@@ -369,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="answer a chat prompt with a model or UPQ checkpoint (the native decoder "
+                                        "where it runs: the fastest CPU decode)")
+    g.add_argument("model", nargs="?", default=None,
+                   help="Hub id, local folder or UPQ checkpoint (default: the bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--prompt", required=True, help="the user's message (the chat template wraps it)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--engine", default="auto", choices=["auto", "native", "transformers"],
+                   help="native: the decoder stack in C++ (upq_hf.native; Llama, Mistral, Qwen2, Qwen3 on the CPU); "
+                        "transformers: model.generate; auto: native where it runs")
+    g.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="kernel of the UPQ layers (a8: int8 activations and head, fastest, not exact)")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model's unquantized tensors")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="benchmark a model with lm-evaluation-harness (pip install upq_hf[eval]) "
                                     "and/or its fidelity to the unquantized teacher")
