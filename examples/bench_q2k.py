@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=16)
     parser.add_argument("--build", default="/tmp/upq-llama.cpp")
     parser.add_argument("--native", action="store_true", help="also time upq_hf.native.NativeDecoder (exact and a8)")
+    parser.add_argument("--also", action="append", default=[], metavar="CHECKPOINT",
+                        help="another INT2 checkpoint of the same shape for the native rows (e.g. groups of 64)")
     parser.add_argument("--only-native", action="store_true",
                         help="time llama.cpp's rows and the native decoder's, not transformers' generate")
     args = parser.parse_args()
@@ -153,8 +155,11 @@ def main() -> int:
     if args.only_native:
         args.native, arms = True, ()
     if args.native:  # upq_hf.native.NativeDecoder: the decoder stack in one C++ call per token
+        extra = tuple(arm for folder in args.also for arm in (
+            (f"the same, `{folder}`, exact", folder, "avx2", "native"),
+            (f"the same, `{folder}`, `a8`", folder, "a8", "native")))
         arms = (("transformers model + upq_hf native decode (exact)", int2, "avx2", "native"),
-                ("transformers model + upq_hf native decode, `a8`", int2, "a8", "native")) + arms
+                ("transformers model + upq_hf native decode, `a8`", int2, "a8", "native")) + extra + arms
     for label, folder, backend, compiled in arms:
         os.environ.pop("UPQ_BACKEND", None)
         if backend:
@@ -167,7 +172,11 @@ def main() -> int:
             decoder.generate(ids, max_new_tokens=4, eos_token_id=[])
             started = time.perf_counter()
             assert decoder.generate(ids, max_new_tokens=64, eos_token_id=[]).shape[1] == ids.shape[1] + 64
-            print(f"| {label} | {args.threads} | {64 / (time.perf_counter() - started):.1f} | - | - |", flush=True)
+            whole = 64 / (time.perf_counter() - started)
+            t = decoder.timings  # llama-bench -p 0 -n 64 times the new tokens alone: so does "after the prompt"
+            print(f"| {label} | {args.threads} | {whole:.1f} ({63 / t['decode_s']:.1f} after the prompt of "
+                  f"{t['prompt_tokens']} tokens, {t['prompt_tokens'] / t['prompt_s']:.0f} tokens/s) | - | - |",
+                  flush=True)
             del decoder, model
             continue
         run = dict(settings, **(compiled_settings("default") if compiled else {}))

@@ -316,6 +316,7 @@ def _load_op() -> str | None:
         library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
         torch.library.register_fake("upq_cpu::linear")(_linear_shape)
         _OP_KERNEL.append(compiled)
+        _OP_LIBRARY.append(library)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _log(f"the avx2 kernel's torch operator did not build ({error}): its layers call the kernel through ctypes "
              "(eager) or a Python custom op (compiled), slower per call, the same numbers")
@@ -324,6 +325,17 @@ def _load_op() -> str | None:
 
 
 _OP_KERNEL: list = []  # the kernel whose build the loaded operator holds (one operator library per process)
+_OP_LIBRARY: list = []  # that operator library, for its own copy of the kernel's switches
+
+
+def set_a8_panels(on: bool) -> None:
+    """Switch the int8 kernel's one-row panels on or off (off: its 32-output blocks, the same bits) in the ctypes
+    kernel and in the operator's copy of it; for benchmarks and tests (``UPQ_CPU_A8_PANELS=0`` at start-up)."""
+    compiled = kernel()
+    if compiled is not None:
+        compiled.a8_panels = bool(compiled.set_a8_panels(int(on)))
+    for library in _OP_LIBRARY:
+        library.upq_cpu_set_a8_panels(ctypes.c_int(int(on)))
 
 
 @torch.compiler.assume_constant_result
