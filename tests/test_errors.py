@@ -338,6 +338,40 @@ def out_is_a_file(ctx):
     return quantize(ctx, "--bits", "2", "--overwrite", OUT=ctx.out())
 
 
+def _gpt2(ctx) -> str:
+    """A tiny GPT-2 folder that speaks the bundled tokenizer (made once per module)."""
+    if "gpt2" not in ctx.shared:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from upq_hf.models import load_tokenizer
+
+        tokenizer = load_tokenizer(None)
+        folder = Path(ctx.shared["tiny"]).parent / "gpt2"
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+                        ).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        ctx.shared["gpt2"] = str(folder)
+    return ctx.shared["gpt2"]
+
+
+def generate_native_other_family(ctx):
+    folder = _gpt2(ctx)
+    return ctx.cli("generate", folder, "--prompt", "Hi", "--engine", "native", DIR=folder)
+
+
+def native_decoder_other_family(ctx):
+    from transformers import AutoModelForCausalLM
+
+    from upq_hf.native import NativeDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(_gpt2(ctx))
+    return ctx.python(lambda: NativeDecoder(model))
+
+
+def generate_no_new_tokens(ctx):
+    return ctx.cli("generate", ctx.tinytok, "--prompt", "Hi", "--max-new-tokens", "0", DIR=ctx.tinytok)
+
+
 def info_not_upq(ctx):
     return ctx.cli("info", ctx.tiny, DIR=ctx.tiny)
 
@@ -521,6 +555,9 @@ CASES: dict[str, Case] = {
     "a Hub dataset with the Hub out of reach": Case(hub_dataset_offline),
     "an existing `--out`": Case(out_exists, before_work=True),
     "`--out` is a file": Case(out_is_a_file, before_work=True),
+    "`upq generate --engine native` on a family the native decoder does not run": Case(generate_native_other_family),
+    "`NativeDecoder` on a model it does not run": Case(native_decoder_other_family),
+    "`upq generate` asked for no new tokens": Case(generate_no_new_tokens, before_work=True),
     "`upq info` on a model that is not UPQ": Case(info_not_upq, before_work=True),
     "`upq info` on a folder that does not exist": Case(info_missing, before_work=True),
     "a truncated checkpoint file (CLI)": Case(corrupt_cli, before_work=True),

@@ -85,7 +85,7 @@ def test_setup_cfg_installs_every_package_from_its_folder():
     shipped = options["options.package_data"]["upq_hf"].split()
     sources = sorted(str(p.relative_to(ROOT / "upq_hf")) for pattern in ("*.c", "*.cpp")
                      for p in (ROOT / "upq_hf").rglob(pattern))
-    assert sources == ["csrc/upq_cpu.c", "csrc/upq_op.cpp"]
+    assert sources == ["csrc/upq_cpu.c", "csrc/upq_decode.cpp", "csrc/upq_op.cpp"]
     assert all(any((ROOT / "upq_hf" / source).match(pattern) for pattern in shipped) for source in sources)
 
 
