@@ -173,3 +173,33 @@ def test_upq_generate_native_on_a_family_it_does_not_run_exits_2(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("upq: error: --engine native: native decode runs the llama") 
     assert cli.main(["generate", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "0"]) == 2
+
+
+def test_install_routes_the_calls_it_can_and_leaves_the_rest_to_transformers(monkeypatch):
+    """``install``: a one-sequence greedy ``model.generate`` call runs natively (the decoder's tokens, the same
+    as calling it directly); a batch, beams or a penalty go to transformers' generate, untouched; uninstall undoes
+    it."""
+    from upq_hf import native
+
+    model = quantized("qwen2")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    transformers_generate = model.generate
+    direct = native.NativeDecoder(model, int8_activations=False).generate(ids, max_new_tokens=6, eos_token_id=[])
+    native.install(model, int8_activations=False)
+    calls = []
+    decoder = model.generate.native_decoder
+    real = decoder.generate
+    monkeypatch.setattr(decoder, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=6)
+        assert torch.equal(got, direct) and len(calls) == 1
+        assert model.generate(input_ids=ids, max_length=12, do_sample=True, top_k=5).shape == (1, 12)
+        assert len(calls) == 2 and calls[-1]["top_k"] == 5 and calls[-1]["max_new_tokens"] == 3
+        batch = torch.cat([ids, ids])
+        assert torch.equal(model.generate(batch, max_new_tokens=3, pad_token_id=0),
+                           transformers_generate(batch, max_new_tokens=3, pad_token_id=0))
+        model.generate(ids, max_new_tokens=3, num_beams=2, pad_token_id=0)
+        model.generate(ids, max_new_tokens=3, repetition_penalty=1.2, pad_token_id=0)
+    assert len(calls) == 2
+    native.uninstall(model)
+    assert "generate" not in model.__dict__

@@ -186,12 +186,12 @@ class NativeDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, eos_token_id=None, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 streamer=None) -> torch.Tensor:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 generator: torch.Generator | None = None, streamer=None) -> torch.Tensor:
         """The prompt ``input_ids`` (shape (1, T) or (T,)) followed by up to ``max_new_tokens`` new tokens, as
         ``model.generate`` returns them for one sequence (greedy unless ``do_sample``); stops after an end token
-        (``eos_token_id``, default the model's generation config). ``streamer``: a transformers streamer (``put``,
-        ``end``)."""
+        (``eos_token_id``, default the model's generation config). Sampling: ``temperature``, then ``top_k`` (0: all)
+        and ``top_p``. ``streamer``: a transformers streamer (``put``, ``end``)."""
         ids = torch.as_tensor(input_ids).reshape(1, -1) if not torch.is_tensor(input_ids) or input_ids.dim() < 2 \
             else input_ids
         if ids.shape[0] != 1:
@@ -217,7 +217,7 @@ class NativeDecoder:
         logits = self.forward(ids[0])[-1]
         prompt_s = time.perf_counter() - started
         for step in range(max_new_tokens):
-            token = _pick(logits, do_sample, temperature, top_p, generator)
+            token = _pick(logits, do_sample, temperature, top_p, generator, top_k)
             out.append(token)
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
@@ -231,14 +231,90 @@ class NativeDecoder:
         return torch.tensor([out], dtype=ids.dtype if ids.dtype != torch.float32 else torch.long)
 
 
-def _pick(logits: torch.Tensor, sample: bool, temperature: float, top_p: float, generator) -> int:
+def _pick(logits: torch.Tensor, sample: bool, temperature: float, top_p: float, generator, top_k: int = 0) -> int:
     if not sample:
         return int(torch.argmax(logits))
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if 0 < top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+#: ``generate`` arguments the native path takes (:func:`install`); any other sends the call to transformers
+_NATIVE_ARGS = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature",
+                "top_p", "top_k", "eos_token_id", "pad_token_id", "streamer", "use_cache", "bos_token_id"}
+#: generation settings that must keep their neutral values for the native path
+_NEUTRAL = {"num_beams": (None, 1), "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0),
+            "min_new_tokens": (None, 0), "min_length": (None, 0), "no_repeat_ngram_size": (None, 0),
+            "return_dict_in_generate": (None, False), "output_scores": (None, False), "output_logits": (None, False),
+            "penalty_alpha": (None,), "guidance_scale": (None, 1.0), "num_beam_groups": (None, 1),
+            "prompt_lookup_num_tokens": (None,), "max_time": (None,), "stop_strings": (None,),
+            "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+            "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "typical_p": (None, 1.0),
+            "min_p": (None,), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
+
+
+def install(model, max_length: int | None = None, int8_activations: bool | None = None):
+    """Route ``model.generate`` through a :class:`NativeDecoder` where a call allows it: one sequence (no padding),
+    greedy or sampled (temperature, top-k, top-p), stopping at ``max_new_tokens``/``max_length`` or an end token, the
+    output ids returned as a tensor; every other call (batches, beams, penalties, logits processors, dict outputs, a
+    ``generation_config`` argument) goes to transformers' own ``generate`` unchanged. Returns ``model``; a ``ValueError``
+    says why where the model cannot run natively (:func:`native_problem`). :func:`uninstall` undoes it."""
+    decoder = NativeDecoder(model, max_length=max_length, int8_activations=int8_activations)
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        call = _native_call(model, args, kwargs)
+        if call is None:
+            return original(*args, **kwargs)
+        return decoder.generate(**call)
+
+    generate.__doc__ = original.__doc__
+    generate.native_decoder = decoder
+    model.generate = generate
+    return model
+
+
+def uninstall(model):
+    """Undo :func:`install`."""
+    if getattr(model.__dict__.get("generate"), "native_decoder", None) is not None:
+        del model.__dict__["generate"]
+    return model
+
+
+def _native_call(model, args: tuple, kwargs: dict) -> dict | None:
+    """The :meth:`NativeDecoder.generate` arguments for a ``generate`` call, or None where the call needs
+    transformers' own."""
+    if len(args) > 1 or any(key not in _NATIVE_ARGS for key in kwargs):
+        return None
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] != 1 or ids.device.type != "cpu":
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(torch.all(mask == 1)):
+        return None
+    config = getattr(model, "generation_config", None)
+
+    def setting(name, default=None):
+        value = kwargs.get(name, getattr(config, name, None))
+        return default if value is None else value
+
+    for name, neutral in _NEUTRAL.items():
+        if getattr(config, name, None) not in neutral:
+            return None
+    if getattr(config, "use_cache", True) is False or kwargs.get("use_cache", True) is False:
+        return None
+    if "max_new_tokens" in kwargs or getattr(config, "max_new_tokens", None) is not None:
+        new = setting("max_new_tokens")
+    else:
+        new = setting("max_length", 20) - ids.shape[1]
+    sample = bool(setting("do_sample", False))
+    return dict(input_ids=ids, max_new_tokens=max(int(new), 0), eos_token_id=setting("eos_token_id"),
+                do_sample=sample, temperature=float(setting("temperature", 1.0)), top_p=float(setting("top_p", 1.0)),
+                top_k=int(setting("top_k", 0)) if sample else 0, streamer=kwargs.get("streamer"))
