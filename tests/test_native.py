@@ -61,6 +61,17 @@ def test_native_logits_equal_the_models_fp32_forward(family):
     assert torch.equal(decoder.forward(ids[0], last=3), whole[-3:])
 
 
+def test_a_prompt_longer_than_one_chunk():
+    """Prompts run in calls of CHUNK rows; the second chunk's rows see the first's keys."""
+    from upq_hf.native import CHUNK, NativeDecoder
+
+    model = quantized("llama")
+    ids = torch.randint(0, 128, (1, CHUNK + 9), generator=torch.Generator().manual_seed(4))
+    expected = reference(model, ids)
+    got = NativeDecoder(model, max_length=CHUNK + 16, int8_activations=False).forward(ids[0], last=0)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
+
+
 def test_dense_and_int4_layers_run_too():
     """Layers the kernel reads (INT2, INT4 with zero points) and dense ones (an unquantized model) in one path."""
     from upq_hf.native import NativeDecoder
