@@ -96,7 +96,9 @@ def wants_int8(model) -> bool:
 class NativeDecoder:
     """One sequence's decoder for ``model`` (see the module docstring). ``max_length``: the KV cache's positions
     (default: the model's ``max_position_embeddings``, at most 4,096; :meth:`generate` makes a bigger one when a call
-    needs it). ``int8_activations``: None follows the model's backend choice (:func:`wants_int8`)."""
+    needs it). ``int8_activations``: None follows the model's backend choice (:func:`wants_int8`). The decoder holds
+    the model's tensors as they were when it was made: after changing the model (merging adapters, loading other
+    weights, moving it) make a new one."""
 
     def __init__(self, model, max_length: int | None = None, int8_activations: bool | None = None):
         problem = native_problem(model)
