@@ -276,22 +276,68 @@ def _build_op(compiled: _Kernel) -> Path:
     cxx_flags = ("-O2", "-fPIC", "-std=c++17", abi, *includes)
     link = ("-shared", *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), f"-L{torch_dir / 'lib'}", "-lc10",
             "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    key = (OP_SOURCE.read_bytes() + DECODER_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
+    key = (OP_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
            + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
     c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
 
     def build(tmp: Path) -> None:
         with tempfile.TemporaryDirectory() as work:
             kernel_o, op_o = Path(work) / "upq_cpu.o", Path(work) / "upq_op.o"
-            decoder_o = Path(work) / "upq_decode.o"
             _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
             _run_compiler([cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)])
-            _run_compiler([cxx, *cxx_flags, "-O3", "-mavx2", "-mfma", "-w",
-                           *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), "-c", str(DECODER_SOURCE),
-                           "-o", str(decoder_o)])
-            _run_compiler([cxx, str(op_o), str(decoder_o), str(kernel_o), *link, "-o", str(tmp)])
+            _run_compiler([cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)])
 
     return _cached_library("upq_op", key, build, "built the avx2 kernel's torch operator", "machine and torch version")
+
+
+def _build_decoder(compiled: _Kernel) -> Path:
+    """The native decoder (``upq_decode.cpp`` + its own copy of ``upq_cpu.c``, registered as more ``upq_cpu``
+    operators), built on first use of :mod:`upq_hf.native` only: about 25 s, once per machine and torch version."""
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    cxx = _cxx()
+    if cxx is None:
+        raise OSError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    torch_dir = Path(torch.__file__).parent
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    openmp = ("-fopenmp",) if "-fopenmp" in compiled.flags else ()
+    cxx_flags = ("-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", abi, *openmp, *includes)
+    link = ("-shared", *openmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
+    key = (DECODER_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
+           + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
+    c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory() as work:
+            kernel_o, decoder_o = Path(work) / "upq_cpu.o", Path(work) / "upq_decode.o"
+            _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
+            _run_compiler([cxx, *cxx_flags, "-w", "-c", str(DECODER_SOURCE), "-o", str(decoder_o)])
+            _run_compiler([cxx, str(decoder_o), str(kernel_o), *link, "-o", str(tmp)])
+
+    return _cached_library("upq_decode", key, build, "built the native decoder", "machine and torch version")
+
+
+@functools.lru_cache(maxsize=None)
+def load_decoder() -> str | None:
+    """Build and load the native decoder's operators (``torch.ops.upq_cpu.decoder_*``); None when they run, else
+    why not. They need the kernel's own operator loaded first (their namespace)."""
+    if not has_op():
+        return "the CPU kernel's C++ operator did not build here"
+    compiled = kernel()
+    try:
+        path = _build_decoder(compiled)
+        torch.ops.load_library(str(path))
+        library = ctypes.CDLL(str(path))  # its own copy of the kernel: the same switches
+        library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
+        library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
+        library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
+        _OP_LIBRARY.append(library)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return f"the native decoder did not build ({error})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

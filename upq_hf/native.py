@@ -49,8 +49,9 @@ def native_problem(model) -> str | None:
         return f"native decode runs SiLU MLPs, not {config.hidden_act!r}"
     if avx2.kernel() is None:
         return f"native decode needs upq_hf's CPU kernel: {avx2.unavailable_reason()}"
-    if not avx2.has_op():
-        return "native decode needs the CPU kernel's C++ operator, which did not build here (see the log above)"
+    reason = avx2.load_decoder()
+    if reason is not None:
+        return f"native decode needs its C++ operators: {reason}"
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or getattr(inner, "rotary_emb", None) is None:
