@@ -259,40 +259,10 @@ def _cxx() -> str | None:
     return _tool("CXX", ("c++", "g++", "clang++"))
 
 
-def _build_op(compiled: _Kernel) -> Path:
-    """The kernel as a torch operator (``upq_op.cpp`` + ``upq_cpu.c`` with the flags the loaded kernel was built
-    with, linked against this torch), in the cache, built now if it is not there: about 15 s, once per machine and
-    torch version."""
-    import tempfile
-
-    from torch.utils import cpp_extension
-
-    cxx = _cxx()
-    if cxx is None:
-        raise OSError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    torch_dir = Path(torch.__file__).parent
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    cxx_flags = ("-O2", "-fPIC", "-std=c++17", abi, *includes)
-    link = ("-shared", *(("-fopenmp",) if "-fopenmp" in compiled.flags else ()), f"-L{torch_dir / 'lib'}", "-lc10",
-            "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    key = (OP_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
-           + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
-    c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
-
-    def build(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory() as work:
-            kernel_o, op_o = Path(work) / "upq_cpu.o", Path(work) / "upq_op.o"
-            _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
-            _run_compiler([cxx, *cxx_flags, "-w", "-c", str(OP_SOURCE), "-o", str(op_o)])
-            _run_compiler([cxx, str(op_o), str(kernel_o), *link, "-o", str(tmp)])
-
-    return _cached_library("upq_op", key, build, "built the avx2 kernel's torch operator", "machine and torch version")
-
-
-def _build_decoder(compiled: _Kernel) -> Path:
-    """The native decoder (``upq_decode.cpp`` + its own copy of ``upq_cpu.c``, registered as more ``upq_cpu``
-    operators), built on first use of :mod:`upq_hf.native` only: about 25 s, once per machine and torch version."""
+def _build_torch_library(compiled: _Kernel, name: str, source: Path, cxx_flags: tuple[str, ...], what: str) -> Path:
+    """``source`` (C++ against torch) + its own copy of ``upq_cpu.c`` with the flags the loaded kernel was built
+    with, linked against this torch, as ``{name}-*.so`` in the cache, built now if it is not there (once per machine
+    and torch version)."""
     import tempfile
 
     from torch.utils import cpp_extension
@@ -304,20 +274,40 @@ def _build_decoder(compiled: _Kernel) -> Path:
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     openmp = ("-fopenmp",) if "-fopenmp" in compiled.flags else ()
-    cxx_flags = ("-O3", "-mavx2", "-mfma", "-fPIC", "-std=c++17", abi, *openmp, *includes)
+    cxx_flags = (*cxx_flags, "-fPIC", "-std=c++17", abi, *includes)
     link = ("-shared", *openmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    key = (DECODER_SOURCE.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
+    key = (source.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
            + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
     c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
 
     def build(tmp: Path) -> None:
         with tempfile.TemporaryDirectory() as work:
-            kernel_o, decoder_o = Path(work) / "upq_cpu.o", Path(work) / "upq_decode.o"
+            kernel_o, source_o = Path(work) / "upq_cpu.o", Path(work) / f"{source.stem}.o"
             _run_compiler([compiled.compiler, *c_flags, "-c", str(SOURCE), "-o", str(kernel_o)])
-            _run_compiler([cxx, *cxx_flags, "-w", "-c", str(DECODER_SOURCE), "-o", str(decoder_o)])
-            _run_compiler([cxx, str(decoder_o), str(kernel_o), *link, "-o", str(tmp)])
+            _run_compiler([cxx, *cxx_flags, "-w", "-c", str(source), "-o", str(source_o)])
+            _run_compiler([cxx, str(source_o), str(kernel_o), *link, "-o", str(tmp)])
 
-    return _cached_library("upq_decode", key, build, "built the native decoder", "machine and torch version")
+    return _cached_library(name, key, build, what, "machine and torch version")
+
+
+def _build_op(compiled: _Kernel) -> Path:
+    """The kernel as a torch operator (``upq_op.cpp``): about 15 s to build, once per machine and torch version."""
+    return _build_torch_library(compiled, "upq_op", OP_SOURCE, ("-O2",), "built the avx2 kernel's torch operator")
+
+
+def _build_decoder(compiled: _Kernel) -> Path:
+    """The native decoder (``upq_decode.cpp``, registered as more ``upq_cpu`` operators), built on first use of
+    :mod:`upq_hf.native` only: about 25 s, once per machine and torch version."""
+    openmp = ("-fopenmp",) if "-fopenmp" in compiled.flags else ()
+    return _build_torch_library(compiled, "upq_decode", DECODER_SOURCE, ("-O3", "-mavx2", "-mfma", *openmp),
+                                "built the native decoder")
+
+
+def _same_switches(library, compiled: _Kernel) -> None:
+    """Give a library's own copy of the kernel the loaded kernel's switches (bf16, AVX-512, int8 panels)."""
+    library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
+    library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
+    library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,9 +321,7 @@ def load_decoder() -> str | None:
         path = _build_decoder(compiled)
         torch.ops.load_library(str(path))
         library = ctypes.CDLL(str(path))  # its own copy of the kernel: the same switches
-        library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
-        library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
-        library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
+        _same_switches(library, compiled)
         _OP_LIBRARY.append(library)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"the native decoder did not build ({error})"
@@ -357,9 +345,7 @@ def _load_op() -> str | None:
         torch.ops.load_library(str(path))
         # the operator's library holds its own copy of the kernel: the same bf16 switch as the ctypes one's
         library = ctypes.CDLL(str(path))
-        library.upq_cpu_set_bf16(ctypes.c_int(int(compiled.bf16)))
-        library.upq_cpu_set_avx512(ctypes.c_int(int(compiled.avx512)))
-        library.upq_cpu_set_a8_panels(ctypes.c_int(int(compiled.a8_panels)))
+        _same_switches(library, compiled)
         torch.library.register_fake("upq_cpu::linear")(_linear_shape)
         _OP_KERNEL.append(compiled)
         _OP_LIBRARY.append(library)
