@@ -32,11 +32,11 @@ import sys
 import time
 
 # spelled out in full, so that a variant means the same whatever upq's defaults become
-VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}},
-            "no-int4": {"ptq": {"int4_epochs": 0}},
-            "dense-target": {"ptq": {"int4_epochs": 1, "int2_target": "dense"}},
+VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotation": None},
+            "no-int4": {"ptq": {"int4_epochs": 0}, "rotation": None},
+            "dense-target": {"ptq": {"int4_epochs": 1, "int2_target": "dense"}, "rotation": None},
             "more-data": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
-                          "distill": {"samples": 320, "steps": 60}},
+                          "distill": {"samples": 320, "steps": 60}, "rotation": None},
             "rotated": {"ptq": {"int4_epochs": 0}, "rotation": "hadamard"},
             "more-data-rotated": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
                                   "distill": {"samples": 320, "steps": 60}, "rotation": "hadamard"}}

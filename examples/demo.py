@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--mix", default="auto", choices=["auto", *MIXES, "none"],
                         help="a named mixed-precision preset (UPQConfig.mix); auto, as `upq quantize`: kv4 for upq "
                              "at INT2")
+    parser.add_argument("--rotation", default="auto", choices=["auto", "hadamard", "none"],
+                        help="the residual stream turned by a Hadamard matrix fused into the weights "
+                             "(UPQConfig.rotation); auto, as `upq quantize`: for upq at INT2")
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -79,7 +82,8 @@ def main() -> int:
               "took 1.7-2.5x as long as with it in our runs (24-35 minutes against 14; docs/BENCHMARKS.md)", file=sys.stderr)
     student = load_model(source, dtype="float32")
     config = UPQConfig(bits=args.bits, group_size=args.group_size, recipe=args.recipe,
-                       mix=None if args.mix == "none" else args.mix, **budget(args.budget, args.recipe))
+                       mix=None if args.mix == "none" else args.mix,
+                       rotation=None if args.rotation == "none" else args.rotation, **budget(args.budget, args.recipe))
     upq_hf.quantize_model(student, config, tokenizer=tokenizer)
     for param in student.parameters():
         param.data = param.data.to(torch.bfloat16)

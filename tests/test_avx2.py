@@ -390,6 +390,23 @@ def test_no_cpp_compiler_means_no_operator_and_nothing_half_made(monkeypatch, tm
 AVX512 = {"avx512f", "avx512bw"} <= (cpu_flags() or set())  # what the AVX-512 one-row kernel needs
 
 
+def one_row_on_and_off(switch: str, module, x, bits, group_size, in_features, int8_activations):
+    """One-row kernel calls on ``x`` with the loaded kernel's ``switch`` (``"avx512"``, ``"a8_panels"``) on (its
+    default, checked) and off: the two outputs. The switch is back on afterwards."""
+    compiled = avx2.kernel()
+    assert getattr(compiled, switch)
+    args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach(), bits,
+            group_size or in_features, in_features, int8_activations)
+    flip = getattr(compiled, f"set_{switch}")
+    try:
+        on = avx2._run(*args)
+        assert not flip(0)
+        off = avx2._run(*args)
+    finally:
+        flip(1)
+    return on, off
+
+
 @pytest.mark.skipif(not (avx2.available() and AVX512),
                     reason="the AVX-512 one-row kernel needs a CPU with AVX512F/BW")
 @pytest.mark.parametrize("bits,group_size,in_features,out_features", [
@@ -399,18 +416,9 @@ def test_the_avx512_one_row_kernel_is_the_avx2_one_bit_for_bit(monkeypatch, bits
                                                                out_features, dtype):
     """One-row calls on AVX512F/BW CPUs take 16-lane vectors with each output's operations in the AVX2 kernel's
     order: the same bits (output counts that are not a multiple of the 32-output block included)."""
-    compiled = avx2.kernel()
-    assert compiled.avx512  # on by default where the CPU has it
     module = layer(bits, group_size, in_features, out_features)
     x = torch.randn(1, in_features).to(dtype)
-    args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach(), bits,
-            group_size or in_features, in_features, False)
-    try:
-        wide = avx2._run(*args)
-        assert not compiled.set_avx512(0)
-        narrow = avx2._run(*args)
-    finally:
-        compiled.set_avx512(1)
+    wide, narrow = one_row_on_and_off("avx512", module, x, bits, group_size, in_features, False)  # on by default
     assert torch.equal(wide, narrow)
     exact, bound = exact_and_bound(module, x, dtype)
     assert ((wide.double() - exact).abs() <= bound).all()
@@ -448,18 +456,9 @@ def test_the_int8_one_row_panels_are_the_blocks_bit_for_bit(bits, group_size, in
     """One-row int8 calls read panels of 128 outputs with prefetch (a 1B model's decode: 1.7x faster); each output
     sees the 32-output blocks' operations in their order, so the results are the same bits, outputs past the last
     panel and past the last block included."""
-    compiled = avx2.kernel()
-    assert compiled.a8_panels  # on by default
     module = layer(bits, group_size, in_features, out_features)
     x = torch.randn(1, in_features).to(dtype)
-    args = (x, module.weight, module.weight_scale, module.weight_zero, module.bias.detach(), bits,
-            group_size or in_features, in_features, True)
-    try:
-        panels = avx2._run(*args)
-        assert not compiled.set_a8_panels(0)
-        blocks = avx2._run(*args)
-    finally:
-        compiled.set_a8_panels(1)
+    panels, blocks = one_row_on_and_off("a8_panels", module, x, bits, group_size, in_features, True)  # on by default
     assert torch.equal(panels, blocks)
     reference = torch.nn.functional.linear(x.double(), module.dequantize(torch.float64), module.bias.double())
     assert (panels.double() - reference).abs().max() < 0.05 * reference.abs().max()

@@ -83,9 +83,9 @@ def test_setup_cfg_installs_every_package_from_its_folder():
     assert sorted(packages) == sorted(found) == ["upq_hf", "upq_hf.data", "upq_hf.evaluation", "upq_kernels"]
     # the C and C++ sources the avx2 backend compiles at first use ship with the package
     shipped = options["options.package_data"]["upq_hf"].split()
-    sources = sorted(str(p.relative_to(ROOT / "upq_hf")) for pattern in ("*.c", "*.cpp")
+    sources = sorted(str(p.relative_to(ROOT / "upq_hf")) for pattern in ("*.c", "*.cpp", "*.h")
                      for p in (ROOT / "upq_hf").rglob(pattern))
-    assert sources == ["csrc/upq_cpu.c", "csrc/upq_decode.cpp", "csrc/upq_op.cpp"]
+    assert sources == ["csrc/upq_cpu.c", "csrc/upq_cpu.h", "csrc/upq_decode.cpp", "csrc/upq_op.cpp"]
     assert all(any((ROOT / "upq_hf" / source).match(pattern) for pattern in shipped) for source in sources)
 
 

@@ -27,7 +27,8 @@ TEXTS = [f"Item {i}: the {w} of the {v} is {i * 7 % 13} units; it changes every 
 
 
 def config(dataset=TEXTS, **kw):
-    values = dict(bits=2, recipe="upq", group_size=32, int4_group_size=32,
+    # unrotated: the in-memory path would turn the residual stream under rotation="auto", a streamed run cannot
+    values = dict(bits=2, recipe="upq", group_size=32, int4_group_size=32, rotation=None,
                   data={"dataset": dataset, "calibration_samples": 8, "calibration_seqlen": 32, "prompts": 2},
                   ptq={"steps": 3}, distill={"steps": 2, "batch_size": 2, "seqlen": 32, "samples": 4})
     values.update(kw)
@@ -229,7 +230,7 @@ def test_sources_that_cannot_stream_say_why(tmp_path, tokenizer):
 
 def test_cli_streamed_and_in_memory_write_the_same_checkpoint_and_report(tiny_dir, tmp_path):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"group_size": 32, "int4_group_size": 32, "mix": None,
+    cfg.write_text(json.dumps({"group_size": 32, "int4_group_size": 32, "mix": None, "rotation": None,
                                "data": {"dataset": TEXTS, "calibration_samples": 8, "calibration_seqlen": 32},
                                "ptq": {"steps": 2}, "distill": {"steps": 1, "batch_size": 2, "seqlen": 32,
                                                                 "samples": 2}}))

@@ -70,6 +70,7 @@ from .machine import cpu_flags
 SOURCE = Path(__file__).with_name("csrc") / "upq_cpu.c"
 OP_SOURCE = SOURCE.with_name("upq_op.cpp")  # the kernel as a torch operator (what the layers call)
 DECODER_SOURCE = SOURCE.with_name("upq_decode.cpp")  # a whole decoder stack in C++ (upq_hf/native.py)
+HEADER = SOURCE.with_name("upq_cpu.h")  # the kernel's entry points, included by all three
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 BF16_FLAGS = ("-DUPQ_BF16",)  # the AVX512-BF16 several-rows kernel, where the compiler knows the instructions
 ABI = 5
@@ -145,7 +146,8 @@ def _cached_library(name: str, key: bytes, build, what: str, per: str = "machine
 def _build(compiler: str, openmp: bool, bf16: bool) -> Path:
     """The compiled kernel library in the cache, compiled now if it is not there."""
     flags = _flags(openmp, bf16)
-    return _cached_library("upq_cpu", SOURCE.read_bytes() + repr(flags).encode() + _compiler_version(compiler).encode(),
+    return _cached_library("upq_cpu", SOURCE.read_bytes() + HEADER.read_bytes() + repr(flags).encode()
+                           + _compiler_version(compiler).encode(),
                            lambda tmp: _run_compiler([compiler, *flags, "-o", str(tmp), str(SOURCE)]),
                            "compiled the avx2 CPU kernel")
 
@@ -276,8 +278,9 @@ def _build_torch_library(compiled: _Kernel, name: str, source: Path, cxx_flags: 
     openmp = ("-fopenmp",) if "-fopenmp" in compiled.flags else ()
     cxx_flags = (*cxx_flags, "-fPIC", "-std=c++17", abi, *includes)
     link = ("-shared", *openmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    key = (source.read_bytes() + SOURCE.read_bytes() + repr((compiled.flags, cxx_flags, link)).encode()
-           + torch.__version__.encode() + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
+    key = (source.read_bytes() + SOURCE.read_bytes() + HEADER.read_bytes()
+           + repr((compiled.flags, cxx_flags, link)).encode() + torch.__version__.encode()
+           + _compiler_version(compiled.compiler).encode() + _compiler_version(cxx).encode())
     c_flags = tuple(flag for flag in compiled.flags if flag != "-shared")
 
     def build(tmp: Path) -> None:

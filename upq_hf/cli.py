@@ -97,6 +97,8 @@ def build_config(args):
         flags["group_size"] = args.group_size
     if args.mix is not _UNSET:
         flags["mix"] = None if args.mix == "none" else args.mix
+    if args.rotation is not _UNSET:
+        flags["rotation"] = None if args.rotation == "none" else args.rotation
     if args.module_bits:
         flags["module_bits"] = dict(args.module_bits)
     values = budget(args.budget, flags.get("recipe", from_file.get("recipe", "rtn")))
@@ -348,6 +350,7 @@ def one_line(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
     from .config import MIXES
+    from .rotation import ROTATIONS
     from .stages import BUDGETS
 
     parser = _Parser(prog="upq", description="Unified Progressive Quantization for transformers")
@@ -367,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mix", default=_UNSET, choices=["auto", *MIXES, "none"],
                    help="mixed precision: auto (the default) is kv4 for --recipe upq at --bits 2 and none otherwise; "
                         + "; ".join(f"{name}: {text}" for name, text in MIXES.items()))
+    q.add_argument("--rotation", default=_UNSET, choices=["auto", *ROTATIONS, "none"],
+                   help="turn the residual stream by a Hadamard matrix fused into the weights before quantizing: auto "
+                        "(the default) where --recipe upq at --bits 2 on a model that rotates in memory, none "
+                        "otherwise")
     q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
                    help="per-module format by name pattern (a regular expression; repeatable, the first match "
                         "wins, before the mix's): --module-bits 'k_proj=4' --module-bits 'down_proj=4:32'")

@@ -133,7 +133,7 @@ def stream_problem(source: str, config=None) -> str | None:
     """Why the checkpoint at ``source`` cannot be streamed block by block, or None where it can: a local folder
     (or a Hub id in the local cache) of safetensors files holding every parameter of the model under its own
     name and shape (what transformers loads without converting), decoder blocks of plain linear layers."""
-    if config is not None and getattr(config, "rotation", None):
+    if config is not None and getattr(config, "rotation", None) not in (None, "auto"):  # "auto" streams unrotated
         return "a rotation of the residual stream (UPQConfig.rotation) is fused into the whole model at once"
     folder = _local_folder(source)
     if folder is None:

@@ -203,11 +203,14 @@ def apply_recipe(model: nn.Module, config, run: Run | None = None) -> nn.Module:
     check_device(run.device, f"quantize_model(device={str(run.device)!r})", "use device='cpu' or leave it unset")
     config.check_backend()
     was_training = model.training
-    if getattr(config, "rotation", None):
-        from .rotation import rotate_residual
+    from .rotation import resolve, rotate_residual
 
+    rotation, declined = resolve(model, config)
+    if declined:
+        _log(f"rotation auto: the residual stream stays unrotated ({declined})")
+    if rotation:
         rotate_residual(model, seed=config.seed)
-        _log(f"rotated the residual stream ({config.rotation}, seed {config.seed}) into the weights")
+        _log(f"rotated the residual stream ({rotation}, seed {config.seed}) into the weights")
     recipe.apply(model, config, run)
     convert.check_quantized(model, config)
     return model.train(was_training)  # training recipes leave the model in training mode (dropout on)
@@ -284,6 +287,7 @@ INT4_STATE = "int4_stage.safetensors"
 def _int4_fingerprint(config) -> str:
     """What the INT4 stage's result depends on (besides the model): a restart takes a kept state only if equal."""
     return json.dumps({"int4_group_size": config.int4_group_size, "scale_dtype": config.scale_dtype,
+                       "rotation": config.rotation,
                        "modules_to_not_convert": config.modules_to_not_convert, "seed": config.seed,
                        "rtn": dataclasses.asdict(config.rtn), "ptq": dataclasses.asdict(config.ptq),
                        "data": config.stages_dict()["data"]}, sort_keys=True)

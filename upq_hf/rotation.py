@@ -112,6 +112,17 @@ def rotation_problem(model: nn.Module) -> str | None:
     return None
 
 
+def resolve(model: nn.Module, config) -> tuple[str | None, str | None]:
+    """``config.rotation`` for ``model``: ``"auto"`` becomes ``"hadamard"`` where :func:`rotation_problem` finds
+    none, else None; the config is updated (what the checkpoint saves says what was done). Returns the rotation
+    and, where ``"auto"`` declined, why."""
+    if getattr(config, "rotation", None) != "auto":
+        return getattr(config, "rotation", None), None
+    problem = rotation_problem(model)
+    config.rotation = None if problem else ROTATIONS[0]
+    return config.rotation, problem
+
+
 @torch.no_grad()
 def rotate_residual(model: nn.Module, seed: int = 0) -> torch.Tensor:
     """Fuse a rotation of the residual stream into ``model``'s weights in place (see the module doc): the same

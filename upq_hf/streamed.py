@@ -70,14 +70,16 @@ def choose(source: str, config, device, stream: str = "auto") -> tuple[bool, str
     problem = offload.stream_problem(source, config)
     if problem:
         return False, f"in-memory path: the model cannot be streamed from disk ({problem})"
+    unrotated = "; unrotated (rotation auto: a rotation needs the whole model in memory)" \
+        if config.rotation == "auto" else ""
     if stream == "on":
-        return True, "streaming the model block by block from disk (--stream on)"
+        return True, f"streaming the model block by block from disk (--stream on){unrotated}"
     index = offload.SafetensorsIndex.of_folder(offload._local_folder(source))
     need = IN_MEMORY_FACTOR * index.nbytes * 2 / index.dtype().itemsize
     have = _available_bytes(torch.device(device or "cpu"))
     if need > 0.8 * have:
         return True, (f"streaming the model block by block from disk: the in-memory path needs about "
-                      f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available")
+                      f"{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB is available{unrotated}")
     return False, (f"in-memory path (about {need / 2**30:.1f} GiB of the {have / 2**30:.1f} GiB available; "
                    f"faster; --stream on streams anyway)")
 
@@ -97,6 +99,8 @@ def quantize_streamed(source: str, config, run: Run | None = None) -> tuple[nn.M
     problem = offload.stream_problem(source, config)
     if problem:
         raise ValueError(f"{source} cannot be streamed: {problem}")
+    if config.rotation == "auto":  # a rotation turns the whole model at once: a streamed one stays unrotated
+        config.rotation = None
     # the teacher computes where the work runs, a block at a time; the student's blocks wait on the CPU (block-wise
     # PTQ moves each to the device in turn, the trainer the packed model)
     device = torch.device(run.device or "cpu")

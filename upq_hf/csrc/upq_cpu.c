@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "upq_cpu.h"
+
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
 #define NV 4             // AVX2 vectors of outputs per block of the one-row kernel

@@ -27,26 +27,11 @@
 #include <optional>
 #include <vector>
 
-extern "C" {
-int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
-               const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype, void *y,
-               int y_dtype, int threads);
-int upq_linear_a8(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
-                  const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype, void *y,
-                  int y_dtype, int threads);
-}
+#include "upq_cpu.h"
 
 namespace {
 
-int dtype_code(const at::Tensor &t) {
-    switch (t.scalar_type()) {
-        case at::kFloat: return 0;
-        case at::kBFloat16: return 1;
-        case at::kHalf: return 2;
-        default: TORCH_CHECK(false, "upq_cpu::decoder: float32, bfloat16 or float16 tensors, got ", t.scalar_type());
-    }
-    return -1;
-}
+int dtype_code(const at::Tensor &t) { return upq_cpu::dtype_code(t, "upq_cpu::decoder"); }
 
 // One linear layer: packed UPQ codes (the kernel's layout), or a dense fp32 weight (N, K).
 struct Linear {
