@@ -220,10 +220,10 @@ def test_upq_restart_starts_int2_from_the_same_latent_weights(tokenizer, tmp_pat
         assert torch.equal(first[name].weight_scale, second[name].weight_scale), name
 
 
-def test_upq_by_default_rotates_and_says_so(tokenizer, tmp_path, capsys):
-    """The default ``upq`` run (``rotation="auto"``) turns a Llama's residual stream: the saved config and the model
-    card say so, the head is untied, and the checkpoint reloads to the same logits."""
-    config = small("upq")
+def test_upq_with_rotation_auto_rotates_and_says_so(tokenizer, tmp_path, capsys):
+    """``upq`` with ``rotation="auto"`` turns a Llama's residual stream: the saved config and the model card say so,
+    the head is untied, and the checkpoint reloads to the same logits."""
+    config = small("upq", rotation="auto")
     assert config.rotation == "auto"
     model = model_for(tokenizer)
     upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False)
@@ -231,7 +231,7 @@ def test_upq_by_default_rotates_and_says_so(tokenizer, tmp_path, capsys):
     assert "[upq] rotated the residual stream (hadamard, seed 0)" in capsys.readouterr().err
     model.save_pretrained(tmp_path / "q")
     card = (tmp_path / "q" / "README.md").read_text()
-    assert "rotation: hadamard" in card and "turned by a hadamard rotation" in card
+    assert 'rotation: "hadamard"' in card and "turned by a hadamard rotation" in card
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert reloaded.config.quantization_config.rotation == "hadamard"
     ids = torch.randint(0, len(tokenizer), (1, 7))

@@ -99,30 +99,31 @@ def test_rotation_setting_is_checked_and_never_streams(tiny_llama_dir):
 
 
 def test_rotation_auto_turns_upq_at_int2_where_the_model_and_the_path_allow(tiny_llama_dir):
-    """``rotation="auto"`` (the default): the Hadamard turn for recipe upq at INT2 on the default grid where the
-    model can be rotated and is quantized in memory; None for other recipes, bits and grids, for families that
-    cannot rotate (with the reason) and for a streamed run; a saved config.json without the key reads as None."""
+    """``rotation="auto"``: the Hadamard turn for recipe upq at INT2 on the default grid where the model can be
+    rotated and is quantized in memory; None for other recipes, bits and grids, for families that cannot rotate
+    (with the reason) and for a streamed run. The default is None; a saved config.json without the key reads as
+    None."""
     from upq_hf import UPQConfig, offload, streamed
 
-    assert UPQConfig(bits=2, recipe="upq").rotation == "auto"
+    assert UPQConfig(bits=2, recipe="upq").rotation is None
+    assert UPQConfig(bits=2, recipe="upq", rotation="auto").rotation == "auto"
     for other in (dict(bits=2, recipe="rtn"), dict(bits=4, recipe="ptq"), dict(bits=2, recipe="distill"),
                   dict(bits=2, recipe="upq", group_size=16, mix=None, scale_grid="q2_k")):
-        assert UPQConfig(**other).rotation is None, other
-    assert UPQConfig(bits=2, recipe="upq", rotation=None).rotation is None
+        assert UPQConfig(rotation="auto", **other).rotation is None, other
     assert UPQConfig.from_dict({"quant_method": "upq", "bits": 2, "recipe": "upq"}).rotation is None
     assert UPQConfig.from_dict({"quant_method": "upq", "bits": 2, "recipe": "upq", "rotation": "hadamard"}).rotation \
         == "hadamard"
 
     llama, gpt2 = (build(next(f for f in FAMILIES if f.name == name)) for name in ("Llama", "GPT-2"))
-    config = UPQConfig(bits=2, recipe="upq")
+    config = UPQConfig(bits=2, recipe="upq", rotation="auto")
     assert rotation.resolve(llama, config) == ("hadamard", None) and config.rotation == "hadamard"
-    config = UPQConfig(bits=2, recipe="upq")
+    config = UPQConfig(bits=2, recipe="upq", rotation="auto")
     turned, why = rotation.resolve(gpt2, config)
     assert turned is None and config.rotation is None and "not a decoder" in why
     assert rotation.resolve(gpt2, UPQConfig(bits=2, recipe="upq", rotation=None)) == (None, None)
 
-    assert offload.stream_problem(tiny_llama_dir, UPQConfig(bits=2, recipe="upq")) is None
-    on, why = streamed.choose(tiny_llama_dir, UPQConfig(bits=2, recipe="upq"), "cpu", "on")
+    assert offload.stream_problem(tiny_llama_dir, UPQConfig(bits=2, recipe="upq", rotation="auto")) is None
+    on, why = streamed.choose(tiny_llama_dir, UPQConfig(bits=2, recipe="upq", rotation="auto"), "cpu", "on")
     assert on and "unrotated (rotation auto" in why
     on, why = streamed.choose(tiny_llama_dir, UPQConfig(bits=2, recipe="upq", rotation=None), "cpu", "on")
     assert on and "unrotated" not in why
@@ -130,8 +131,10 @@ def test_rotation_auto_turns_upq_at_int2_where_the_model_and_the_path_allow(tiny
 
 
 @pytest.mark.parametrize("argv, turned", [
-    (["--bits", "2", "--recipe", "upq"], "auto"),  # resolved per model when quantizing
+    (["--bits", "2", "--recipe", "upq"], None),  # the default, until the rotation's time term is settled
+    (["--bits", "2", "--recipe", "upq", "--rotation", "auto"], "auto"),  # resolved per model when quantizing
     (["--bits", "2", "--recipe", "upq", "--rotation", "none"], None),
+    (["--bits", "2", "--recipe", "rtn", "--rotation", "auto"], None),
     (["--bits", "2", "--recipe", "upq", "--rotation", "hadamard"], "hadamard"),
     (["--bits", "2", "--recipe", "ptq"], None),
     (["--bits", "2", "--recipe", "ptq", "--rotation", "hadamard"], "hadamard"),  # asked for: any recipe takes it
