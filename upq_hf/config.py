@@ -246,9 +246,9 @@ class UPQConfig(QuantizationConfigMixin):
         return super().from_dict({**config_dict, "_reading": True}, return_unused_kwargs, **kwargs)
 
     @property
-    def rotates_by_default(self) -> bool:
-        """Whether ``rotation="auto"`` turns this recipe's residual stream (when the model allows it): ``upq`` at
-        INT2 on the default scale grid, the setting it was measured ahead in."""
+    def auto_applies(self) -> bool:
+        """Whether the ``"auto"`` settings (``mix``, ``rotation``) take effect: recipe ``upq`` at INT2 on the
+        default scale grid, the setting they were measured ahead in."""
         return self.recipe == "upq" and self.bits == 2 and self.scale_grid is None
 
     @property
@@ -286,11 +286,11 @@ class UPQConfig(QuantizationConfigMixin):
         if self.rotation is not None and self.rotation not in (*ROTATIONS, "auto"):
             raise ValueError(f"UPQConfig: rotation must be one of {list(ROTATIONS)}, 'auto' or None, got "
                              f"{self.rotation!r}")
-        if self.rotation == "auto" and not self.rotates_by_default:
+        if self.rotation == "auto" and not self.auto_applies:
             self.rotation = None
         self._check_module_bits()
         if self.mix == "auto":
-            self.mix = AUTO_MIX if self.recipe == "upq" and self.bits == 2 and self.scale_grid is None else None
+            self.mix = AUTO_MIX if self.auto_applies else None
         if self.scale_grid is not None:
             if self.scale_grid not in SCALE_GRIDS:
                 raise ValueError(f"UPQConfig: scale_grid must be one of {list(SCALE_GRIDS)} or None, got "
