@@ -136,8 +136,8 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if mixed:
         meta.append("  layer_formats:")
         meta += [f"    - {{bits: {b}, group_size: {_yaml_value(g)}, layers: {n}}}" for b, g, n in formats]
-    rotation = config.get("rotation")
-    if rotation and rotation != "auto":
+    rotation = config.get("rotation") if config.get("rotation") != "auto" else None  # "auto": resolved when quantized
+    if rotation:
         meta.append(f"  rotation: {_yaml_value(rotation)}")
     if dataset is not None:
         meta.append(f"  dataset: {_yaml_value(str(dataset))}")
@@ -174,7 +174,7 @@ def model_card(config: dict, base_model: str | None = None, report: dict | None 
     if layers:
         lines.append(f"| bits per weight (average: codes + scales{' + zeros' if 4 in widths else ''}) | "
                      f"{layers['bits_per_weight']:.3f} |")
-    if rotation and rotation != "auto":
+    if rotation:
         lines.append(f"| residual stream | turned by a {rotation} rotation fused into the weights (nothing to undo at "
                      f"inference; the head is untied) |")
     if dataset is not None:

@@ -9,7 +9,7 @@
 extern "C" {
 #endif
 
-// y[M, N] = x[M, K] @ W^T (+ bias), W read from UPQ's packed codes and scales; dtypes as upq_cpu_dtype below.
+// y[M, N] = x[M, K] @ W^T (+ bias), W read from UPQ's packed codes and scales; dtypes as upq_cpu::dtype_code below.
 // 0 on success, nonzero for arguments the kernel does not take (upq_cpu.c says which).
 int upq_linear(const void *x, int x_dtype, int M, int K, const int32_t *codes, int N, int bits, int group,
                const void *scale, const void *zero, int scale_dtype, const void *bias, int bias_dtype, void *y,
