@@ -12,12 +12,17 @@ that a variant means the same whatever upq's defaults become):
 - ``more-data``: ``no-int4`` with every built-in prompt answered (331), 2.5x the distinct distillation sequences
   (320) and twice the steps (60);
 - ``rotated``: ``no-int4`` with the residual stream turned by a random-sign Hadamard first (``rotation="hadamard"``);
-  its rule asks for larger margins (``MARGINS``).
+  its rule asks for larger margins (``MARGINS``); ``more-data-rotated``: ``more-data`` turned the same way (upq's
+  default since 2026-12-07);
+- ``warmup20``, ``scale-lr-half``: ``more-data-rotated`` with the distillation's learning rates warming up over 20%
+  of the steps instead of 5%, or with half its scale learning rate (0.005): the same time, one schedule each.
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
-verdict of the rule (``RULE`` below) against ``--baseline``. Checkpoints and scores are kept under ``--out`` and
-reused on a rerun (the runs of 2026-12-06 are in ``out/int4-stage``; this script was ``bench_int4_stage.py``).
+verdict of the rule (``RULE`` below) against ``--baseline``. ``--backends torch`` scores the torch
+backend alone (two rounding variants, a third of the time). ``--quantize-with SCRIPT`` makes the checkpoints with
+another entry point taking ``upq quantize``'s arguments (e.g. a probe that keeps the INT2 reconstruction per seed, so
+that variants of the distillation share it). Checkpoints and scores are kept under ``--out`` and reused on a rerun (the runs of 2026-12-06 are in ``out/int4-stage``; this script was ``bench_int4_stage.py``).
 
     python examples/bench_variants.py --variants no-int4,dense-target --seeds 0,1 --split validation --out out/int4-stage
 """
@@ -39,7 +44,12 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
                           "distill": {"samples": 320, "steps": 60}, "rotation": None},
             "rotated": {"ptq": {"int4_epochs": 0}, "rotation": "hadamard"},
             "more-data-rotated": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
-                                  "distill": {"samples": 320, "steps": 60}, "rotation": "hadamard"}}
+                                  "distill": {"samples": 320, "steps": 60}, "rotation": "hadamard"},
+            "warmup20": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
+                         "distill": {"samples": 320, "steps": 60, "warmup": 0.2}, "rotation": "hadamard"},
+            "scale-lr-half": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
+                              "distill": {"samples": 320, "steps": 60, "scale_learning_rate": 0.005},
+                              "rotation": "hadamard"}}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
@@ -51,6 +61,9 @@ RULE = ("A variant replaces the baseline if, averaged over the seeds and the six
         "within 30 minutes at two threads, timed on its own; rotated needs 0.01 and 0.05, and two seeds that agree.)")
 
 
+ALL_BACKENDS = "torch,avx2,a8"
+
+
 def _run(command: list[str], log: str) -> float:
     started = time.time()
     with open(log, "w") as handle:
@@ -60,7 +73,7 @@ def _run(command: list[str], log: str) -> float:
     return time.time() - started
 
 
-def checkpoint(out: str, variant: str, seed: int) -> tuple[str, float | None]:
+def checkpoint(out: str, variant: str, seed: int, quantize_with: str | None = None) -> tuple[str, float | None]:
     """The variant's checkpoint for ``seed`` (made once) and the seconds it took (None: made by an earlier run)."""
     path = os.path.join(out, f"{variant}-s{seed}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -68,20 +81,24 @@ def checkpoint(out: str, variant: str, seed: int) -> tuple[str, float | None]:
     config = os.path.join(out, f"{variant}.json")
     with open(config, "w") as handle:
         json.dump(VARIANTS[variant], handle)
-    seconds = _run([sys.executable, "-m", "upq_hf.cli", "quantize", "--bits", "2", "--recipe", "upq", "--seed",
+    entry = [quantize_with] if quantize_with else ["-m", "upq_hf.cli"]
+    seconds = _run([sys.executable, *entry, "quantize", "--bits", "2", "--recipe", "upq", "--seed",
                     str(seed), "--config", config, "--stream", "off", "--out", path, "--overwrite"], f"{path}.log")
     return path, seconds
 
 
-def scores(path: str, split: str, dtype: str) -> list[dict]:
-    """bench_backends' rows for the checkpoint (computed once)."""
-    target = f"{path}.{split}.{dtype}.json"
+def scores(path: str, split: str, dtype: str, backends: str = ALL_BACKENDS) -> list[dict]:
+    """bench_backends' rows for the checkpoint on ``backends`` (computed once; a scoring of every backend serves
+    a narrower request)."""
+    wanted = backends.split(",")
+    full = f"{path}.{split}.{dtype}.json"
+    target = full if backends == ALL_BACKENDS or os.path.isfile(full) else f"{path}.{split}.{dtype}.{backends}.json"
     if not os.path.isfile(target):
         here = os.path.dirname(os.path.abspath(__file__))
         _run([sys.executable, os.path.join(here, "bench_backends.py"), path, "--split", split, "--dtype", dtype,
-              "--json", target], f"{target}.log")
+              "--backends", backends, "--json", target], f"{target}.log")
     with open(target) as handle:
-        return json.load(handle)["rows"]
+        return [row for row in json.load(handle)["rows"] if row["backend"] in wanted]
 
 
 def main() -> int:
@@ -91,6 +108,10 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--split", default="validation", choices=["validation", "report"])
     parser.add_argument("--out", default="out/variants")
+    parser.add_argument("--backends", default=ALL_BACKENDS,
+                        help="the backends each checkpoint is scored on, in bf16 and fp32 (default: all three)")
+    parser.add_argument("--quantize-with", default=None, metavar="SCRIPT",
+                        help="a script taking `upq quantize`'s arguments, run instead of `python -m upq_hf.cli`")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -100,14 +121,15 @@ def main() -> int:
             raise SystemExit(f"unknown variant {variant!r}: one of {list(VARIANTS)}")
         per_seed = []
         for seed in seeds:
-            path, seconds = checkpoint(args.out, variant, seed)
-            rows = [row for dtype in ("bfloat16", "float32") for row in scores(path, args.split, dtype)]
+            path, seconds = checkpoint(args.out, variant, seed, args.quantize_with)
+            rows = [row for dtype in ("bfloat16", "float32") for row in scores(path, args.split, dtype, args.backends)]
             per_seed.append(dict(seed=seed, seconds=seconds, top1=sum(r["top1"] for r in rows) / len(rows),
                                  kl=sum(r["kl"] for r in rows) / len(rows),
                                  on_topic=sum(r["on_topic"] for r in rows) / len(rows), prompts=len(rows[0]["answers"])))
             print(json.dumps({"variant": variant, **per_seed[-1]}), flush=True)
         results[variant] = per_seed
-    print(f"\n{args.split} split, seeds {seeds}, six rounding variants each (bf16/fp32 x torch/avx2/a8)\n")
+    print(f"\n{args.split} split, seeds {seeds}, {2 * len(args.backends.split(','))} rounding variants each "
+          f"(bf16/fp32 x {args.backends.replace(',', '/')})\n")
     print("| variant | top-1 per seed | KL per seed | on topic per seed | mean top-1 | mean KL | mean on topic | "
           "minutes per run |\n|---|---|---|---|---:|---:|---:|---:|")
     means = {}

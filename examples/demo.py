@@ -60,9 +60,10 @@ def main() -> int:
     parser.add_argument("--mix", default="auto", choices=["auto", *MIXES, "none"],
                         help="a named mixed-precision preset (UPQConfig.mix); auto, as `upq quantize`: kv4 for upq "
                              "at INT2")
-    parser.add_argument("--rotation", default="none", choices=["auto", "hadamard", "none"],
+    parser.add_argument("--rotation", default="auto", choices=["auto", "hadamard", "none"],
                         help="the residual stream turned by a Hadamard matrix fused into the weights "
-                             "(UPQConfig.rotation); none (the default, as `upq quantize`), or auto: for upq at INT2")
+                             "(UPQConfig.rotation); auto (the default, as `upq quantize`): for upq at INT2; none: "
+                             "unrotated")
     parser.add_argument("--out", default="out/demo-int2")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts for the fidelity report")
     parser.add_argument("--max-new-tokens", type=int, default=48)

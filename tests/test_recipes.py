@@ -89,15 +89,16 @@ def test_upq_keeps_int4_and_restarts_from_it(tokenizer, tmp_path, monkeypatch):
 
 def test_upq_without_its_int4_stage_is_ptq_then_the_same_distillation(tokenizer):
     """``int4_epochs=0``: block-wise PTQ from the unquantized weights, then the scales distilled: recipe ``ptq``
-    with E2E-QP at the distillation's steps and rate computes the same model."""
+    with E2E-QP at the distillation's steps and rate computes the same model (both turned: upq's default
+    ``rotation="auto"`` rotates this Llama, ``ptq`` is asked for the same rotation)."""
     torch.manual_seed(0)
     no_int4 = model_for(tokenizer)
     pair = AutoModelForCausalLM.from_config(no_int4.config)
     pair.load_state_dict(no_int4.state_dict())
     upq_hf.quantize_model(no_int4, small("upq", ptq={"int4_epochs": 0}), tokenizer=tokenizer, progress=False)
     distill = small("upq").distill
-    upq_hf.quantize_model(pair, small("ptq", e2e_qp={"steps": distill.steps,
-                                                     "learning_rate": distill.scale_learning_rate}),
+    upq_hf.quantize_model(pair, small("ptq", rotation="hadamard", e2e_qp={"steps": distill.steps,
+                                                                          "learning_rate": distill.scale_learning_rate}),
                           tokenizer=tokenizer, progress=False)
     a, b = no_int4.state_dict(), pair.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -237,3 +238,25 @@ def test_upq_with_rotation_auto_rotates_and_says_so(tokenizer, tmp_path, capsys)
     ids = torch.randint(0, len(tokenizer), (1, 7))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("share, rates", [
+    (0.05, [1.0, 0.75, 0.25]),  # the default: one warm-up step (0.05 x 4, at least one), then the cosine
+    (0.5, [0.5, 1.0, 0.5]),  # two of four steps rising linearly, then the cosine
+])
+def test_distill_warmup_is_a_share_of_the_steps(tokenizer, share, rates):
+    """``distill.warmup``: the learning rates rise over that share of the steps (at least one), then decay on a
+    cosine; read from the optimizer at each step, relative to the peak scale rate."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Rates(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            seen.append(max(group["lr"] for group in optimizer.param_groups))
+
+    torch.manual_seed(0)
+    config = small("upq", rotation=None, distill={"steps": 4, "warmup": share, "scale_learning_rate": 0.01,
+                                                  "learning_rate": 0.01})
+    upq_hf.quantize_model(model_for(tokenizer), config, tokenizer=tokenizer, progress=False, callbacks=[Rates()])
+    assert [round(rate / 0.01, 6) for rate in seen] == [0.0, *rates]  # the first step at zero, as transformers has it

@@ -101,12 +101,12 @@ def test_rotation_setting_is_checked_and_never_streams(tiny_llama_dir):
 def test_rotation_auto_turns_upq_at_int2_where_the_model_and_the_path_allow(tiny_llama_dir):
     """``rotation="auto"``: the Hadamard turn for recipe upq at INT2 on the default grid where the model can be
     rotated and is quantized in memory; None for other recipes, bits and grids, for families that cannot rotate
-    (with the reason) and for a streamed run. The default is None; a saved config.json without the key reads as
-    None."""
+    (with the reason) and for a streamed run. It is the default; a saved config.json without the key reads as
+    None (written before the rotation existed)."""
     from upq_hf import UPQConfig, offload, streamed
 
-    assert UPQConfig(bits=2, recipe="upq").rotation is None
-    assert UPQConfig(bits=2, recipe="upq", rotation="auto").rotation == "auto"
+    assert UPQConfig(bits=2, recipe="upq").rotation == "auto"
+    assert UPQConfig(bits=2, recipe="upq", rotation=None).rotation is None
     for other in (dict(bits=2, recipe="rtn"), dict(bits=4, recipe="ptq"), dict(bits=2, recipe="distill"),
                   dict(bits=2, recipe="upq", group_size=16, mix=None, scale_grid="q2_k")):
         assert UPQConfig(rotation="auto", **other).rotation is None, other
@@ -131,7 +131,7 @@ def test_rotation_auto_turns_upq_at_int2_where_the_model_and_the_path_allow(tiny
 
 
 @pytest.mark.parametrize("argv, turned", [
-    (["--bits", "2", "--recipe", "upq"], None),  # the default, until the rotation's time term is settled
+    (["--bits", "2", "--recipe", "upq"], "auto"),  # the default, resolved per model when quantizing
     (["--bits", "2", "--recipe", "upq", "--rotation", "auto"], "auto"),  # resolved per model when quantizing
     (["--bits", "2", "--recipe", "upq", "--rotation", "none"], None),
     (["--bits", "2", "--recipe", "rtn", "--rotation", "auto"], None),

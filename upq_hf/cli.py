@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{name}: {text}" for name, text in MIXES.items()))
     q.add_argument("--rotation", default=_UNSET, choices=["auto", *ROTATIONS, "none"],
                    help="turn the residual stream by a Hadamard matrix fused into the weights before quantizing: "
-                        "hadamard, auto (where --recipe upq at --bits 2 on a model that rotates in memory) or none "
-                        "(the default)")
+                        "hadamard, auto (the default: where --recipe upq at --bits 2 on a model that rotates in "
+                        "memory) or none")
     q.add_argument("--module-bits", type=_module_bits, action="append", default=None, metavar="PATTERN=BITS[:GROUP]",
                    help="per-module format by name pattern (a regular expression; repeatable, the first match "
                         "wins, before the mix's): --module-bits 'k_proj=4' --module-bits 'down_proj=4:32'")

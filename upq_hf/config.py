@@ -188,15 +188,15 @@ class UPQConfig(QuantizationConfigMixin):
             rotation where the recipe is ``upq`` at INT2 on the default scale grid, the model can be rotated
             (:func:`upq_hf.rotation.rotation_problem`) and is quantized in memory, where it was measured ahead
             (docs/BENCHMARKS.md); no rotation elsewhere, with a line saying why. It is resolved when the model is
-            quantized: the saved config says what was done. None (default, until the rotation's time term is
-            settled: docs/BENCHMARKS.md): no rotation.
+            quantized: the saved config says what was done; the default. None: no rotation (also what a saved
+            config.json without the key reads as: checkpoints from before the rotation were not turned).
     """
 
     def __init__(self, bits: int = 2, group_size: int | None = 64, recipe: str = "rtn", mix: str | None = "auto",
                  module_bits: dict[str, Any] | None = None, int4_group_size: int | None = 64,
                  scale_dtype: str = "float16", modules_to_not_convert: list[str] | None = None,
                  backend: str | None = None, scale_grid: str | None = None, format_version: int = FORMAT_VERSION,
-                 seed: int = 0, rotation: str | None = None, rtn=None,
+                 seed: int = 0, rotation: str | None = "auto", rtn=None,
                  data=None, ptq=None, distill=None, e2e_qp=None, stages: dict | None = None, **kwargs: Any):
         kwargs.pop("quant_method", None)
         self.quant_method = "upq"
@@ -242,8 +242,9 @@ class UPQConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
         """A config saved in config.json (any version): the flat keys of upq_hf 0.1 are read into the stages,
-        its retired settings dropped, and keys of a newer version kept."""
-        return super().from_dict({**config_dict, "_reading": True}, return_unused_kwargs, **kwargs)
+        its retired settings dropped, and keys of a newer version kept. A config without ``rotation`` was written
+        before the rotation existed: it reads as None, not as today's ``"auto"``."""
+        return super().from_dict({"rotation": None, **config_dict, "_reading": True}, return_unused_kwargs, **kwargs)
 
     @property
     def auto_applies(self) -> bool:

@@ -120,6 +120,11 @@ def _ptq(model, calibration, config, run: Run, bits: int, group_size, ptq=None, 
     return report
 
 
+def warmup_steps(steps: int, share: float) -> int:
+    """The steps of the learning rates' linear warm-up: ``share`` of ``steps``, at least one."""
+    return max(1, int(steps * share))
+
+
 def _train(student, teacher, tokenizer, config, run: Run, objective: str, dataset=None, stage: str = "trainer",
            steps: int | None = None, scale_learning_rate: float | None = None):
     """Distill-QAT (or next-token QAT) of a student whose quantized layers are ``QATLinear``, with
@@ -157,7 +162,7 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
     args = TrainingArguments(
         output_dir=os.path.join(run.work_dir or scratch, stage), max_steps=steps,
         per_device_train_batch_size=distill.batch_size, learning_rate=distill.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="cosine", warmup_steps=warmup_steps(steps, distill.warmup), weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=max(1, steps // 20), report_to=[], seed=config.seed, save_strategy="steps" if save else "no",
         save_steps=max(1, steps // 4), save_total_limit=2, use_cpu=device.type == "cpu", disable_tqdm=not run.progress,
         dataloader_num_workers=0, remove_unused_columns=False, bf16=bf16,

@@ -143,6 +143,7 @@ class DistillConfig:
     beta: of the generalized JSD; 0 is its forward-KL limit, KL(teacher || student), measured ahead of 0.1 to 0.5
         (a bounded JSD gives almost no gradient where the student misses the teacher's choice).
     temperature: of both distributions.
+    warmup: the share of the steps over which the learning rates rise linearly to their peak (then a cosine decay).
     teacher_topk: the teacher's top-k log-probabilities cached once before training (no teacher pass while
         training); 0: the teacher runs at every step over the full vocabulary (exact, slower).
     train_norms: train the normalisation layers' weights too.
@@ -157,6 +158,7 @@ class DistillConfig:
     scale_learning_rate: float = 0.01
     beta: float = 0.0
     temperature: float = 1.0
+    warmup: float = 0.05
     teacher_topk: int = 64
     train_norms: bool = True
     mixed_precision: str = "auto"
@@ -167,6 +169,9 @@ class DistillConfig:
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")
+        if not isinstance(self.warmup, (int, float)) or isinstance(self.warmup, bool) or not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"DistillConfig: warmup is the share of the steps spent warming up, in [0, 1), "
+                             f"got {self.warmup!r}")
         if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
             raise ValueError(f"DistillConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
                              f"training), got {self.teacher_topk!r}")
