@@ -15,7 +15,9 @@ that a variant means the same whatever upq's defaults become):
   its rule asks for larger margins (``MARGINS``); ``more-data-rotated``: ``more-data`` turned the same way (upq's
   default since 2026-12-07);
 - ``warmup20``, ``scale-lr-half``: ``more-data-rotated`` with the distillation's learning rates warming up over 20%
-  of the steps instead of 5%, or with half its scale learning rate (0.005): the same time, one schedule each.
+  of the steps instead of 5%, or with half its scale learning rate (0.005): the same time, one schedule each;
+- ``train-head``: ``more-data-rotated`` with the (rotated, so untied) output head trained too, at a relative rate
+  of 0.003 per update (``distill.head_learning_rate``).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -49,7 +51,10 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
                          "distill": {"samples": 320, "steps": 60, "warmup": 0.2}, "rotation": "hadamard"},
             "scale-lr-half": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
                               "distill": {"samples": 320, "steps": 60, "scale_learning_rate": 0.005},
-                              "rotation": "hadamard"}}
+                              "rotation": "hadamard"},
+            "train-head": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
+                           "distill": {"samples": 320, "steps": 60, "head_learning_rate": 0.003},
+                           "rotation": "hadamard"}}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

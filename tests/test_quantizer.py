@@ -105,6 +105,7 @@ def test_modules_to_not_convert_overrides_but_keeps_output_embedding(tiny_llama_
     (dict(recipe="upq", distill={"samples": 0}), "DistillConfig: samples must be a positive integer or None"),
     (dict(recipe="upq", distill={"teacher_topk": -1}), "DistillConfig: teacher_topk must be a non-negative integer"),
     (dict(recipe="upq", distill={"mixed_precision": "fp8"}), "DistillConfig: mixed_precision must be one of"),
+    (dict(recipe="upq", distill={"head_learning_rate": -0.1}), "DistillConfig: head_learning_rate must be a non-negative"),
     (dict(recipe="upq", distill={"warmup": 1.0}), r"DistillConfig: warmup is the share .* in \[0, 1\)"),
     (dict(recipe="rtn", ptq={"epochs": 3}), r"recipe 'rtn' runs no 'ptq' stage \(its stages: \['rtn'\]\)"),
     (dict(ptq_epochs=6), r"ptq_epochs is now PTQConfig.epochs: UPQConfig\(ptq=\{'epochs': \.\.\.\}\)"),

@@ -260,3 +260,35 @@ def test_distill_warmup_is_a_share_of_the_steps(tokenizer, share, rates):
                                                   "learning_rate": 0.01})
     upq_hf.quantize_model(model_for(tokenizer), config, tokenizer=tokenizer, progress=False, callbacks=[Rates()])
     assert [round(rate / 0.01, 6) for rate in seen] == [0.0, *rates]  # the first step at zero, as transformers has it
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", None])
+def test_distill_trains_an_untied_head_at_its_own_rate(tokenizer, rotation):
+    """``distill.head_learning_rate``: a rotated model's head (untied by the rotation) trains in its own group at
+    that relative rate; a tied head (the input embeddings too) stays as it is, whatever the rate."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Start(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if not seen:
+                seen["head"] = model.get_output_embeddings().weight.detach().clone()
+                seen["embeddings"] = model.get_input_embeddings().weight.detach().clone()
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            seen.setdefault("groups", {g.get("name"): g["initial_lr"] for g in optimizer.param_groups})
+
+    torch.manual_seed(0)
+    model = model_for(tokenizer)
+    config = small("upq", rotation=rotation, distill={"steps": 3, "head_learning_rate": 0.05})
+    upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False, callbacks=[Start()])
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert torch.equal(embeddings, seen["embeddings"])
+    if rotation:
+        assert head is not embeddings and seen["groups"]["head"] == 0.05
+        moved = (head - seen["head"]).abs().mean() / seen["head"].abs().mean()
+        assert 0.01 < moved < 0.2, moved  # three updates at most 5% of the mean magnitude each
+    else:
+        assert head is embeddings and "head" not in seen["groups"]
+        assert torch.equal(head, seen["head"])

@@ -193,12 +193,22 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
+def untied_head(model: nn.Module) -> nn.Parameter | None:
+    """The output head's weight where it is a matrix of its own (not the input embeddings'), else None."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, nn.Parameter) or (embeddings is not None and weight is embeddings.weight):
+        return None
+    return weight
+
+
+def select_trainable(model: nn.Module, train_norms: bool = False, train_head: bool = False) -> int:
     """Train only the quantized layers' latent weights, scales and zero points (only their scales where
     their codes are frozen, :meth:`upq_hf.qat.QATLinear.freeze_codes`; embeddings and the output
     head stay as the teacher has them; everything else gets ``requires_grad=False``), and with
     ``train_norms`` the normalisation layers' weights too (a few thousand parameters that let each block
-    rescale what the quantized layers give it). Returns the number of trainable parameters. (Not to be
+    rescale what the quantized layers give it), and with ``train_head`` the output head where it is untied
+    (:func:`untied_head`). Returns the number of trainable parameters. (Not to be
     confused with :func:`upq_hf.qat.freeze_model`, which packs QAT layers into integers.)"""
     from .qat import QATLinear
 
@@ -217,6 +227,10 @@ def select_trainable(model: nn.Module, train_norms: bool = False) -> int:
             if isinstance(param, nn.Parameter):
                 param.requires_grad_(True)
                 count += param.numel()
+    head = untied_head(model) if train_head else None
+    if head is not None:
+        head.requires_grad_(True)
+        count += head.numel()
     return count
 
 
@@ -246,13 +260,16 @@ class UPQDistillTrainer(Trainer):
         beta, temperature: of the generalized JSD (default beta 0: its forward-KL limit, KL(T || S); see
             ``UPQConfig``).
         scale_learning_rate: learning rate of the quantization scales (default 10x the weights').
+        head_learning_rate: of a trained (untied) output head, relative to its mean magnitude (with
+            ``step_units``; default ``scale_learning_rate``).
         step_units: measure learning rates in quantization steps (:class:`upq_hf.optim.StepAdam`; default)
             rather than absolutely (the Trainer's ``args.optim``); see :meth:`create_optimizer`.
         chunk_size: tokens per chunk of the loss.
     """
 
     def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.0,
-                 temperature: float = 1.0, scale_learning_rate: float | None = None, step_units: bool = True,
+                 temperature: float = 1.0, scale_learning_rate: float | None = None,
+                 head_learning_rate: float | None = None, step_units: bool = True,
                  chunk_size: int = 512,
                  teacher_device: str | torch.device | None = None, **kwargs):
         if objective not in OBJECTIVES:
@@ -266,6 +283,7 @@ class UPQDistillTrainer(Trainer):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.scale_learning_rate = scale_learning_rate
+        self.head_learning_rate = head_learning_rate
         self.step_units = step_units
         self.teacher = teacher_model
         if self.teacher is not None:
@@ -289,7 +307,8 @@ class UPQDistillTrainer(Trainer):
         is the fraction of a quantization step a latent weight moves per update and
         ``scale_learning_rate`` the relative change of a scale per update, the same in every layer.
         Trained normalisation weights (``train_norms``) then change relative to their own size at
-        ``scale_learning_rate`` too (:func:`upq_hf.optim.relative_param_group`). Otherwise it is the
+        ``scale_learning_rate`` too (:func:`upq_hf.optim.relative_param_group`), a trained output head at
+        ``head_learning_rate``. Otherwise it is the
         Trainer's optimizer (``args.optim``) with absolute learning rates. Any other trainable parameter
         goes in a plain group at ``learning_rate``."""
         if self.optimizer is not None:
@@ -312,6 +331,11 @@ class UPQDistillTrainer(Trainer):
             if norms:
                 groups.append(relative_param_group(norms, scale_lr, "norms"))
                 grouped.update(id(p) for p in norms)
+            head = untied_head(model)
+            if head is not None and head.requires_grad and id(head) not in grouped:
+                head_lr = self.head_learning_rate if self.head_learning_rate is not None else scale_lr
+                groups.append(relative_param_group([head], head_lr, "head"))
+                grouped.add(id(head))
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         if others:
             groups.append({"params": others, "lr": lr, "name": "other"})

@@ -154,7 +154,7 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
                                               temperature=distill.temperature, progress=run.progress)
         _log(f"cached the teacher's top-{distill.teacher_topk} distributions on {nsamples} x {distill.seqlen} "
              f"tokens in {time.time() - started:.0f} s")
-    trainable = select_trainable(student, train_norms=distill.train_norms)
+    trainable = select_trainable(student, train_norms=distill.train_norms, train_head=distill.head_learning_rate > 0)
     save = bool(run.work_dir)
     scratch = None if save else tempfile.mkdtemp(prefix="upq-train-")  # the Trainer wants a folder; removed below
     device = _device(run, student)
@@ -171,7 +171,8 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
     trainer = UPQDistillTrainer(model=student, teacher_model=teacher if live_teacher else None, args=args,
                                 train_dataset=dataset, objective=objective, beta=distill.beta,
                                 temperature=distill.temperature, callbacks=run.callbacks,
-                                scale_learning_rate=scale_learning_rate or distill.scale_learning_rate)
+                                scale_learning_rate=scale_learning_rate or distill.scale_learning_rate,
+                                head_learning_rate=distill.head_learning_rate or None)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {steps} steps x {distill.batch_size} x "
          f"{distill.seqlen} tokens ({nsamples} distinct sequences{', bf16 autocast' if bf16 else ''})")
     resume = None

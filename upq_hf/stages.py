@@ -147,6 +147,9 @@ class DistillConfig:
     teacher_topk: the teacher's top-k log-probabilities cached once before training (no teacher pass while
         training); 0: the teacher runs at every step over the full vocabulary (exact, slower).
     train_norms: train the normalisation layers' weights too.
+    head_learning_rate: of the output head, as its relative change per update, where the head is a matrix of its
+        own (a rotated model's, or a family's untied head); 0: it stays as the teacher has it. A tied head (the
+        input embeddings too) never trains. The head is not quantized: training it costs nothing at inference.
     mixed_precision: ``"auto"`` (bf16 where the GPU or CPU multiplies it natively), ``"bf16"`` or ``"no"``.
     """
 
@@ -161,6 +164,7 @@ class DistillConfig:
     warmup: float = 0.05
     teacher_topk: int = 64
     train_norms: bool = True
+    head_learning_rate: float = 0.0
     mixed_precision: str = "auto"
 
     def __post_init__(self):
@@ -169,6 +173,10 @@ class DistillConfig:
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")
+        if not isinstance(self.head_learning_rate, (int, float)) or isinstance(self.head_learning_rate, bool) \
+                or self.head_learning_rate < 0:
+            raise ValueError(f"DistillConfig: head_learning_rate must be a non-negative number (0: the head stays "
+                             f"frozen), got {self.head_learning_rate!r}")
         if not isinstance(self.warmup, (int, float)) or isinstance(self.warmup, bool) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"DistillConfig: warmup is the share of the steps spent warming up, in [0, 1), "
                              f"got {self.warmup!r}")
