@@ -21,7 +21,7 @@ def tokenizer():
 
 
 STAGES = dict(data={"dataset": TEXTS, "calibration_samples": 4, "calibration_seqlen": 32}, ptq={"epochs": 1},
-              distill={"steps": 2, "batch_size": 2, "seqlen": 32})
+              distill={"steps": 2, "batch_size": 2, "seqlen": 32, "samples": 8})
 
 
 def small(recipe="ptq", **kw):
@@ -256,7 +256,7 @@ def test_distill_warmup_is_a_share_of_the_steps(tokenizer, share, rates):
             seen.append(max(group["lr"] for group in optimizer.param_groups))
 
     torch.manual_seed(0)
-    config = small("upq", rotation=None, distill={"steps": 4, "warmup": share, "scale_learning_rate": 0.01,
+    config = small("upq", rotation=None, distill={"steps": 4, "samples": 8, "warmup": share, "scale_learning_rate": 0.01,
                                                   "learning_rate": 0.01})
     upq_hf.quantize_model(model_for(tokenizer), config, tokenizer=tokenizer, progress=False, callbacks=[Rates()])
     assert [round(rate / 0.01, 6) for rate in seen] == [0.0, *rates]  # the first step at zero, as transformers has it
@@ -281,7 +281,7 @@ def test_distill_trains_an_untied_head_at_its_own_rate(tokenizer, rotation):
 
     torch.manual_seed(0)
     model = model_for(tokenizer)
-    config = small("upq", rotation=rotation, distill={"steps": 3, "head_learning_rate": 0.05})
+    config = small("upq", rotation=rotation, distill={"steps": 3, "samples": 8, "head_learning_rate": 0.05})
     upq_hf.quantize_model(model, config, tokenizer=tokenizer, progress=False, callbacks=[Start()])
     head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert torch.equal(embeddings, seen["embeddings"])
