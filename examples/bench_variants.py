@@ -24,7 +24,8 @@ and a8 backends (six rounding variants); the table gives each variant's means ov
 verdict of the rule (``RULE`` below) against ``--baseline``. ``--backends torch`` scores the torch
 backend alone (two rounding variants, a third of the time). ``--quantize-with SCRIPT`` makes the checkpoints with
 another entry point taking ``upq quantize``'s arguments (e.g. a probe that keeps the INT2 reconstruction per seed, so
-that variants of the distillation share it). Checkpoints and scores are kept under ``--out`` and reused on a rerun (the runs of 2026-12-06 are in ``out/int4-stage``; this script was ``bench_int4_stage.py``).
+that variants of the distillation share it). Checkpoints and scores are kept under ``--out`` and reused on a
+rerun (the runs of 2026-12-06 are in ``out/int4-stage``; this script was ``bench_int4_stage.py``).
 
     python examples/bench_variants.py --variants no-int4,dense-target --seeds 0,1 --split validation --out out/int4-stage
 """
