@@ -21,12 +21,17 @@ MIXED_PRECISIONS = ("auto", "bf16", "no")
 INT2_TARGETS = ("int4", "dense")
 
 
+def _is_number(value, integer: bool = False) -> bool:
+    """An int (or, unless ``integer``, a float), never a bool."""
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(config, *names: str, allow_none: bool = False) -> None:
     for name in names:
         value = getattr(config, name)
         if value is None and allow_none:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _is_number(value, integer=True) or value <= 0:
             raise ValueError(f"{type(config).__name__}: {name} must be a positive integer"
                              f"{' or None' if allow_none else ''}, got {value!r}")
 
@@ -34,8 +39,17 @@ def _positive_int(config, *names: str, allow_none: bool = False) -> None:
 def _positive_number(config, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        if not _is_number(value) or not value > 0:
             raise ValueError(f"{type(config).__name__}: {name} must be positive, got {value!r}")
+
+
+def _non_negative(config, *names: str, integer: bool = False, meaning: str = "") -> None:
+    """``names`` >= 0; ``meaning`` (e.g. " (0: none)") follows the message's type."""
+    for name in names:
+        value = getattr(config, name)
+        if not _is_number(value, integer) or value < 0:
+            raise ValueError(f"{type(config).__name__}: {name} must be a non-negative "
+                             f"{'integer' if integer else 'number'}{meaning}, got {value!r}")
 
 
 @dataclass
@@ -111,20 +125,14 @@ class PTQConfig:
 
     def __post_init__(self):
         _positive_int(self, "epochs", "batch_size", "checks")
-        if not isinstance(self.int4_epochs, int) or isinstance(self.int4_epochs, bool) or self.int4_epochs < 0:
-            raise ValueError(f"PTQConfig: int4_epochs must be a non-negative integer (0: no INT4 stage), "
-                             f"got {self.int4_epochs!r}")
+        _non_negative(self, "int4_epochs", integer=True, meaning=" (0: no INT4 stage)")
         if self.int2_target not in INT2_TARGETS:
             raise ValueError(f"PTQConfig: int2_target must be one of {list(INT2_TARGETS)}, got {self.int2_target!r}")
         _positive_int(self, "steps", allow_none=True)
-        if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
-                or not 0.0 <= self.holdout < 1.0:
+        if not _is_number(self.holdout) or not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"PTQConfig: holdout is the share of calibration sequences held out, in [0, 1), "
                              f"got {self.holdout!r}")
-        for name in ("learning_rate", "scale_learning_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"PTQConfig: {name} must be a non-negative number, got {value!r}")
+        _non_negative(self, "learning_rate", "scale_learning_rate")
 
 
 @dataclass
@@ -173,16 +181,11 @@ class DistillConfig:
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")
-        if not isinstance(self.head_learning_rate, (int, float)) or isinstance(self.head_learning_rate, bool) \
-                or self.head_learning_rate < 0:
-            raise ValueError(f"DistillConfig: head_learning_rate must be a non-negative number (0: the head stays "
-                             f"frozen), got {self.head_learning_rate!r}")
-        if not isinstance(self.warmup, (int, float)) or isinstance(self.warmup, bool) or not 0.0 <= self.warmup < 1.0:
+        _non_negative(self, "head_learning_rate", meaning=" (0: the head stays frozen)")
+        if not _is_number(self.warmup) or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"DistillConfig: warmup is the share of the steps spent warming up, in [0, 1), "
                              f"got {self.warmup!r}")
-        if not isinstance(self.teacher_topk, int) or isinstance(self.teacher_topk, bool) or self.teacher_topk < 0:
-            raise ValueError(f"DistillConfig: teacher_topk must be a non-negative integer (0: run the teacher while "
-                             f"training), got {self.teacher_topk!r}")
+        _non_negative(self, "teacher_topk", integer=True, meaning=" (0: run the teacher while training)")
         if not isinstance(self.train_norms, bool):
             raise ValueError(f"DistillConfig: train_norms must be True or False, got {self.train_norms!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -204,8 +207,7 @@ class E2EQPConfig:
     learning_rate: float = 0.01
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
-            raise ValueError(f"E2EQPConfig: steps must be a non-negative integer, got {self.steps!r}")
+        _non_negative(self, "steps", integer=True)
         _positive_number(self, "learning_rate")
 
 
