@@ -14,9 +14,9 @@ that a variant means the same whatever upq's defaults become):
 - ``rotated``: ``no-int4`` with the residual stream turned by a random-sign Hadamard first (``rotation="hadamard"``);
   its rule asks for larger margins (``MARGINS``); ``more-data-rotated``: ``more-data`` turned the same way (upq's
   default since 2026-12-07);
-- ``warmup20``, ``scale-lr-half``, ``scale-lr-double``: ``more-data-rotated`` with the distillation's learning rates
-  warming up over 20% of the steps instead of 5%, or with half or twice its scale learning rate (0.005, 0.02): the
-  same time, one schedule each;
+- ``warmup20``, ``scale-lr-half``, ``scale-lr-double``, ``scale-lr-quarter``: ``more-data-rotated`` with the
+  distillation's learning rates warming up over 20% of the steps instead of 5%, or with half, twice or a quarter of
+  its scale learning rate (0.005, 0.02, 0.0025): the same time, one schedule each;
 - ``train-head``: ``more-data-rotated`` with the (rotated, so untied) output head trained too, at a relative rate
   of 0.003 per update (``distill.head_learning_rate``).
 
@@ -57,6 +57,9 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "scale-lr-double": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
                                 "distill": {"samples": 320, "steps": 60, "scale_learning_rate": 0.02},
                                 "rotation": "hadamard"},
+            "scale-lr-quarter": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
+                                 "distill": {"samples": 320, "steps": 60, "scale_learning_rate": 0.0025},
+                                 "rotation": "hadamard"},
             "train-head": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
                            "distill": {"samples": 320, "steps": 60, "head_learning_rate": 0.003},
                            "rotation": "hadamard"}}
