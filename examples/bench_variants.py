@@ -18,7 +18,9 @@ that a variant means the same whatever upq's defaults become):
   distillation's learning rates warming up over 20% of the steps instead of 5%, or with half, twice or a quarter of
   its scale learning rate (0.005, 0.02, 0.0025): the same time, one schedule each;
 - ``train-head``: ``more-data-rotated`` with the (rotated, so untied) output head trained too, at a relative rate
-  of 0.003 per update (``distill.head_learning_rate``).
+  of 0.003 per update (``distill.head_learning_rate``);
+- ``batch8-steps120``: ``more-data-rotated`` with the same distillation tokens in twice the updates (8 sequences a
+  step, 120 steps).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -59,7 +61,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "scale-lr-half": _more_data_rotated(scale_learning_rate=0.005),
             "scale-lr-double": _more_data_rotated(scale_learning_rate=0.02),
             "scale-lr-quarter": _more_data_rotated(scale_learning_rate=0.0025),
-            "train-head": _more_data_rotated(head_learning_rate=0.003)}
+            "train-head": _more_data_rotated(head_learning_rate=0.003),
+            "batch8-steps120": _more_data_rotated(batch_size=8, steps=120)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
