@@ -43,26 +43,26 @@ import sys
 import time
 
 
-def _more_data_rotated(**distill) -> dict:
-    """``more-data-rotated`` (upq's default since 2026-12-07) with ``distill`` settings over it."""
+def _more_data(rotation: str | None = "hadamard", **distill) -> dict:
+    """``more-data`` turned by ``rotation`` (by default ``more-data-rotated``, upq's default since 2026-12-07) with
+    ``distill`` settings over it."""
     return {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
-            "distill": {"samples": 320, "steps": 60, **distill}, "rotation": "hadamard"}
+            "distill": {"samples": 320, "steps": 60, **distill}, "rotation": rotation}
 
 
 # spelled out in full, so that a variant means the same whatever upq's defaults become
 VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotation": None},
             "no-int4": {"ptq": {"int4_epochs": 0}, "rotation": None},
             "dense-target": {"ptq": {"int4_epochs": 1, "int2_target": "dense"}, "rotation": None},
-            "more-data": {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
-                          "distill": {"samples": 320, "steps": 60}, "rotation": None},
+            "more-data": _more_data(rotation=None),
             "rotated": {"ptq": {"int4_epochs": 0}, "rotation": "hadamard"},
-            "more-data-rotated": _more_data_rotated(),
-            "warmup20": _more_data_rotated(warmup=0.2),
-            "scale-lr-half": _more_data_rotated(scale_learning_rate=0.005),
-            "scale-lr-double": _more_data_rotated(scale_learning_rate=0.02),
-            "scale-lr-quarter": _more_data_rotated(scale_learning_rate=0.0025),
-            "train-head": _more_data_rotated(head_learning_rate=0.003),
-            "batch8-steps120": _more_data_rotated(batch_size=8, steps=120)}
+            "more-data-rotated": _more_data(),
+            "warmup20": _more_data(warmup=0.2),
+            "scale-lr-half": _more_data(scale_learning_rate=0.005),
+            "scale-lr-double": _more_data(scale_learning_rate=0.02),
+            "scale-lr-quarter": _more_data(scale_learning_rate=0.0025),
+            "train-head": _more_data(head_learning_rate=0.003),
+            "batch8-steps120": _more_data(batch_size=8, steps=120)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
