@@ -20,7 +20,10 @@ that a variant means the same whatever upq's defaults become):
 - ``train-head``: ``more-data-rotated`` with the (rotated, so untied) output head trained too, at a relative rate
   of 0.003 per update (``distill.head_learning_rate``);
 - ``batch8-steps120``: ``more-data-rotated`` with the same distillation tokens in twice the updates (8 sequences a
-  step, 120 steps).
+  step, 120 steps);
+- ``calib320``: ``more-data-rotated`` with the INT2 reconstruction on 320 calibration sequences instead of 128 (all
+  the distillation's), in the default's 126 steps per block (the same time; each sequence seen about 3.6 times
+  instead of 9).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -43,10 +46,11 @@ import sys
 import time
 
 
-def _more_data(rotation: str | None = "hadamard", **distill) -> dict:
+def _more_data(rotation: str | None = "hadamard", ptq: dict | None = None, data: dict | None = None,
+               **distill) -> dict:
     """``more-data`` turned by ``rotation`` (by default ``more-data-rotated``, upq's default since 2026-12-07) with
-    ``distill`` settings over it."""
-    return {"ptq": {"int4_epochs": 0}, "data": {"prompts": 331},
+    ``ptq``, ``data`` and ``distill`` settings over it."""
+    return {"ptq": {"int4_epochs": 0, **(ptq or {})}, "data": {"prompts": 331, **(data or {})},
             "distill": {"samples": 320, "steps": 60, **distill}, "rotation": rotation}
 
 
@@ -62,7 +66,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "scale-lr-double": _more_data(scale_learning_rate=0.02),
             "scale-lr-quarter": _more_data(scale_learning_rate=0.0025),
             "train-head": _more_data(head_learning_rate=0.003),
-            "batch8-steps120": _more_data(batch_size=8, steps=120)}
+            "batch8-steps120": _more_data(batch_size=8, steps=120),
+            "calib320": _more_data(data={"calibration_samples": 320}, ptq={"steps": 126})}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
