@@ -23,7 +23,9 @@ that a variant means the same whatever upq's defaults become):
   step, 120 steps);
 - ``calib320``: ``more-data-rotated`` with the INT2 reconstruction on 320 calibration sequences instead of 128 (all
   the distillation's), in the default's 126 steps per block (the same time; each sequence seen about 3.6 times
-  instead of 9).
+  instead of 9);
+- ``ptq-lr-double``: ``more-data-rotated`` with the reconstruction's latent weights at twice the rate (0.02 of a
+  quantization step per update instead of 0.01): the same steps.
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -67,7 +69,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "scale-lr-quarter": _more_data(scale_learning_rate=0.0025),
             "train-head": _more_data(head_learning_rate=0.003),
             "batch8-steps120": _more_data(batch_size=8, steps=120),
-            "calib320": _more_data(data={"calibration_samples": 320}, ptq={"steps": 126})}
+            "calib320": _more_data(data={"calibration_samples": 320}, ptq={"steps": 126}),
+            "ptq-lr-double": _more_data(ptq={"learning_rate": 0.02})}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
