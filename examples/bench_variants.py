@@ -26,8 +26,9 @@ that a variant means the same whatever upq's defaults become):
   measured 32% slower all the same: the targets of 2.5x the sequences);
 - ``ptq-lr-double``: ``more-data-rotated`` with the reconstruction's latent weights at twice the rate (0.02 of a
   quantization step per update instead of 0.01): the same steps;
-- ``calib320-fast``: ``calib320`` in the default's time: 16 sequences held out (``holdout`` 0.05) as the default's
-  16, and 112 steps per block to pay for the targets of 2.5x the sequences.
+- ``calib320-fast``: ``calib320`` meant for the default's time: 16 sequences held out (``holdout`` 0.05) as the
+  default's 16, and 112 steps per block to pay for the targets of 2.5x the sequences (measured 35% slower all the
+  same).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
