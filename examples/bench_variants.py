@@ -74,7 +74,10 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "batch8-steps120": _more_data(batch_size=8, steps=120),
             "calib320": _more_data(data={"calibration_samples": 320}, ptq={"steps": 126}),
             "ptq-lr-double": _more_data(ptq={"learning_rate": 0.02}),
-            "calib320-fast": _more_data(data={"calibration_samples": 320}, ptq={"steps": 112, "holdout": 0.05})}
+            "calib320-fast": _more_data(data={"calibration_samples": 320}, ptq={"steps": 112, "holdout": 0.05}),
+            # the teacher's free text (no prompt) beside its answers: 640 sequences in the same 60 steps, or 90
+            "free-text": _more_data(free_text=320, samples=640),
+            "free-text-steps90": _more_data(free_text=320, samples=640, steps=90)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

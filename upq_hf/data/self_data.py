@@ -142,3 +142,95 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
         if path is not None:
             _write_cache(path, answers, {"model": _model_name(model), "settings": settings})
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}] for p in prompts]
+
+
+# The teacher's free text: what it writes from the start-of-document token with no prompt (pre-training-like text;
+# the paper distills on open pre-training text). Sampled, not greedy: greedy text from one start would be one text.
+FREE_TEXT_SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+_MIN_FREE_TOKENS = 32  # shorter samples (an early end of document) are dropped
+_MIN_DISTINCT_SHARE = 0.3  # as are degenerate ones ("*\n*\n*..."): fewer distinct tokens than this share
+
+
+def free_text_cache_path(model, tokenizer, *, max_new_tokens: int, seed: int) -> Path:
+    """The JSON file holding ``model``'s free texts of at most ``max_new_tokens`` tokens sampled with ``seed``."""
+    path = self_cache_path(model, tokenizer, max_new_tokens=max_new_tokens)
+    tag = hashlib.sha256(json.dumps({"free": FREE_TEXT_SAMPLING, "seed": int(seed)}, sort_keys=True).encode())
+    return path.with_name(f"{path.stem}-free-{tag.hexdigest()[:8]}.json")
+
+
+def _free_text_ok(ids: Sequence[int]) -> bool:
+    return len(ids) >= _MIN_FREE_TOKENS and len(set(ids)) >= _MIN_DISTINCT_SHARE * len(ids)
+
+
+def self_free_text(model, tokenizer, *, n: int, max_new_tokens: int = SELF_DEFAULTS["max_new_tokens"],
+                   batch_size: int = SELF_DEFAULTS["batch_size"], seed: int = 0, cache: bool = SELF_DEFAULTS["cache"],
+                   progress: bool = SELF_DEFAULTS["progress"]) -> list[str]:
+    """``n`` texts ``model`` writes from its start-of-document token (``tokenizer.bos_token``, else
+    ``<|endoftext|>``-like ``eos_token``), sampled at temperature 1 and top-p 0.95 with ``seed``, at most
+    ``max_new_tokens`` tokens each; samples shorter than 32 tokens or made of few distinct tokens are dropped and
+    more are drawn. Cached on disk like the ``"self"`` answers (a later call for more texts draws only the rest)."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if n <= 0 or max_new_tokens <= 0 or batch_size <= 0:
+        raise ValueError(f"n, max_new_tokens and batch_size must be positive, got {n}, {max_new_tokens}, {batch_size}")
+    start_id = _document_start(tokenizer)
+    path = free_text_cache_path(model, tokenizer, max_new_tokens=max_new_tokens, seed=seed) if cache else None
+    texts: list[str] = []
+    draws = 0
+    if path is not None and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("version") == _SELF_CACHE_VERSION:
+                texts, draws = [str(t) for t in data["texts"]], int(data["draws"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"ignoring unreadable free-text cache {path} ({e}); regenerating", stacklevel=2)
+    if len(texts) < n:
+        device = next(model.parameters()).device
+        gen_config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=True, top_k=0,
+                                      pad_token_id=start_id, eos_token_id=start_id, **FREE_TEXT_SAMPLING)
+        was_training = model.training
+        model.eval()
+        bar = tqdm(total=n, initial=len(texts), desc="self data: free text", unit="text", disable=not progress)
+        try:
+            while len(texts) < n:
+                if draws > 4 * n + 4 * batch_size:
+                    raise RuntimeError(f"the model's free text kept failing the checks (>= {_MIN_FREE_TOKENS} tokens, "
+                                       f"varied): {len(texts)} of {n} after {draws} samples")
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+                    torch.manual_seed(seed * 1_000_003 + draws)  # each batch its own seed: a resumed cache continues
+                    input_ids = torch.full((batch_size, 1), start_id, dtype=torch.long, device=device)
+                    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         generation_config=gen_config)[:, 1:].tolist()
+                draws += batch_size
+                for row in out:
+                    row = row[:row.index(start_id)] if start_id in row else row
+                    if _free_text_ok(row) and len(texts) < n:
+                        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                        bar.update(1)
+                if path is not None:
+                    from ..atomic import write_text
+
+                    write_text(path, json.dumps({"version": _SELF_CACHE_VERSION, "model": _model_name(model),
+                                                 "settings": {"max_new_tokens": max_new_tokens, "seed": seed,
+                                                              **FREE_TEXT_SAMPLING},
+                                                 "draws": draws, "texts": texts}, ensure_ascii=False, indent=1))
+        finally:
+            bar.close()
+            model.train(was_training)
+    return texts[:n]
+
+
+def _document_start(tokenizer) -> int:
+    """The token a document starts after in pre-training: the BOS token where it is not a chat-turn marker, else
+    the end-of-text token (SmolLM2: ``<|endoftext|>``, id 0)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and "im_start" not in str(tokenizer.bos_token):
+        return int(bos)
+    for token in ("<|endoftext|>", "</s>", "<|end_of_text|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            return token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("free text needs a start-of-document token: the tokenizer has neither BOS nor EOS")
+    return int(tokenizer.eos_token_id)
