@@ -77,7 +77,9 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "calib320-fast": _more_data(data={"calibration_samples": 320}, ptq={"steps": 112, "holdout": 0.05}),
             # the teacher's free text (no prompt) beside its answers: 640 sequences in the same 60 steps, or 90
             "free-text": _more_data(free_text=320, samples=640),
-            "free-text-steps90": _more_data(free_text=320, samples=640, steps=90)}
+            "free-text-steps90": _more_data(free_text=320, samples=640, steps=90),
+            # the loss on the assistant's tokens alone (no system or user turn)
+            "answers-only": _more_data(assistant_only_loss=True)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

@@ -151,7 +151,8 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
                                       progress=run.progress)]
             kwargs = {}
         dataset = TokenBlockDataset.from_source(source, tokenizer, model=teacher, nsamples=nsamples,
-                                                seqlen=distill.seqlen, seed=config.seed + 1, **kwargs)
+                                                seqlen=distill.seqlen, seed=config.seed + 1,
+                                                assistant_only_loss=distill.assistant_only_loss, **kwargs)
     else:
         nsamples = len(dataset)
     if objective == "jsd" and distill.teacher_topk and not getattr(dataset, "has_teacher", False):

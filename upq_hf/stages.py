@@ -147,6 +147,8 @@ class DistillConfig:
     samples: distinct training sequences (None: steps x batch_size).
     free_text: texts the teacher writes with no prompt (sampled from its start-of-document token: pre-training-like
         text, as the paper distills on) added to the data before it is packed into ``samples`` sequences; 0: none.
+    assistant_only_loss: count only the tokens of the assistant's turns (and plain texts) in the loss, not the
+        system and user turns of conversations (TRL's option of that name).
     learning_rate: of the latent weights (``ntp``, ``distill``), as the fraction of a quantization step a weight
         moves per update.
     scale_learning_rate: of the scales and norm weights, as their relative change per update.
@@ -168,6 +170,7 @@ class DistillConfig:
     seqlen: int = 128
     samples: int | None = 320
     free_text: int = 0
+    assistant_only_loss: bool = False
     learning_rate: float = 0.02
     scale_learning_rate: float = 0.01
     beta: float = 0.0
@@ -190,8 +193,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig: warmup is the share of the steps spent warming up, in [0, 1), "
                              f"got {self.warmup!r}")
         _non_negative(self, "teacher_topk", integer=True, meaning=" (0: run the teacher while training)")
-        if not isinstance(self.train_norms, bool):
-            raise ValueError(f"DistillConfig: train_norms must be True or False, got {self.train_norms!r}")
+        for name in ("train_norms", "assistant_only_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DistillConfig: {name} must be True or False, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"DistillConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")

@@ -154,7 +154,8 @@ _MIN_DISTINCT_SHARE = 0.3  # as are degenerate ones ("*\n*\n*..."): fewer distin
 def free_text_cache_path(model, tokenizer, *, max_new_tokens: int, seed: int) -> Path:
     """The JSON file holding ``model``'s free texts of at most ``max_new_tokens`` tokens sampled with ``seed``."""
     path = self_cache_path(model, tokenizer, max_new_tokens=max_new_tokens)
-    tag = hashlib.sha256(json.dumps({"free": FREE_TEXT_SAMPLING, "seed": int(seed)}, sort_keys=True).encode())
+    tag = hashlib.sha256(json.dumps({"free": FREE_TEXT_SAMPLING, "seed": int(seed), "start": _document_start(tokenizer)},
+                                    sort_keys=True).encode())
     return path.with_name(f"{path.stem}-free-{tag.hexdigest()[:8]}.json")
 
 
@@ -229,7 +230,7 @@ def _document_start(tokenizer) -> int:
         return int(bos)
     for token in ("<|endoftext|>", "</s>", "<|end_of_text|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token:
             return token_id
     if tokenizer.eos_token_id is None:
         raise ValueError("free text needs a start-of-document token: the tokenizer has neither BOS nor EOS")
