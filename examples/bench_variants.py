@@ -75,9 +75,7 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "calib320": _more_data(data={"calibration_samples": 320}, ptq={"steps": 126}),
             "ptq-lr-double": _more_data(ptq={"learning_rate": 0.02}),
             "calib320-fast": _more_data(data={"calibration_samples": 320}, ptq={"steps": 112, "holdout": 0.05}),
-            # the teacher's free text (no prompt) beside its answers: 640 sequences in the same 60 steps, or 90
-            "free-text": _more_data(free_text=320, samples=640),
-            "free-text-steps90": _more_data(free_text=320, samples=640, steps=90),
+            # (`free-text`, the teacher's free text beside its answers, needs DistillConfig.free_text: at b7ce573)
             # the loss on the assistant's tokens alone (no system or user turn)
             "answers-only": _more_data(assistant_only_loss=True)}
 

@@ -315,41 +315,6 @@ def test_self_cache_key_depends_on_settings_and_weights(tok, tiny_model, cache):
             weight[3, 5] -= 1e-3
 
 
-def test_free_text_starts_documents_filters_and_caches(tok, tiny_model, cache, monkeypatch):
-    """``self_free_text``: sampled rows from the start-of-document token (SmolLM2's ``<|endoftext|>``, not its
-    chat-turn BOS), cut at the first end of document; short rows and rows of few distinct tokens dropped and more
-    drawn; the texts cached, a second call generating nothing, a larger one drawing only the rest."""
-    start = tok.convert_tokens_to_ids("<|endoftext|>")
-    assert start == 0 and "im_start" in tok.bos_token
-    good = lambda k: [100 + k * 50 + i for i in range(40)]  # 40 distinct tokens
-    rows = [good(0), [5] * 40, good(1) + [start] + [7] * 10, good(2)[:20] + [start], good(3), good(4), good(5),
-            good(6)]
-    calls = []
-
-    def fake_generate(input_ids, attention_mask, generation_config):
-        calls.append(generation_config)
-        assert input_ids.shape == (4, 1) and bool((input_ids == start).all())
-        assert generation_config.do_sample and generation_config.temperature == 1.0 and generation_config.top_p == 0.95
-        batch = rows[4 * (len(calls) - 1):4 * len(calls)]
-        width = max(len(r) for r in batch)
-        return torch.tensor([[start] + r + [start] * (width - len(r)) for r in batch])
-
-    monkeypatch.setattr(tiny_model, "generate", fake_generate)
-    texts = data.self_free_text(tiny_model, tok, n=3, max_new_tokens=64, batch_size=4, progress=False)
-    assert len(calls) == 2  # the first batch kept 2 of 4 (a repeated token, 20 tokens before the end dropped)
-    assert texts == [tok.decode(r, skip_special_tokens=True).strip() for r in (good(0), good(1), good(3))]
-    monkeypatch.setattr(tiny_model, "generate", lambda **kw: pytest.fail("generate called although cached"))
-    assert data.self_free_text(tiny_model, tok, n=2, max_new_tokens=64, batch_size=4, progress=False) == texts[:2]
-    assert data.self_free_text(tiny_model, tok, n=3, max_new_tokens=64, batch_size=4, progress=False) == texts
-    calls.clear()
-    rows[:] = rows[8:] + [good(7)] * 4
-    monkeypatch.setattr(tiny_model, "generate", fake_generate)
-    more = data.self_free_text(tiny_model, tok, n=5, max_new_tokens=64, batch_size=4, progress=False)
-    assert more[:3] == texts and len(more) == 5 and len(calls) == 1
-    with pytest.raises(ValueError, match="must be positive"):
-        data.self_free_text(tiny_model, tok, n=0, progress=False)
-
-
 def test_self_needs_the_model(tok, cache):
     with pytest.raises(ValueError, match="needs the unquantized model"):
         load_texts("self", tokenizer=tok)

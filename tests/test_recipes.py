@@ -293,35 +293,3 @@ def test_distill_trains_an_untied_head_at_its_own_rate(tokenizer, rotation):
         assert head is embeddings and "head" not in seen["groups"]
         assert torch.equal(head, seen["head"])
 
-
-def test_distill_free_text_joins_the_training_data(tokenizer, monkeypatch):
-    """``distill.free_text``: that many of the teacher's free texts (``upq_hf.data.self_free_text``, asked with the
-    distillation's sequence length) are packed with the configured data into the training sequences; 0 asks for
-    none."""
-    from transformers import TrainerCallback
-
-    import upq_hf.data
-
-    free = [f"Free text number {i} says zebra {i} quokka {i} marmot." for i in range(5)]
-    asked, seen = [], []
-
-    def fake_free_text(model, tok, *, n, max_new_tokens, progress):
-        asked.append((n, max_new_tokens))
-        return free[:n]
-
-    class Data(TrainerCallback):
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
-            seen.append(train_dataloader.dataset.blocks.input_ids.clone())
-
-    monkeypatch.setattr(upq_hf.data, "self_free_text", fake_free_text)
-    marker = tokenizer(" quokka", add_special_tokens=False)["input_ids"]
-    for free_text in (0, 5):
-        torch.manual_seed(0)
-        config = small("upq", rotation=None, distill={"steps": 1, "samples": 16, "free_text": free_text})
-        upq_hf.quantize_model(model_for(tokenizer), config, tokenizer=tokenizer, progress=False, callbacks=[Data()])
-    assert asked == [(5, 32)]
-    without, with_free = (ids.flatten().tolist() for ids in seen)
-    count = lambda ids: sum(ids[i:i + len(marker)] == marker for i in range(len(ids)))
-    assert count(without) == 0 and count(with_free) >= 3  # 5 texts in 16 x 32 tokens, the packing's first pass
-    with pytest.raises(ValueError, match="free_text must be a non-negative integer"):
-        small("upq", distill={"free_text": -1})

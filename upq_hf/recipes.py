@@ -142,17 +142,9 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
     steps = steps or distill.steps
     nsamples = distill.samples or distill.steps * distill.batch_size
     if dataset is None:
-        source, kwargs = config.data.dataset, _self_kwargs(config)
-        if distill.free_text:
-            from .data import load_texts, self_free_text
-
-            source = [*load_texts(source, tokenizer=tokenizer, model=teacher, seed=config.seed + 1, **kwargs),
-                      *self_free_text(teacher, tokenizer, n=distill.free_text, max_new_tokens=distill.seqlen,
-                                      progress=run.progress)]
-            kwargs = {}
-        dataset = TokenBlockDataset.from_source(source, tokenizer, model=teacher, nsamples=nsamples,
+        dataset = TokenBlockDataset.from_source(config.data.dataset, tokenizer, model=teacher, nsamples=nsamples,
                                                 seqlen=distill.seqlen, seed=config.seed + 1,
-                                                assistant_only_loss=distill.assistant_only_loss, **kwargs)
+                                                assistant_only_loss=distill.assistant_only_loss, **_self_kwargs(config))
     else:
         nsamples = len(dataset)
     if objective == "jsd" and distill.teacher_topk and not getattr(dataset, "has_teacher", False):

@@ -145,8 +145,6 @@ class DistillConfig:
 
     steps, batch_size, seqlen: the budget (tokens = their product).
     samples: distinct training sequences (None: steps x batch_size).
-    free_text: texts the teacher writes with no prompt (sampled from its start-of-document token: pre-training-like
-        text, as the paper distills on) added to the data before it is packed into ``samples`` sequences; 0: none.
     assistant_only_loss: count only the tokens of the assistant's turns (and plain texts) in the loss, not the
         system and user turns of conversations (TRL's option of that name).
     learning_rate: of the latent weights (``ntp``, ``distill``), as the fraction of a quantization step a weight
@@ -169,7 +167,6 @@ class DistillConfig:
     batch_size: int = 16
     seqlen: int = 128
     samples: int | None = 320
-    free_text: int = 0
     assistant_only_loss: bool = False
     learning_rate: float = 0.02
     scale_learning_rate: float = 0.01
@@ -184,7 +181,6 @@ class DistillConfig:
     def __post_init__(self):
         _positive_int(self, "steps", "batch_size", "seqlen")
         _positive_int(self, "samples", allow_none=True)
-        _non_negative(self, "free_text", integer=True, meaning=" (0: none)")
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")

@@ -6,7 +6,7 @@ distillation QAT (``TokenBlockDataset``). The data path, one module a step:
 1. :mod:`.sources`: ``load_texts(source, ...)``, a list of texts and conversations from local files,
    a Python list, a Hub dataset (streamed), or ``"self"``;
 2. :mod:`.self_data`: ``"self"``, the unquantized model's own answers to the built-in prompts, cached
-   on disk per model, weights and generation settings (and ``self_free_text``, what it writes with no prompt);
+   on disk per model, weights and generation settings;
 3. :mod:`.sequences`: ``build_sequences`` tokenizes (chat template for conversations, EOS after plain
    texts) and packs them into ``(nsamples, seqlen)`` blocks with an optional loss mask;
    ``calibration_data`` composes steps 1 and 3;
@@ -15,12 +15,12 @@ distillation QAT (``TokenBlockDataset``). The data path, one module a step:
 """
 
 from .dataset import TokenBlockDataset
-from .self_data import SELF_DEFAULTS, self_cache_path, self_free_text, self_generated, weights_fingerprint
+from .self_data import SELF_DEFAULTS, self_cache_path, self_generated, weights_fingerprint
 from .sequences import build_sequences, calibration_data
 from .sources import BUILTIN_SOURCES, HUB_DEFAULT_MAX_TEXTS, Conversation, Item, load_texts
 
 __all__ = [
     "BUILTIN_SOURCES", "SELF_DEFAULTS", "HUB_DEFAULT_MAX_TEXTS", "TokenBlockDataset", "build_sequences",
-    "calibration_data", "load_texts", "self_cache_path", "self_free_text", "self_generated", "weights_fingerprint",
+    "calibration_data", "load_texts", "self_cache_path", "self_generated", "weights_fingerprint",
     "Conversation", "Item",
 ]
