@@ -143,8 +143,7 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
     nsamples = distill.samples or distill.steps * distill.batch_size
     if dataset is None:
         dataset = TokenBlockDataset.from_source(config.data.dataset, tokenizer, model=teacher, nsamples=nsamples,
-                                                seqlen=distill.seqlen, seed=config.seed + 1,
-                                                assistant_only_loss=distill.assistant_only_loss, **_self_kwargs(config))
+                                                seqlen=distill.seqlen, seed=config.seed + 1, **_self_kwargs(config))
     else:
         nsamples = len(dataset)
     if objective == "jsd" and distill.teacher_topk and not getattr(dataset, "has_teacher", False):

@@ -145,8 +145,6 @@ class DistillConfig:
 
     steps, batch_size, seqlen: the budget (tokens = their product).
     samples: distinct training sequences (None: steps x batch_size).
-    assistant_only_loss: count only the tokens of the assistant's turns (and plain texts) in the loss, not the
-        system and user turns of conversations (TRL's option of that name).
     learning_rate: of the latent weights (``ntp``, ``distill``), as the fraction of a quantization step a weight
         moves per update.
     scale_learning_rate: of the scales and norm weights, as their relative change per update.
@@ -167,7 +165,6 @@ class DistillConfig:
     batch_size: int = 16
     seqlen: int = 128
     samples: int | None = 320
-    assistant_only_loss: bool = False
     learning_rate: float = 0.02
     scale_learning_rate: float = 0.01
     beta: float = 0.0
@@ -189,9 +186,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig: warmup is the share of the steps spent warming up, in [0, 1), "
                              f"got {self.warmup!r}")
         _non_negative(self, "teacher_topk", integer=True, meaning=" (0: run the teacher while training)")
-        for name in ("train_norms", "assistant_only_loss"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"DistillConfig: {name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.train_norms, bool):
+            raise ValueError(f"DistillConfig: train_norms must be True or False, got {self.train_norms!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"DistillConfig: mixed_precision must be one of {list(MIXED_PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
