@@ -292,4 +292,3 @@ def test_distill_trains_an_untied_head_at_its_own_rate(tokenizer, rotation):
     else:
         assert head is embeddings and "head" not in seen["groups"]
         assert torch.equal(head, seen["head"])
-

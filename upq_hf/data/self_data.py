@@ -142,4 +142,3 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
         if path is not None:
             _write_cache(path, answers, {"model": _model_name(model), "settings": settings})
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}] for p in prompts]
-
