@@ -78,7 +78,7 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`free-text`, the teacher's free text beside its answers, needs DistillConfig.free_text: at b7ce573)
             # (`answers-only`, the loss on the assistant's tokens alone, needs DistillConfig.assistant_only_loss: at
             # f17777a)
-            }
+            "topk256": _more_data(teacher_topk=256)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
