@@ -29,6 +29,8 @@ that a variant means the same whatever upq's defaults become):
 - ``calib320-fast``: ``calib320`` meant for the default's time: 16 sequences held out (``holdout`` 0.05) as the
   default's 16, and 112 steps per block to pay for the targets of 2.5x the sequences (measured 35% slower all the
   same).
+- ``topk256``: ``more-data-rotated`` with the teacher's top-256 log-probabilities cached per token instead of its
+  top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
