@@ -33,6 +33,8 @@ that a variant means the same whatever upq's defaults become):
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
 - ``gptq-init``: ``more-data-rotated`` with each block's reconstruction starting from GPTQ's error feedback on the
   block's quantized inputs instead of round to nearest (``ptq.init="gptq"``).
+- ``hidden10``: ``more-data-rotated`` with the teacher's block outputs matched beside its distributions, at a
+  weight of 10 (``distill.hidden_weight``).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -83,7 +85,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`answers-only`, the loss on the assistant's tokens alone, needs DistillConfig.assistant_only_loss: at
             # f17777a)
             "topk256": _more_data(teacher_topk=256),
-            "gptq-init": _more_data(ptq={"init": "gptq"})}
+            "gptq-init": _more_data(ptq={"init": "gptq"}),
+            "hidden10": _more_data(hidden_weight=10.0)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

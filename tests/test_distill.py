@@ -324,3 +324,90 @@ def test_jsd_without_teacher_or_cache_is_refused(tmp_path):
     student, _ = student_and_teacher()
     with pytest.raises(ValueError, match="needs a teacher_model"):
         UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=random_blocks())
+
+
+# ------------------------------------------------------------------------------------------------ block outputs
+
+def test_hidden_state_error_matches_hand_computed_value():
+    from upq_hf.distill import hidden_state_error
+
+    teacher = torch.tensor([[[1.0, -1.0], [2.0, 0.0]], [[0.0, 3.0], [1.0, 1.0]]])  # (T=2, blocks=2, H=2)
+    student = torch.tensor([[[1.0, 0.0], [2.0, 2.0]], [[0.0, 0.0], [1.0, 1.0]]])
+    # token 0: block 0 (0 + 1) / 2 / ((1 + 1) / 2) = 0.5, block 1 (0 + 4) / 2 / (4 / 2) = 1.0 -> 0.75
+    # token 1: block 0 (0 + 9) / 2 / (9 / 2) = 1.0, block 1 0 -> 0.5
+    assert hidden_state_error(student, teacher).item() == pytest.approx(1.25)
+
+
+def _block_outputs_by_hooks(model, input_ids):
+    outputs = []
+    handles = [layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+               for layer in model.model.layers[:-1]]
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(outputs, dim=1)  # (B, blocks - 1, L, H)
+
+
+def test_teacher_block_outputs_are_cached_with_the_distributions():
+    from upq_hf.distill import teacher_topk
+
+    teacher = tiny_llama(seed=0, initializer_range=0.1)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    top_ids, top_logp, states = teacher_topk(teacher, ids, k=8, batch_size=2, hidden=True)
+    assert torch.equal(top_ids, teacher_topk(teacher, ids, k=8, batch_size=2)[0])
+    expected = _block_outputs_by_hooks(teacher, ids)
+    assert states.dtype == torch.bfloat16 and states.shape == expected.shape == (3, 1, 10, 64)
+    torch.testing.assert_close(states.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 storage
+
+
+def test_hidden_weight_adds_the_block_outputs_error(tmp_path):
+    """The loss with ``hidden_weight`` is the divergence plus the weight times the blocks' token-relative error
+    per counted token (checked against hooks on the blocks, live teacher and cached alike); training on it lowers
+    that error."""
+    from upq_hf.distill import TeacherTargetsDataset, hidden_state_error
+
+    student, teacher = student_and_teacher()
+    blocks = random_blocks(n=8)
+    cached = TeacherTargetsDataset.build(blocks, teacher, k=127, batch_size=4, hidden=True)
+    batch = {k: torch.stack([cached[i][k] for i in range(8)]) for k in cached[0]}
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    mask = (plain["labels"][:, 1:] != -100) & plain["attention_mask"][:, 1:].bool()
+
+    def by_hand(model):
+        s = _block_outputs_by_hooks(model, plain["input_ids"]).transpose(1, 2)[:, :-1][mask]
+        t = _block_outputs_by_hooks(teacher, plain["input_ids"]).transpose(1, 2)[:, :-1][mask]
+        return hidden_state_error(s, t).item() / mask.sum().item()
+
+    divergence = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=blocks)
+    live = UPQDistillTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=blocks,
+                             hidden_weight=2.0)
+    offline = UPQDistillTrainer(model=student, args=args(tmp_path, max_steps=12), train_dataset=cached,
+                                hidden_weight=2.0)
+    with torch.no_grad():
+        start = by_hand(student)
+        assert start > 0.01
+        expected = divergence.compute_loss(student, plain).item() + 2.0 * start
+        assert live.compute_loss(student, plain).item() == pytest.approx(expected, rel=1e-4)
+        assert offline.compute_loss(student, batch).item() == pytest.approx(expected, rel=2e-2)  # bf16 cache
+    offline.train()
+    assert by_hand(student) < 0.9 * start
+
+
+def test_hidden_weight_needs_the_divergence_and_the_cached_outputs(tmp_path):
+    from upq_hf.distill import TeacherTargetsDataset
+    from upq_hf.stages import DistillConfig
+
+    student, teacher = student_and_teacher()
+    with pytest.raises(ValueError, match="hidden_weight must be 0, or positive with objective='jsd'"):
+        UPQDistillTrainer(model=student, objective="ntp", args=args(tmp_path), train_dataset=random_blocks(),
+                          hidden_weight=1.0)
+    cached = TeacherTargetsDataset.build(random_blocks(n=4), teacher, k=8, batch_size=4)
+    trainer = UPQDistillTrainer(model=student, args=args(tmp_path), train_dataset=cached, hidden_weight=1.0)
+    batch = {k: torch.stack([cached[i][k] for i in range(4)]) for k in cached[0]}
+    with pytest.raises(ValueError, match="needs the teacher's block outputs cached"):
+        trainer.compute_loss(student, batch)
+    with pytest.raises(ValueError, match="hidden_weight"):
+        DistillConfig(hidden_weight=-1)
