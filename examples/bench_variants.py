@@ -31,8 +31,6 @@ that a variant means the same whatever upq's defaults become):
   same).
 - ``topk256``: ``more-data-rotated`` with the teacher's top-256 log-probabilities cached per token instead of its
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
-- ``gptq-init``: ``more-data-rotated`` with each block's reconstruction starting from GPTQ's error feedback on the
-  block's quantized inputs instead of round to nearest (``ptq.init="gptq"``).
 - ``hidden10``: ``more-data-rotated`` with the teacher's block outputs matched beside its distributions, at a
   weight of 10 (``distill.hidden_weight``).
 
@@ -85,7 +83,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`answers-only`, the loss on the assistant's tokens alone, needs DistillConfig.assistant_only_loss: at
             # f17777a)
             "topk256": _more_data(teacher_topk=256),
-            "gptq-init": _more_data(ptq={"init": "gptq"}),
+            # (`gptq-init`, each block's reconstruction started from GPTQ's error feedback, needs PTQConfig.init: at
+            # d5bf8b8)
             "hidden10": _more_data(hidden_weight=10.0)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)

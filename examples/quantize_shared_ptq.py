@@ -17,18 +17,12 @@ from upq_hf import recipes
 
 CACHE = os.environ.get("UPQ_PTQ_CACHE", "/tmp/ptq-cache")
 _real = recipes._ptq
-#: PTQConfig fields added after states were cached, with their defaults
-LATER_FIELDS = {"init": "rtn"}
 
 
 def _key(model, calibration, config, bits, group_size, ptq) -> str:
     weights = sum(float(p.double().sum()) for p in model.parameters())
-    settings = dataclasses.asdict(ptq or config.ptq)
-    for name, default in LATER_FIELDS.items():  # at their default, the key of the states cached before they came
-        if settings.get(name) == default:
-            del settings[name]
     what = {"bits": bits, "group_size": group_size, "seed": config.seed, "rotation": config.rotation,
-            "mix": config.mix, "module_bits": repr(config.module_bits), "ptq": settings,
+            "mix": config.mix, "module_bits": repr(config.module_bits), "ptq": dataclasses.asdict(ptq or config.ptq),
             "data": config.stages_dict()["data"], "scale_dtype": config.scale_dtype,
             "calibration": [list(calibration.shape), int(calibration.long().sum())], "weights": repr(weights)}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

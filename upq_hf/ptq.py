@@ -17,10 +17,9 @@ one mini-batch sit on the accelerator (``device``); the activation sets stay on 
 ``activations_on_device=True``, so a model larger than the accelerator still quantizes. Training runs in float32
 whatever the model's dtype (bf16 autocast where asked).
 
-Each block's layers start from round to nearest, or from GPTQ's error feedback on the block's quantized inputs
-(``PTQConfig.init="gptq"``, :mod:`upq_hf.gptq`). Each block ends in the state with the lowest error on the
-held-out calibration sequences (``PTQConfig.holdout``), its start included; without a hold-out it keeps its start if training ends with a higher
-error (``reverted``). PTQ is so never worse than its start on the calibration data, block by block.
+Each block ends in the state with the lowest error on the held-out calibration sequences (``PTQConfig.holdout``),
+its round-to-nearest start included; without a hold-out it keeps its start if training ends with a higher
+error (``reverted``). PTQ is so never worse than round to nearest on the calibration data, block by block.
 Linear layers selected for quantization outside the decoder blocks (rare; the output embedding never is) are
 rounded to nearest. The hyper-parameters are :class:`upq_hf.stages.PTQConfig`'s.
 """
@@ -40,7 +39,6 @@ from torch import nn
 from . import formats
 from .adapters import find_decoder_layers  # noqa: F401 - part of this module's API too
 from .convert import _canonical, check_layers, linear_layers, replace_module
-from .gptq import HessianCollector, gptq_quantize
 from .nn import UPQLinear
 from .optim import StepAdam, quantized_param_groups
 from .qat import QATLinear
@@ -53,8 +51,7 @@ from .stages import PTQConfig
 
 @dataclass
 class BlockStats:
-    """Reconstruction error of one block (over the calibration set) at its start (``rtn_loss``: round to nearest's,
-    or GPTQ's with ``PTQConfig.init="gptq"``) and at the end;
+    """Reconstruction error of one block (over the calibration set) at its round-to-nearest start and at the end;
     ``reverted`` when it ended at its start."""
 
     index: int
@@ -388,27 +385,9 @@ def _install(run: _Run, block: nn.Module, trainable: dict) -> float:
                           targets=run.fp_inputs)
 
 
-@torch.no_grad()
-def _input_hessians(run: _Run, block: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """``X^T X`` of each linear layer's inputs (``names``: local -> full name) while the dense block runs on the
-    quantized model's training rows (the held-out rows stay out), for :func:`upq_hf.gptq.gptq_quantize`. Layers
-    that are not ``nn.Linear`` (experts kept as one tensor) get none and start from round to nearest."""
-    collectors = {local: HessianCollector(module).attach() for local in names
-                  if isinstance(module := block.get_submodule(local), nn.Linear)}
-    try:
-        rows = run.train_rows
-        for start in range(0, len(rows), run.batch_size):
-            _run_block(block, run.quant_inputs[rows[start:start + run.batch_size]].to(run.device, torch.float32),
-                       run.kwargs)
-    finally:
-        for collector in collectors.values():
-            collector.detach()
-    return {local: collector.hessian for local, collector in collectors.items()}
-
-
 def _quantize_block(run: _Run, index: int, block: nn.Module, prefix: str, n_blocks: int,
                     ref_block: nn.Module | None) -> BlockStats:
-    """Quantize one block: its targets (the unquantized block's outputs), trainable layers from their start,
+    """Quantize one block: its targets (the unquantized block's outputs), trainable layers from round to nearest,
     training, the state to keep, the packed layers; the quantized activations move on to the next block."""
     started = time.perf_counter()
     original = _stage(block, run.device)
@@ -421,21 +400,11 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, prefix: str, n_bloc
     _block_outputs(target_block, run.fp_inputs, run.kwargs, run.device, run.batch_size, out=run.fp_inputs)
     if ref_block is not None:
         _unstage(ref_block, ref_original)
-    names = {name[len(prefix):]: name for name in run.selected if name.startswith(prefix)}
-    hessians = _input_hessians(run, block, names) if run.config.init == "gptq" else {}
     trainable = {}
-    for local, name in names.items():
-        layer = block.get_submodule(local)
-        if local in hessians:
-            bits, group_size = run.format_of(name)
-            latent, scale, zero = gptq_quantize(layer.weight, hessians.pop(local), bits, group_size, run.scale_init,
-                                                run.scale_dtype, run.scale_grid)
-            device = layer.weight.device
-            trainable[local] = QATLinear(latent.to(device), scale.to(device), None if zero is None else zero.to(device),
-                                         layer.bias, bits, group_size, run.scale_dtype, run.scale_grid)
-        else:
-            trainable[local] = QATLinear.from_linear(layer, *run.format_of(name), run.scale_init, run.scale_dtype,
-                                                     run.scale_grid)
+    for name in (n for n in run.selected if n.startswith(prefix)):
+        local = name[len(prefix):]
+        trainable[local] = QATLinear.from_linear(block.get_submodule(local), *run.format_of(name), run.scale_init,
+                                                 run.scale_dtype, run.scale_grid)
         replace_module(block, local, trainable[local])
     start_state = _state(trainable, run.spill, "start")
     rtn_loss = _block_outputs(block, run.quant_inputs, run.kwargs, run.device, run.batch_size, targets=run.fp_inputs)
@@ -555,9 +524,8 @@ class BlockwisePTQ:
         stats = _quantize_block(self.run, index, self.layers[index], prefix, len(self.layers), ref_block)
         self.report.blocks.append(stats)
         if self.progress:
-            start = "GPTQ" if self.run.config.init == "gptq" else "RTN"
-            print(f"block {index + 1}/{len(self.layers)}: {start} {stats.rtn_loss:.4g} -> {stats.final_loss:.4g}"
-                  f"{f' (reverted to {start})' if stats.reverted else ''}", flush=True)
+            print(f"block {index + 1}/{len(self.layers)}: RTN {stats.rtn_loss:.4g} -> {stats.final_loss:.4g}"
+                  f"{' (reverted to RTN)' if stats.reverted else ''}", flush=True)
         return stats
 
     def finish(self) -> PTQReport:

@@ -19,8 +19,6 @@ from .formats import SCALE_INITS
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
 INT2_TARGETS = ("int4", "dense")
-#: where each block's reconstruction starts (``PTQConfig.init``)
-PTQ_INITS = ("rtn", "gptq")
 
 
 def _is_number(value, integer: bool = False) -> bool:
@@ -113,9 +111,6 @@ class PTQConfig:
         0: no hold-out (the block keeps its start if training raised its error).
     learning_rate: of the latent weights, in units of their group's starting quantization step (0: frozen).
     scale_learning_rate: of the scales, relative to their start (and of INT4 zero points, in codes).
-    init: where each block's layers start: ``"rtn"``, round to nearest (the latent weights the unquantized ones);
-        ``"gptq"``, GPTQ's error feedback on the block's quantized inputs (:mod:`upq_hf.gptq`; the latent weights
-        where GPTQ rounded them). Either start is a candidate of the held-out choice.
     """
 
     epochs: int = 9
@@ -127,15 +122,12 @@ class PTQConfig:
     steps: int | None = None
     checks: int = 8
     int2_target: str = "int4"
-    init: str = "rtn"
 
     def __post_init__(self):
         _positive_int(self, "epochs", "batch_size", "checks")
         _non_negative(self, "int4_epochs", integer=True, meaning=" (0: no INT4 stage)")
         if self.int2_target not in INT2_TARGETS:
             raise ValueError(f"PTQConfig: int2_target must be one of {list(INT2_TARGETS)}, got {self.int2_target!r}")
-        if self.init not in PTQ_INITS:
-            raise ValueError(f"PTQConfig: init must be one of {list(PTQ_INITS)}, got {self.init!r}")
         _positive_int(self, "steps", allow_none=True)
         if not _is_number(self.holdout) or not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"PTQConfig: holdout is the share of calibration sequences held out, in [0, 1), "
