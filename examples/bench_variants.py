@@ -31,8 +31,6 @@ that a variant means the same whatever upq's defaults become):
   same).
 - ``topk256``: ``more-data-rotated`` with the teacher's top-256 log-probabilities cached per token instead of its
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
-- ``hidden10``: ``more-data-rotated`` with the teacher's block outputs matched beside its distributions, at a
-  weight of 10 (``distill.hidden_weight``).
 - ``rotated-heads``: ``more-data-rotated`` with each attention head's values turned too (``rotation="hadamard-heads"``:
   SpinQuant's R2 on v_proj's rows and o_proj's columns, on top of the residual stream's R1).
 
@@ -87,7 +85,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "topk256": _more_data(teacher_topk=256),
             # (`gptq-init`, each block's reconstruction started from GPTQ's error feedback, needs PTQConfig.init: at
             # d5bf8b8)
-            "hidden10": _more_data(hidden_weight=10.0),
+            # (`hidden10`, the teacher's block outputs matched beside its distributions, needs
+            # DistillConfig.hidden_weight: at 2761212)
             "rotated-heads": _more_data(rotation="hadamard-heads")}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)

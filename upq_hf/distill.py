@@ -117,33 +117,24 @@ def chunked_topk_jsd(student_hidden: torch.Tensor, student_head: torch.Tensor, t
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int = 64, temperature: float = 1.0,
                  batch_size: int = 8, attention_mask: torch.Tensor | None = None,
-                 progress: bool = False, hidden: bool = False) -> tuple[torch.Tensor, ...]:
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's next-token distributions over ``input_ids`` ``(N, L)``, cached once so that training
     runs no teacher forward pass: ``(ids, logp)``, the ``k`` most likely tokens per position ``(N, L, k)``
     (int32) and their log-probabilities followed by the log of the remaining mass ``(N, L, k + 1)``
     (float32). Position ``t`` holds the distribution of token ``t + 1`` (the last position is kept
-    for simplicity; the loss never reads it). With ``hidden``, a third tensor: the outputs of every decoder
-    block but the last (:func:`block_outputs`) from the same pass, ``(N, blocks - 1, L, H)`` in bfloat16."""
+    for simplicity; the loss never reads it)."""
     from tqdm.auto import tqdm
 
     device = next(teacher.parameters()).device
     n, length = input_ids.shape
     ids = torch.empty(n, length, k, dtype=torch.int32)
     logp = torch.empty(n, length, k + 1, dtype=torch.float32)
-    states = None
     was_training = teacher.training
     teacher.eval()
     for start in tqdm(range(0, n, batch_size), desc="teacher distributions", unit="batch", disable=not progress):
         rows = input_ids[start:start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-        out = teacher(input_ids=rows, attention_mask=mask, use_cache=False, output_hidden_states=hidden)
-        logits = out.logits
-        if hidden:
-            blocks = block_outputs(out.hidden_states)
-            if states is None:
-                states = torch.empty(n, blocks.shape[1], length, blocks.shape[-1], dtype=torch.bfloat16)
-            states[start:start + len(rows)] = blocks.to("cpu", torch.bfloat16)
-        del out
+        logits = teacher(input_ids=rows, attention_mask=mask, use_cache=False).logits
         for row in range(len(rows)):  # one sequence's vocabulary-wide temporaries at a time
             log_probs = F.log_softmax(logits[row].float() / temperature, dim=-1)
             top_logp, top_ids = log_probs.topk(k, dim=-1)
@@ -152,22 +143,7 @@ def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int = 64, tempe
             logp[start + row] = torch.cat([top_logp, rest], dim=-1).cpu()
         del logits
     teacher.train(was_training)
-    return (ids, logp, states) if hidden else (ids, logp)
-
-
-def block_outputs(hidden_states) -> torch.Tensor:
-    """The outputs of every decoder block but the last, ``(B, blocks - 1, L, H)``, from a model's
-    ``output_hidden_states`` (the embeddings first, each block's output, the last block's after the final norm)."""
-    return torch.stack(hidden_states[1:-1], dim=1)
-
-
-def hidden_state_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of the blocks' mean token-relative squared error between ``(T, blocks, H)`` hidden states:
-    each token's error in each block divided by the teacher token's mean square there (the reconstruction's
-    measure, :func:`upq_hf.ptq.reconstruction_loss`: every token counts alike, massive activations or not)."""
-    teacher = teacher.float()
-    error = (student.float() - teacher).pow(2).mean(-1) / teacher.pow(2).mean(-1).clamp_min(1e-12)
-    return error.mean(-1).sum()
+    return ids, logp
 
 
 def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
@@ -181,7 +157,7 @@ def chunked_cross_entropy(student_hidden: torch.Tensor, student_head: torch.Tens
     return total
 
 
-TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_logp", "teacher_hidden")
+TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_logp")
 
 
 class TeacherTargetsDataset(torch.utils.data.Dataset):
@@ -191,20 +167,17 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
 
     has_teacher = True
 
-    def __init__(self, blocks, topk_ids: torch.Tensor, topk_logp: torch.Tensor, hidden: torch.Tensor | None = None):
-        if len(blocks) != len(topk_ids) or len(topk_ids) != len(topk_logp) or (
-                hidden is not None and len(hidden) != len(blocks)):
-            raise ValueError(f"{len(blocks)} blocks but teacher targets for {len(topk_ids)} / {len(topk_logp)}"
-                             + ("" if hidden is None else f" / {len(hidden)}"))
-        self.blocks, self.topk_ids, self.topk_logp, self.hidden = blocks, topk_ids, topk_logp, hidden
+    def __init__(self, blocks, topk_ids: torch.Tensor, topk_logp: torch.Tensor):
+        if len(blocks) != len(topk_ids) or len(topk_ids) != len(topk_logp):
+            raise ValueError(f"{len(blocks)} blocks but teacher targets for {len(topk_ids)} / {len(topk_logp)}")
+        self.blocks, self.topk_ids, self.topk_logp = blocks, topk_ids, topk_logp
 
     @classmethod
     def build(cls, blocks, teacher: nn.Module, k: int = 64, temperature: float = 1.0, batch_size: int = 8,
-              progress: bool = False, hidden: bool = False) -> "TeacherTargetsDataset":
-        """The teacher's top-k distributions on ``blocks`` (and, with ``hidden``, its blocks' outputs:
-        ``UPQDistillTrainer``'s ``hidden_weight``) in one pass."""
-        return cls(blocks, *teacher_topk(teacher, blocks.input_ids, k=k, temperature=temperature,
-                                         batch_size=batch_size, progress=progress, hidden=hidden))
+              progress: bool = False) -> "TeacherTargetsDataset":
+        ids, logp = teacher_topk(teacher, blocks.input_ids, k=k, temperature=temperature, batch_size=batch_size,
+                                 progress=progress)
+        return cls(blocks, ids, logp)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -213,8 +186,6 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         item = dict(self.blocks[index])
         item["teacher_topk_ids"] = self.topk_ids[index]
         item["teacher_topk_logp"] = self.topk_logp[index]
-        if self.hidden is not None:
-            item["teacher_hidden"] = self.hidden[index]
         return item
 
 
@@ -267,11 +238,10 @@ def select_trainable(model: nn.Module, train_norms: bool = False, train_head: bo
 freeze_all_but_quantized = select_trainable
 
 
-def _hidden_states(model, input_ids, attention_mask):
-    """The model's hidden states (the embeddings, each block's output, the last after the final norm), without
-    its logits."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                 use_cache=False).hidden_states
+def _final_hidden(model, input_ids, attention_mask):
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)
+    return out.hidden_states[-1]
 
 
 def _unwrap(model):
@@ -295,21 +265,15 @@ class UPQDistillTrainer(Trainer):
         step_units: measure learning rates in quantization steps (:class:`upq_hf.optim.StepAdam`; default)
             rather than absolutely (the Trainer's ``args.optim``); see :meth:`create_optimizer`.
         chunk_size: tokens per chunk of the loss.
-        hidden_weight: with ``objective="jsd"``, the weight of a second term beside the divergence: the student's
-            block outputs (every block but the last) matched to the teacher's, :func:`hidden_state_error` per
-            token (cached by ``TeacherTargetsDataset.build(..., hidden=True)`` or from the live teacher); 0: none.
     """
 
     def __init__(self, *args, teacher_model: nn.Module | None = None, objective: str = "jsd", beta: float = 0.0,
                  temperature: float = 1.0, scale_learning_rate: float | None = None,
                  head_learning_rate: float | None = None, step_units: bool = True,
-                 chunk_size: int = 512, hidden_weight: float = 0.0,
+                 chunk_size: int = 512,
                  teacher_device: str | torch.device | None = None, **kwargs):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if hidden_weight < 0 or (hidden_weight and objective != "jsd"):
-            raise ValueError(f"hidden_weight must be 0, or positive with objective='jsd', got {hidden_weight!r} "
-                             f"with {objective!r}")
         if objective == "jsd" and teacher_model is None and not getattr(kwargs.get("train_dataset"), "has_teacher", False):
             raise ValueError("objective='jsd' needs a teacher_model (or a dataset of cached teacher distributions, "
                              "upq_hf.distill.TeacherTargetsDataset)")
@@ -318,7 +282,6 @@ class UPQDistillTrainer(Trainer):
         self.beta = beta
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.hidden_weight = hidden_weight
         self.scale_learning_rate = scale_learning_rate
         self.head_learning_rate = head_learning_rate
         self.step_units = step_units
@@ -397,10 +360,8 @@ class UPQDistillTrainer(Trainer):
         count_mask = target != -100
         if attention_mask is not None:
             count_mask &= attention_mask[:, 1:].bool()
-        student_states = _hidden_states(model, input_ids, attention_mask)
-        student_hidden = student_states[-1][:, :-1][count_mask]
+        student_hidden = _final_hidden(model, input_ids, attention_mask)[:, :-1][count_mask]
         head = _unwrap(model).get_output_embeddings().weight
-        teacher_blocks = None
         if self.objective == "ntp":
             loss_sum = chunked_cross_entropy(student_hidden, head, target[count_mask], self.chunk_size)
         elif "teacher_topk_ids" in inputs:  # cached teacher distributions (UPQDistillDataset): no teacher pass
@@ -408,26 +369,15 @@ class UPQDistillTrainer(Trainer):
             teacher_logp = inputs["teacher_topk_logp"][:, :-1][count_mask]
             loss_sum = chunked_topk_jsd(student_hidden, head, topk_ids, teacher_logp, self.beta, self.temperature,
                                         self.chunk_size)
-            if self.hidden_weight:
-                if "teacher_hidden" not in inputs:
-                    raise ValueError("hidden_weight > 0 needs the teacher's block outputs cached beside its "
-                                     "distributions: TeacherTargetsDataset.build(..., hidden=True)")
-                teacher_blocks = inputs["teacher_hidden"]
         else:
             teacher_device = next(self.teacher.parameters()).device
             with torch.no_grad():
-                teacher_states = _hidden_states(self.teacher, input_ids.to(teacher_device),
-                                                None if attention_mask is None else attention_mask.to(teacher_device))
-            teacher_hidden = teacher_states[-1][:, :-1][count_mask.to(teacher_device)]
+                teacher_hidden = _final_hidden(self.teacher, input_ids.to(teacher_device),
+                                               None if attention_mask is None else attention_mask.to(teacher_device))
+            teacher_hidden = teacher_hidden[:, :-1][count_mask.to(teacher_device)]
             loss_sum = chunked_jsd(student_hidden, teacher_hidden, head,
                                    self.teacher.get_output_embeddings().weight, self.beta, self.temperature,
                                    self.chunk_size)
-            if self.hidden_weight:
-                teacher_blocks = block_outputs(teacher_states)
-        if teacher_blocks is not None:  # (B, blocks - 1, L, H): the tokens that count, as (T, blocks - 1, H)
-            student_blocks = block_outputs(student_states).transpose(1, 2)[:, :-1][count_mask]
-            teacher_blocks = teacher_blocks.transpose(1, 2)[:, :-1].to(student_blocks.device)[count_mask]
-            loss_sum = loss_sum + self.hidden_weight * hidden_state_error(student_blocks, teacher_blocks)
         n_tokens = count_mask.sum().clamp_min(1)
         loss = loss_sum / n_tokens
         return (loss, None) if return_outputs else loss

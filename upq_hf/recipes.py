@@ -151,10 +151,8 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
 
         started = time.time()
         dataset = TeacherTargetsDataset.build(dataset, teacher, k=distill.teacher_topk,
-                                              temperature=distill.temperature, progress=run.progress,
-                                              hidden=distill.hidden_weight > 0)
-        _log(f"cached the teacher's top-{distill.teacher_topk} distributions"
-             f"{' and block outputs' if distill.hidden_weight > 0 else ''} on {nsamples} x {distill.seqlen} "
+                                              temperature=distill.temperature, progress=run.progress)
+        _log(f"cached the teacher's top-{distill.teacher_topk} distributions on {nsamples} x {distill.seqlen} "
              f"tokens in {time.time() - started:.0f} s")
     trainable = select_trainable(student, train_norms=distill.train_norms, train_head=distill.head_learning_rate > 0)
     save = bool(run.work_dir)
@@ -174,8 +172,7 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
                                 train_dataset=dataset, objective=objective, beta=distill.beta,
                                 temperature=distill.temperature, callbacks=run.callbacks,
                                 scale_learning_rate=scale_learning_rate or distill.scale_learning_rate,
-                                head_learning_rate=distill.head_learning_rate or None,
-                                hidden_weight=distill.hidden_weight if objective == "jsd" else 0.0)
+                                head_learning_rate=distill.head_learning_rate or None)
     _log(f"{objective} QAT: {trainable:,} trainable parameters, {steps} steps x {distill.batch_size} x "
          f"{distill.seqlen} tokens ({nsamples} distinct sequences{', bf16 autocast' if bf16 else ''})")
     resume = None

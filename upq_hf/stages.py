@@ -159,9 +159,6 @@ class DistillConfig:
         own (a rotated model's, or a family's untied head); 0: it stays as the teacher has it. A tied head (the
         input embeddings too) never trains. The head is not quantized: training it costs nothing at inference.
     mixed_precision: ``"auto"`` (bf16 where the GPU or CPU multiplies it natively), ``"bf16"`` or ``"no"``.
-    hidden_weight: the weight of the teacher's block outputs matched beside its distributions (every block but the
-        last, token-relative squared error averaged over the blocks, :func:`upq_hf.distill.hidden_state_error`;
-        cached with the top-k: ``(blocks - 1) x hidden`` bf16 values a token); 0: the divergence alone.
     """
 
     steps: int = 60
@@ -177,11 +174,9 @@ class DistillConfig:
     train_norms: bool = True
     head_learning_rate: float = 0.0
     mixed_precision: str = "auto"
-    hidden_weight: float = 0.0
 
     def __post_init__(self):
         _positive_int(self, "steps", "batch_size", "seqlen")
-        _non_negative(self, "hidden_weight", meaning=" (0: the divergence alone)")
         _positive_int(self, "samples", allow_none=True)
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
