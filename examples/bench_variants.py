@@ -31,8 +31,6 @@ that a variant means the same whatever upq's defaults become):
   same).
 - ``topk256``: ``more-data-rotated`` with the teacher's top-256 log-probabilities cached per token instead of its
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
-- ``rotated-heads``: ``more-data-rotated`` with each attention head's values turned too (``rotation="hadamard-heads"``:
-  SpinQuant's R2 on v_proj's rows and o_proj's columns, on top of the residual stream's R1).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -82,12 +80,12 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`free-text`, the teacher's free text beside its answers, needs DistillConfig.free_text: at b7ce573)
             # (`answers-only`, the loss on the assistant's tokens alone, needs DistillConfig.assistant_only_loss: at
             # f17777a)
-            "topk256": _more_data(teacher_topk=256),
             # (`gptq-init`, each block's reconstruction started from GPTQ's error feedback, needs PTQConfig.init: at
             # d5bf8b8)
             # (`hidden10`, the teacher's block outputs matched beside its distributions, needs
             # DistillConfig.hidden_weight: at 2761212)
-            "rotated-heads": _more_data(rotation="hadamard-heads")}
+            # (`rotated-heads`, each head's values turned too, needs rotation="hadamard-heads": at 8eacbd5)
+            "topk256": _more_data(teacher_topk=256)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

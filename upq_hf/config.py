@@ -184,9 +184,7 @@ class UPQConfig(QuantizationConfigMixin):
         rotation: ``"hadamard"``: before any stage, turn the residual stream by a Hadamard matrix with random signs
             fused into the weights (:mod:`upq_hf.rotation`, QuaRot/SpinQuant's R1): the same function, weights that
             quantize better; the checkpoint is a plain one of its family (norm weights of one, the head untied).
-            Pre-norm RMSNorm families without experts; needs the dense model in memory. ``"hadamard-heads"``: and
-            each attention head's values turned too (SpinQuant's R2, :func:`upq_hf.rotation.rotate_heads`; separate
-            v_proj and o_proj). ``"auto"``: the Hadamard
+            Pre-norm RMSNorm families without experts; needs the dense model in memory. ``"auto"``: the Hadamard
             rotation where the recipe is ``upq`` at INT2 on the default scale grid, the model can be rotated
             (:func:`upq_hf.rotation.rotation_problem`) and is quantized in memory, where it was measured ahead
             (docs/BENCHMARKS.md); no rotation elsewhere, with a line saying why. It is resolved when the model is

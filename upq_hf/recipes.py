@@ -209,17 +209,13 @@ def apply_recipe(model: nn.Module, config, run: Run | None = None) -> nn.Module:
     check_device(run.device, f"quantize_model(device={str(run.device)!r})", "use device='cpu' or leave it unset")
     config.check_backend()
     was_training = model.training
-    from .rotation import heads_problem, resolve, rotate_heads, rotate_residual
+    from .rotation import resolve, rotate_residual
 
     rotation, declined = resolve(model, config)
     if declined:
         _log(f"rotation auto: the residual stream stays unrotated ({declined})")
-    if rotation == "hadamard-heads" and (problem := heads_problem(model)):  # before anything is turned
-        raise ValueError(f"UPQConfig(rotation='hadamard-heads'): cannot turn this model's heads: {problem}")
     if rotation:
         rotate_residual(model, seed=config.seed)
-        if rotation == "hadamard-heads":
-            rotate_heads(model, seed=config.seed)
         _log(f"rotated the residual stream ({rotation}, seed {config.seed}) into the weights")
     recipe.apply(model, config, run)
     convert.check_quantized(model, config)

@@ -24,9 +24,7 @@ from torch import nn
 
 #: orders of the Paley (type I) Hadamard matrices built here: q + 1 for primes q = 3 mod 4
 _PALEY_PRIMES = (3, 7, 11, 19, 23, 31, 43, 47)
-#: ``"hadamard"``: the residual stream turned (R1); ``"hadamard-heads"``: and each attention head's values turned
-#: too (SpinQuant's R2: v_proj's rows and o_proj's columns, head by head)
-ROTATIONS = ("hadamard", "hadamard-heads")
+ROTATIONS = ("hadamard",)
 #: RMSNorm classes of the families the rotation supports: ``x / rms(x) * weight`` over the whole hidden size
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
               "MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm")
@@ -166,58 +164,4 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> torch.Tensor:
     base.norm.weight.fill_(1.0)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-    return rotation
-
-
-def _attention_shape(model: nn.Module) -> tuple[int, int] | None:
-    config = model.config.get_text_config()
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
-        return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, head_dim
-
-
-def heads_problem(model: nn.Module) -> str | None:
-    """Why the values of ``model``'s attention heads cannot be turned head by head (:func:`rotate_heads`), or None."""
-    family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    _, layers = _parts(model)
-    shape = _attention_shape(model) if layers is not None else None
-    if shape is None:
-        return f"{family}: no decoder layers with a known number of attention heads"
-    heads, head_dim = shape
-    for layer in layers:
-        attention = getattr(layer, "self_attn", None)
-        v, o = getattr(attention, "v_proj", None), getattr(attention, "o_proj", None)
-        if not isinstance(v, nn.Linear) or not isinstance(o, nn.Linear):
-            return f"{family}: its attention has no separate linear v_proj and o_proj (a fused qkv?)"
-        if v.out_features % head_dim or o.in_features != heads * head_dim:
-            return f"{family}: v_proj ({v.out_features} rows) and o_proj ({o.in_features} columns) are not whole heads"
-    return None
-
-
-@torch.no_grad()
-def rotate_heads(model: nn.Module, seed: int = 0) -> torch.Tensor:
-    """Turn every attention head's values by one orthogonal ``R`` (head_dim x head_dim, :func:`orthogonal` with
-    ``seed``) fused into the weights: v_proj's rows of each key-value head become ``R^T W``, o_proj's columns of each
-    query head ``W R`` (the values and what o_proj reads of them turn together; attention only mixes tokens, so the
-    model computes the same). o_proj's groups then mix each head's channels evenly (SpinQuant's R2). Nothing runs
-    at inference. Returns ``R`` (float64); raises ``ValueError`` naming why for a model :func:`heads_problem`
-    refuses."""
-    problem = heads_problem(model)
-    if problem:
-        raise ValueError(f"UPQConfig(rotation='hadamard-heads'): cannot turn this model's heads: {problem}")
-    _, layers = _parts(model)
-    _, head_dim = _attention_shape(model)
-    rotation = orthogonal(head_dim, seed)
-    for layer in layers:
-        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
-        w = v.weight.double().reshape(-1, head_dim, v.in_features)
-        v.weight = nn.Parameter(torch.einsum("ji,hjk->hik", rotation, w).reshape(v.weight.shape).to(v.weight.dtype),
-                                requires_grad=v.weight.requires_grad)
-        if v.bias is not None:
-            b = v.bias.double().reshape(-1, head_dim) @ rotation
-            v.bias = nn.Parameter(b.reshape(v.bias.shape).to(v.bias.dtype), requires_grad=v.bias.requires_grad)
-        w = o.weight.double().reshape(o.out_features, -1, head_dim) @ rotation
-        o.weight = nn.Parameter(w.reshape(o.weight.shape).to(o.weight.dtype), requires_grad=o.weight.requires_grad)
     return rotation
