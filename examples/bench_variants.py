@@ -31,6 +31,8 @@ that a variant means the same whatever upq's defaults become):
   same).
 - ``topk256``: ``more-data-rotated`` with the teacher's top-256 log-probabilities cached per token instead of its
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
+- ``ptq-epochs18``: ``more-data-rotated`` with twice the reconstruction's passes over its calibration sequences (18
+  epochs, 252 steps per block instead of 126), the same rates and cosine schedule.
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -85,7 +87,8 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`hidden10`, the teacher's block outputs matched beside its distributions, needs
             # DistillConfig.hidden_weight: at 2761212)
             # (`rotated-heads`, each head's values turned too, needs rotation="hadamard-heads": at 8eacbd5)
-            "topk256": _more_data(teacher_topk=256)}
+            "topk256": _more_data(teacher_topk=256),
+            "ptq-epochs18": _more_data(ptq={"epochs": 18})}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
