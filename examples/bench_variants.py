@@ -33,6 +33,10 @@ that a variant means the same whatever upq's defaults become):
   top-64 (measured 53-69% slower in the distillation, the loss over 256 candidates a token).
 - ``ptq-epochs18``: ``more-data-rotated`` with twice the reconstruction's passes over its calibration sequences (18
   epochs, 252 steps per block instead of 126), the same rates and cosine schedule.
+- ``rows-where-rotated``: ``more-data-rotated`` with its scales placed by the rotation: the layers that read the
+  turned residual stream (q, k, v, gate, up) one scale per row (k and v at INT4 as in ``kv4``), the two that read
+  unturned inputs (o_proj: the heads' values; down_proj: the MLP's product) INT2 in groups of 64; 2.231 bits per
+  weight on the bundled model against ``kv4``'s 2.234 (k/v INT4 g64, everything else INT2 g192).
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -88,7 +92,10 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # DistillConfig.hidden_weight: at 2761212)
             # (`rotated-heads`, each head's values turned too, needs rotation="hadamard-heads": at 8eacbd5)
             "topk256": _more_data(teacher_topk=256),
-            "ptq-epochs18": _more_data(ptq={"epochs": 18})}
+            "ptq-epochs18": _more_data(ptq={"epochs": 18}),
+            "rows-where-rotated": {**_more_data(), "mix": None, "module_bits": {
+                r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
+                ".": {"bits": 2, "group_size": None}}}}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
