@@ -367,6 +367,38 @@ def test_plain_text_gets_eos_and_conversation_uses_template(tok):
         build_sequences([CONV], base_tok, seqlen=4, nsamples=1)
 
 
+def test_lead_token_starts_every_block_and_the_rest_is_the_same_stream(tok):
+    """``lead_token``: each block is the token and ``seqlen - 1`` tokens of the stream the unled packing cuts
+    into blocks of ``seqlen - 1``; nothing predicts the lead token (mask False there)."""
+    items = _items()
+    lead = tok.convert_tokens_to_ids("<|im_start|>")
+    ids, mask = build_sequences(items, tok, seqlen=16, nsamples=8, seed=3, return_loss_mask=True, lead_token=lead)
+    plain, plain_mask = build_sequences(items, tok, seqlen=15, nsamples=8, seed=3, return_loss_mask=True)
+    assert ids.shape == (8, 16) and ids[:, 0].tolist() == [lead] * 8
+    assert torch.equal(ids[:, 1:], plain) and torch.equal(mask[:, 1:], plain_mask) and not mask[:, 0].any()
+    with pytest.raises(ValueError, match="at least 2"):
+        build_sequences(items, tok, seqlen=1, nsamples=2, lead_token=lead)
+
+
+def test_prompt_start_token_is_what_prompts_start_with(tok):
+    import copy
+
+    from upq_hf.data import prompt_start_token
+
+    assert prompt_start_token(tok) == tok.convert_tokens_to_ids("<|im_start|>") == 1
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    assert prompt_start_token(plain) is None  # this tokenizer adds no BOS to a text
+
+    class WithBos:  # a Llama-like tokenizer without a chat template: it puts BOS before every text
+        chat_template, bos_token_id = None, 7
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([7] if add_special_tokens else []) + [11, 12]}
+
+    assert prompt_start_token(WithBos()) == 7
+
+
 def test_repeats_with_warning_and_fails_without_tokens(tok):
     with pytest.warns(UserWarning, match="repeating"):
         seq = build_sequences(["one short text"], tok, seqlen=32, nsamples=4)

@@ -77,16 +77,22 @@ class DataConfig:
         data), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
     prompts: how many built-in prompts ``"self"`` answers (None: all of them, 331).
     calibration_samples, calibration_seqlen: the sequences block-wise PTQ reconstructs on.
+    prompt_start: start every calibration and training sequence with the token the model's prompts start with
+        (its chat template's first token, or its BOS; :func:`upq_hf.data.prompt_start_token`) instead of whatever
+        token of the packed text falls there: position 0 is where a model keeps its attention sink.
     """
 
     dataset: Any = "self"
     prompts: int | None = None
     calibration_samples: int = 128
     calibration_seqlen: int = 128
+    prompt_start: bool = False
 
     def __post_init__(self):
         _positive_int(self, "calibration_samples", "calibration_seqlen")
         _positive_int(self, "prompts", allow_none=True)
+        if not isinstance(self.prompt_start, bool):
+            raise ValueError(f"DataConfig: prompt_start must be True or False, got {self.prompt_start!r}")
 
 
 @dataclass
