@@ -19,11 +19,20 @@ CACHE = os.environ.get("UPQ_PTQ_CACHE", "/tmp/ptq-cache")
 _real = recipes._ptq
 
 
+#: data settings added after states were cached: left out of the key at these values, so older states still match
+_LATER_DATA = {"prompt_start": False}
+
+
+def _data(config) -> dict:
+    data = config.stages_dict()["data"]
+    return {k: v for k, v in data.items() if not (k in _LATER_DATA and v == _LATER_DATA[k])}
+
+
 def _key(model, calibration, config, bits, group_size, ptq) -> str:
     weights = sum(float(p.double().sum()) for p in model.parameters())
     what = {"bits": bits, "group_size": group_size, "seed": config.seed, "rotation": config.rotation,
             "mix": config.mix, "module_bits": repr(config.module_bits), "ptq": dataclasses.asdict(ptq or config.ptq),
-            "data": config.stages_dict()["data"], "scale_dtype": config.scale_dtype,
+            "data": _data(config), "scale_dtype": config.scale_dtype,
             "calibration": [list(calibration.shape), int(calibration.long().sum())], "weights": repr(weights)}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
