@@ -40,6 +40,7 @@ that a variant means the same whatever upq's defaults become):
 - ``prompt-start``: ``more-data-rotated`` with every calibration and training sequence starting with the token the
   model's prompts start with (``data.prompt_start``: ``<|im_start|>`` on the bundled model) instead of whatever
   token of the packed text falls at position 0.
+- ``rows-prompt-start``: ``rows-where-rotated`` and ``prompt-start`` together.
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -99,7 +100,10 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "rows-where-rotated": {**_more_data(), "mix": None, "module_bits": {
                 r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
                 ".": {"bits": 2, "group_size": None}}},
-            "prompt-start": _more_data(data={"prompt_start": True})}
+            "prompt-start": _more_data(data={"prompt_start": True}),
+            "rows-prompt-start": {**_more_data(data={"prompt_start": True}), "mix": None, "module_bits": {
+                r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
+                ".": {"bits": 2, "group_size": None}}}}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
