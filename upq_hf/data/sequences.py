@@ -163,7 +163,8 @@ def calibration_data(source, tokenizer, model=None, *, nsamples: int, seqlen: in
 
     ``model`` serves ``"self"`` and bounds ``seqlen`` by its ``max_position_embeddings`` (or pass
     ``model_max_length``); ``return_loss_mask=True`` returns ``(input_ids, loss_mask)``; other
-    keywords go to ``load_texts`` (``lead_token`` to ``build_sequences``). ``seqlen`` is checked before any text is loaded or generated.
+    keywords go to ``load_texts`` (``lead_token`` to ``build_sequences``). ``seqlen`` is checked before any
+    text is loaded or generated.
     """
     model_max_length = kw.pop("model_max_length", None)
     return_loss_mask = kw.pop("return_loss_mask", False)
