@@ -71,6 +71,11 @@ def _more_data(rotation: str | None = "hadamard", ptq: dict | None = None, data:
             "distill": {"samples": 320, "steps": 60, **distill}, "rotation": rotation}
 
 
+#: ``rows-where-rotated``'s formats: one scale per row where the inputs are turned, groups of 64 on o/down (no mix)
+ROWS_WHERE_ROTATED = {"mix": None, "module_bits": {
+    r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
+    ".": {"bits": 2, "group_size": None}}}
+
 # spelled out in full, so that a variant means the same whatever upq's defaults become
 VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotation": None},
             "no-int4": {"ptq": {"int4_epochs": 0}, "rotation": None},
@@ -97,13 +102,9 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             # (`rotated-heads`, each head's values turned too, needs rotation="hadamard-heads": at 8eacbd5)
             "topk256": _more_data(teacher_topk=256),
             "ptq-epochs18": _more_data(ptq={"epochs": 18}),
-            "rows-where-rotated": {**_more_data(), "mix": None, "module_bits": {
-                r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
-                ".": {"bits": 2, "group_size": None}}},
+            "rows-where-rotated": {**_more_data(), **ROWS_WHERE_ROTATED},
             "prompt-start": _more_data(data={"prompt_start": True}),
-            "rows-prompt-start": {**_more_data(data={"prompt_start": True}), "mix": None, "module_bits": {
-                r"\.(k|v)_proj$": {"bits": 4, "group_size": None}, r"\.(o|down)_proj$": {"bits": 2, "group_size": 64},
-                ".": {"bits": 2, "group_size": None}}}}
+            "rows-prompt-start": {**_more_data(data={"prompt_start": True}), **ROWS_WHERE_ROTATED}}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}
