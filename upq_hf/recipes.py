@@ -96,11 +96,11 @@ def _calibration(model, tokenizer, config) -> torch.Tensor:
                             seqlen=data.calibration_seqlen, seed=config.seed, **_self_kwargs(config, tokenizer))
 
 
-def _self_kwargs(config, tokenizer=None) -> dict:
+def _self_kwargs(config, tokenizer) -> dict:
     """``calibration_data``'s keywords from ``config.data`` beyond the sizes: the "self" prompts' count, and with
     ``prompt_start`` the token each sequence starts with (``tokenizer``'s)."""
     kwargs = {"n_prompts": config.data.prompts} if config.data.dataset == "self" and config.data.prompts else {}
-    if config.data.prompt_start and tokenizer is not None:
+    if config.data.prompt_start:
         from .data import prompt_start_token
 
         kwargs["lead_token"] = prompt_start_token(tokenizer)
