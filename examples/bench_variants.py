@@ -37,10 +37,9 @@ that a variant means the same whatever upq's defaults become):
   turned residual stream (q, k, v, gate, up) one scale per row (k and v at INT4 as in ``kv4``), the two that read
   unturned inputs (o_proj: the heads' values; down_proj: the MLP's product) INT2 in groups of 64; 2.231 bits per
   weight on the bundled model against ``kv4``'s 2.234 (k/v INT4 g64, everything else INT2 g192).
-- ``prompt-start``: ``more-data-rotated`` with every calibration and training sequence starting with the token the
-  model's prompts start with (``data.prompt_start``: ``<|im_start|>`` on the bundled model) instead of whatever
-  token of the packed text falls at position 0.
-- ``rows-prompt-start``: ``rows-where-rotated`` and ``prompt-start`` together.
+- ``sampled1``: ``more-data-rotated`` with one answer per prompt sampled from the teacher (temperature 0.7) beside
+  its greedy one in the distillation's data (``distill.sampled_answers`` 1), 640 distinct sequences over 120 steps:
+  each sequence seen as often as the default's 320 over 60.
 
 Each checkpoint is scored by ``examples/bench_backends.py`` on the chosen split in bf16 and fp32 on the torch, avx2
 and a8 backends (six rounding variants); the table gives each variant's means over seeds and variants, and the
@@ -103,8 +102,9 @@ VARIANTS = {"default": {"ptq": {"int4_epochs": 1, "int2_target": "int4"}, "rotat
             "topk256": _more_data(teacher_topk=256),
             "ptq-epochs18": _more_data(ptq={"epochs": 18}),
             "rows-where-rotated": {**_more_data(), **ROWS_WHERE_ROTATED},
-            "prompt-start": _more_data(data={"prompt_start": True}),
-            "rows-prompt-start": {**_more_data(data={"prompt_start": True}), **ROWS_WHERE_ROTATED}}
+            # (`prompt-start` and `rows-prompt-start`, every sequence led by the prompts' first token, need
+            # DataConfig.prompt_start: a67085f to the commit that records their verdict)
+            "sampled1": _more_data(sampled_answers=1, samples=640, steps=120)}
 
 # (top-1 gain, KL drop) a variant needs over the baseline; the rotation's rule asks for more (docs/BENCHMARKS.md)
 MARGINS = {"rotated": (0.01, 0.05), "more-data-rotated": (0.01, 0.05)}

@@ -7,7 +7,7 @@ error of each block's output and the five sequences with the largest error at ``
 it peaks, the error and the teacher's size there block by block (a student that builds the attention sink's
 massive activation where the teacher has none shows an error in the thousands):
 
-    python examples/probe_sink.py --seed 1 --state /tmp/ptq-cache/KEY.pt [--prompt-start] [--block 12]
+    python examples/probe_sink.py --seed 1 --state /tmp/ptq-cache/KEY.pt [--block 12]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from upq_hf.data import calibration_data, prompt_start_token
+from upq_hf.data import calibration_data
 from upq_hf.models import load_model, load_tokenizer
 from upq_hf.rotation import rotate_residual
 
@@ -25,7 +25,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (rotation and calibration order)")
     parser.add_argument("--state", required=True, help="a pickled INT2 reconstruction (quantize_shared_ptq.py)")
     parser.add_argument("--block", type=int, default=12, help="the block (1-based) whose sequences are ranked")
-    parser.add_argument("--prompt-start", action="store_true", help="the calibration of data.prompt_start")
     parser.add_argument("--samples", type=int, default=128)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -33,9 +32,8 @@ def main() -> None:
     teacher = load_model(None).eval()
     tokenizer = load_tokenizer(teacher.config._name_or_path)
     rotate_residual(teacher, seed=args.seed)
-    lead = {"lead_token": prompt_start_token(tokenizer)} if args.prompt_start else {}
     calibration = calibration_data("self", tokenizer, model=teacher, nsamples=args.samples, seqlen=128,
-                                   seed=args.seed, n_prompts=331, **lead)
+                                   seed=args.seed, n_prompts=331)
     student = torch.load(args.state, weights_only=False).eval()
 
     errors, sizes = [], []

@@ -19,13 +19,8 @@ CACHE = os.environ.get("UPQ_PTQ_CACHE", "/tmp/ptq-cache")
 _real = recipes._ptq
 
 
-#: data settings added after states were cached: left out of the key at these values, so older states still match
-_LATER_DATA = {"prompt_start": False}
-
-
 def _data(config) -> dict:
-    data = config.stages_dict()["data"]
-    return {k: v for k, v in data.items() if not (k in _LATER_DATA and v == _LATER_DATA[k])}
+    return config.stages_dict()["data"]
 
 
 def _key(model, calibration, config, bits, group_size, ptq) -> str:

@@ -315,6 +315,39 @@ def test_self_cache_key_depends_on_settings_and_weights(tok, tiny_model, cache):
             weight[3, 5] -= 1e-3
 
 
+def test_self_sampled_answers_follow_the_greedy_ones_and_are_cached_per_draw(tok, tiny_model, cache, monkeypatch):
+    greedy = load_texts("self", model=tiny_model, tokenizer=tok, n_prompts=3, max_new_tokens=6, progress=False)
+    seen = []
+    original = type(tiny_model).generate.__get__(tiny_model)
+
+    def recording(**kwargs):
+        seen.append(kwargs["generation_config"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate", recording)
+    both = load_texts("self", model=tiny_model, tokenizer=tok, n_prompts=3, max_new_tokens=6, sampled=2,
+                      progress=False)
+    assert len(both) == 9 and both[:3] == greedy  # the greedy answers first, read from their cache
+    assert [c[0] for c in both[3:6]] == [c[0] for c in greedy] == [c[0] for c in both[6:]]
+    assert seen and all(g.do_sample and g.temperature == data.self_data.SAMPLE_TEMPERATURE for g in seen)
+    # a random tiny model's sampled answers differ from its greedy ones and from each other's draw
+    texts = [c[1]["content"] for c in both]
+    assert texts[3:6] != texts[:3] and texts[6:] != texts[3:6]
+    paths = {data.self_cache_path(tiny_model, tok, max_new_tokens=6, draw=d) for d in (0, 1, 2)}
+    assert len(paths) == 3 and all(p.is_file() for p in paths)
+    # reproducible: the same draws again come from the cache, and a fresh cache samples them alike
+    monkeypatch.setattr(tiny_model, "generate", lambda **kw: (_ for _ in ()).throw(AssertionError("cached")))
+    assert load_texts("self", model=tiny_model, tokenizer=tok, n_prompts=3, max_new_tokens=6, sampled=2,
+                      progress=False) == both
+    monkeypatch.setattr(tiny_model, "generate", original)
+    for p in paths:
+        p.unlink()
+    assert load_texts("self", model=tiny_model, tokenizer=tok, n_prompts=3, max_new_tokens=6, sampled=2,
+                      progress=False) == both
+    with pytest.raises(ValueError, match="sampled must be a whole number"):
+        load_texts("self", model=tiny_model, tokenizer=tok, n_prompts=3, sampled=-1, progress=False)
+
+
 def test_self_needs_the_model(tok, cache):
     with pytest.raises(ValueError, match="needs the unquantized model"):
         load_texts("self", tokenizer=tok)
@@ -365,38 +398,6 @@ def test_plain_text_gets_eos_and_conversation_uses_template(tok):
     assert build_sequences(["hello there"], base_tok, seqlen=2, nsamples=1).shape == (1, 2)
     with pytest.raises(ValueError, match="no chat template"):
         build_sequences([CONV], base_tok, seqlen=4, nsamples=1)
-
-
-def test_lead_token_starts_every_block_and_the_rest_is_the_same_stream(tok):
-    """``lead_token``: each block is the token and ``seqlen - 1`` tokens of the stream the unled packing cuts
-    into blocks of ``seqlen - 1``; nothing predicts the lead token (mask False there)."""
-    items = _items()
-    lead = tok.convert_tokens_to_ids("<|im_start|>")
-    ids, mask = build_sequences(items, tok, seqlen=16, nsamples=8, seed=3, return_loss_mask=True, lead_token=lead)
-    plain, plain_mask = build_sequences(items, tok, seqlen=15, nsamples=8, seed=3, return_loss_mask=True)
-    assert ids.shape == (8, 16) and ids[:, 0].tolist() == [lead] * 8
-    assert torch.equal(ids[:, 1:], plain) and torch.equal(mask[:, 1:], plain_mask) and not mask[:, 0].any()
-    with pytest.raises(ValueError, match="at least 2"):
-        build_sequences(items, tok, seqlen=1, nsamples=2, lead_token=lead)
-
-
-def test_prompt_start_token_is_what_prompts_start_with(tok):
-    import copy
-
-    from upq_hf.data import prompt_start_token
-
-    assert prompt_start_token(tok) == tok.convert_tokens_to_ids("<|im_start|>") == 1
-    plain = copy.deepcopy(tok)
-    plain.chat_template = None
-    assert prompt_start_token(plain) is None  # this tokenizer adds no BOS to a text
-
-    class WithBos:  # a Llama-like tokenizer without a chat template: it puts BOS before every text
-        chat_template, bos_token_id = None, 7
-
-        def __call__(self, text, add_special_tokens=True):
-            return {"input_ids": ([7] if add_special_tokens else []) + [11, 12]}
-
-    assert prompt_start_token(WithBos()) == 7
 
 
 def test_repeats_with_warning_and_fails_without_tokens(tok):

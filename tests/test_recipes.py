@@ -294,30 +294,27 @@ def test_distill_trains_an_untied_head_at_its_own_rate(tokenizer, rotation):
         assert torch.equal(head, seen["head"])
 
 
-def test_prompt_start_puts_the_prompts_first_token_first_in_calibration_and_training(tokenizer, monkeypatch):
-    """``data.prompt_start``: the reconstruction's calibration and the distillation's sequences each begin with
-    the token the model's prompts begin with (``<|im_start|>`` here); off by default."""
-    from upq_hf import recipes
+def test_sampled_answers_reach_the_distillation_alone(tokenizer, monkeypatch, tmp_path):
+    """``distill.sampled_answers``: the distillation's "self" data asks for that many sampled answers per prompt
+    beside the greedy ones; the reconstruction's calibration text stays the greedy answers."""
+    from upq_hf.data import sources
 
-    seen = {}
-    real_ptq, real_train = recipes._ptq, recipes._train
-    monkeypatch.setattr(recipes, "_ptq", lambda *a, **k: seen.setdefault("calibration", a[1]) is None or
-                        real_ptq(*a, **k))
+    calls = []
+    real = sources.self_generated
 
-    def train(*a, **k):
-        trainer = real_train(*a, **k)
-        seen["training"] = trainer.train_dataset.input_ids if hasattr(trainer.train_dataset, "input_ids") else \
-            torch.stack([trainer.train_dataset[i]["input_ids"] for i in range(len(trainer.train_dataset))])
-        return trainer
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append((k.get("sampled", 0), len(out)))
+        return out
 
-    monkeypatch.setattr(recipes, "_train", train)
-    lead = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    for prompt_start in (False, True):
-        seen.clear()
-        torch.manual_seed(0)
-        upq_hf.quantize_model(model_for(tokenizer), small("upq", data={"prompt_start": prompt_start}),
-                              tokenizer=tokenizer, progress=False)
-        for name in ("calibration", "training"):
-            assert (seen[name][:, 0] == lead).all().item() is prompt_start, name
-    with pytest.raises(ValueError, match="prompt_start must be True or False"):
-        small("upq", data={"prompt_start": "yes"})
+    monkeypatch.setattr(sources, "self_generated", spy)
+    monkeypatch.setenv("UPQ_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    config = small("upq", data={"dataset": "self", "prompts": 4}, distill={"sampled_answers": 1})
+    upq_hf.quantize_model(model_for(tokenizer), config,
+                          tokenizer=tokenizer, progress=False)
+    assert calls == [(0, 4), (1, 8)]  # calibration: 4 greedy answers; distillation: 4 greedy + 4 sampled
+    with pytest.raises(ValueError, match="sampled_answers must be a non-negative integer"):
+        small("upq", distill={"sampled_answers": -1})
+    with pytest.raises(ValueError, match="needs data.dataset 'self'"):
+        small("upq", distill={"sampled_answers": 1})  # small()'s data is a list of texts

@@ -93,18 +93,12 @@ def _calibration(model, tokenizer, config) -> torch.Tensor:
 
     data = config.data
     return calibration_data(data.dataset, tokenizer, model=model, nsamples=data.calibration_samples,
-                            seqlen=data.calibration_seqlen, seed=config.seed, **_self_kwargs(config, tokenizer))
+                            seqlen=data.calibration_seqlen, seed=config.seed, **_self_kwargs(config))
 
 
-def _self_kwargs(config, tokenizer) -> dict:
-    """``calibration_data``'s keywords from ``config.data`` beyond the sizes: the "self" prompts' count, and with
-    ``prompt_start`` the token each sequence starts with (``tokenizer``'s)."""
-    kwargs = {"n_prompts": config.data.prompts} if config.data.dataset == "self" and config.data.prompts else {}
-    if config.data.prompt_start:
-        from .data import prompt_start_token
-
-        kwargs["lead_token"] = prompt_start_token(tokenizer)
-    return kwargs
+def _self_kwargs(config) -> dict:
+    """``calibration_data``'s keywords from ``config.data`` beyond the sizes: the "self" prompts' count."""
+    return {"n_prompts": config.data.prompts} if config.data.dataset == "self" and config.data.prompts else {}
 
 
 def ptq_options(model, config, run: Run, bits: int) -> dict:
@@ -149,9 +143,10 @@ def _train(student, teacher, tokenizer, config, run: Run, objective: str, datase
     steps = steps or distill.steps
     nsamples = distill.samples or distill.steps * distill.batch_size
     if dataset is None:
+        extra = {"sampled": distill.sampled_answers} if distill.sampled_answers else {}  # "self" data (UPQConfig)
         dataset = TokenBlockDataset.from_source(config.data.dataset, tokenizer, model=teacher, nsamples=nsamples,
                                                 seqlen=distill.seqlen, seed=config.seed + 1,
-                                                **_self_kwargs(config, tokenizer))
+                                                **_self_kwargs(config), **extra)
     else:
         nsamples = len(dataset)
     if objective == "jsd" and distill.teacher_topk and not getattr(dataset, "has_teacher", False):

@@ -77,22 +77,16 @@ class DataConfig:
         data), a Hub dataset name, a local .txt/.jsonl/.parquet file or folder, or a list of strings.
     prompts: how many built-in prompts ``"self"`` answers (None: all of them, 331).
     calibration_samples, calibration_seqlen: the sequences block-wise PTQ reconstructs on.
-    prompt_start: start every calibration and training sequence with the token the model's prompts start with
-        (its chat template's first token, or its BOS; :func:`upq_hf.data.prompt_start_token`) instead of whatever
-        token of the packed text falls there: position 0 is where a model keeps its attention sink.
     """
 
     dataset: Any = "self"
     prompts: int | None = None
     calibration_samples: int = 128
     calibration_seqlen: int = 128
-    prompt_start: bool = False
 
     def __post_init__(self):
         _positive_int(self, "calibration_samples", "calibration_seqlen")
         _positive_int(self, "prompts", allow_none=True)
-        if not isinstance(self.prompt_start, bool):
-            raise ValueError(f"DataConfig: prompt_start must be True or False, got {self.prompt_start!r}")
 
 
 @dataclass
@@ -151,6 +145,9 @@ class DistillConfig:
 
     steps, batch_size, seqlen: the budget (tokens = their product).
     samples: distinct training sequences (None: steps x batch_size).
+    sampled_answers: with ``"self"`` data, that many answers per prompt sampled from the teacher (temperature 0.7)
+        beside its greedy one, for the distillation alone (the reconstruction's calibration text stays the greedy
+        answers); 0: the greedy answers alone.
     learning_rate: of the latent weights (``ntp``, ``distill``), as the fraction of a quantization step a weight
         moves per update.
     scale_learning_rate: of the scales and norm weights, as their relative change per update.
@@ -171,6 +168,7 @@ class DistillConfig:
     batch_size: int = 16
     seqlen: int = 128
     samples: int | None = 320
+    sampled_answers: int = 0
     learning_rate: float = 0.02
     scale_learning_rate: float = 0.01
     beta: float = 0.0
@@ -184,6 +182,7 @@ class DistillConfig:
     def __post_init__(self):
         _positive_int(self, "steps", "batch_size", "seqlen")
         _positive_int(self, "samples", allow_none=True)
+        _non_negative(self, "sampled_answers", integer=True, meaning=" (0: the teacher's greedy answers alone)")
         _positive_number(self, "learning_rate", "scale_learning_rate", "temperature")
         if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"DistillConfig: beta must lie in [0, 1], got {self.beta!r}")

@@ -16,11 +16,11 @@ distillation QAT (``TokenBlockDataset``). The data path, one module a step:
 
 from .dataset import TokenBlockDataset
 from .self_data import SELF_DEFAULTS, self_cache_path, self_generated, weights_fingerprint
-from .sequences import build_sequences, calibration_data, prompt_start_token
+from .sequences import build_sequences, calibration_data
 from .sources import BUILTIN_SOURCES, HUB_DEFAULT_MAX_TEXTS, Conversation, Item, load_texts
 
 __all__ = [
     "BUILTIN_SOURCES", "SELF_DEFAULTS", "HUB_DEFAULT_MAX_TEXTS", "TokenBlockDataset", "build_sequences",
-    "calibration_data", "load_texts", "prompt_start_token", "self_cache_path", "self_generated", "weights_fingerprint",
+    "calibration_data", "load_texts", "self_cache_path", "self_generated", "weights_fingerprint",
     "Conversation", "Item",
 ]

@@ -34,6 +34,9 @@ SELF_DEFAULTS: dict[str, Any] = {
     "progress": True,
 }
 _SELF_CACHE_VERSION = 1
+# the temperature of the sampled answers ``sampled`` adds beside the greedy ones (no top-p: its full-vocabulary sort
+# per step cost a third of a generation's time, docs/BENCHMARKS.md)
+SAMPLE_TEMPERATURE = 0.7
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -67,8 +70,9 @@ def _model_name(model) -> str:
                or type(model).__name__)
 
 
-def self_cache_path(model, tokenizer, *, max_new_tokens: int) -> Path:
-    """The JSON file holding ``model``'s greedy answers of at most ``max_new_tokens`` tokens."""
+def self_cache_path(model, tokenizer, *, max_new_tokens: int, draw: int = 0) -> Path:
+    """The JSON file holding ``model``'s answers of at most ``max_new_tokens`` tokens: greedy ones (``draw`` 0), or
+    the ``draw``-th set of answers sampled at ``SAMPLE_TEMPERATURE`` (seeded by ``draw``)."""
     from ..models import cache_dir
 
     key = {
@@ -79,6 +83,8 @@ def self_cache_path(model, tokenizer, *, max_new_tokens: int) -> Path:
         "max_new_tokens": int(max_new_tokens),
         "do_sample": False,  # greedy answers (sampled ones measured worse as training data): the key of old caches
     }
+    if draw:
+        key.update(do_sample=True, temperature=SAMPLE_TEMPERATURE, draw=int(draw))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     stem = re.sub(r"[^\w.\-]+", "_", Path(key["model"].rstrip("/\\")).name or "model")[:60]
     return cache_dir() / "self_data" / f"{stem}-{digest}.json"
@@ -106,10 +112,12 @@ def _write_cache(path: Path, answers: dict[str, str], meta: dict) -> None:
 def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_prompts: int | None = None,
                    max_new_tokens: int = SELF_DEFAULTS["max_new_tokens"], batch_size: int = SELF_DEFAULTS["batch_size"],
                    cache: bool = SELF_DEFAULTS["cache"], progress: bool = SELF_DEFAULTS["progress"],
-                   seed: int = 0) -> list[list[dict[str, str]]]:
+                   sampled: int = 0, seed: int = 0) -> list[list[dict[str, str]]]:
     """``[user, assistant]`` conversations: ``model``'s greedy answers to the first ``n_prompts`` of ``prompts``
-    (default ``SEED_PROMPTS``, all 331 of them), cached on disk per prompt. (The teacher's sampled answers measured
-    worse as Distill-QAT data, docs/BENCHMARKS.md; ``seed`` is accepted for the other sources' sake.)"""
+    (default ``SEED_PROMPTS``, all 331 of them), cached on disk per prompt. ``sampled``: that many further
+    answers to each prompt, sampled at ``SAMPLE_TEMPERATURE`` (draw ``k`` seeded by ``k``, each cached on its own),
+    after the greedy ones. (Sampled answers instead of greedy ones measured worse as Distill-QAT data,
+    docs/BENCHMARKS.md; ``seed`` is accepted for the other sources' sake.)"""
     from ..prompts import SEED_PROMPTS
 
     if model is None or tokenizer is None:
@@ -127,18 +135,35 @@ def self_generated(model, tokenizer, *, prompts: Sequence[str] | None = None, n_
     if n_prompts <= 0 or max_new_tokens <= 0 or batch_size <= 0:
         raise ValueError(f"n_prompts, max_new_tokens and batch_size must be positive, got "
                          f"{n_prompts}, {max_new_tokens}, {batch_size}")
+    if isinstance(sampled, bool) or not isinstance(sampled, int) or sampled < 0:
+        raise ValueError(f"sampled must be a whole number of answers per prompt (0: the greedy ones alone), "
+                         f"got {sampled!r}")
     if n_prompts > len(prompts):
         warnings.warn(f"asked for {n_prompts} prompts but only {len(prompts)} exist; using all of them", stacklevel=3)
     prompts = prompts[:n_prompts]
+    out = []
+    for draw in range(sampled + 1):
+        answers = _answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           cache=cache, progress=progress, draw=draw)
+        out += [[{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}] for p in prompts]
+    return out
+
+
+def _answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, cache: bool,
+             progress: bool, draw: int) -> dict[str, str]:
+    """``model``'s answers to ``prompts`` by prompt, greedy (``draw`` 0) or sampled, from the cache where it
+    has them."""
     settings = dict(max_new_tokens=max_new_tokens)
-    path = self_cache_path(model, tokenizer, **settings) if cache else None
+    path = self_cache_path(model, tokenizer, **settings, draw=draw) if cache else None
     answers = _read_cache(path) if path is not None else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in answers))
     if missing:
+        sampling = dict(do_sample=True, temperature=SAMPLE_TEMPERATURE, seed=draw) if draw else {}
+        desc = f"self data: sampling (draw {draw})" if draw else "self data: generating"
         new = [tokenizer.decode(ids, skip_special_tokens=True).strip()
                for ids in generate_answers(model, tokenizer, missing, batch_size=batch_size, progress=progress,
-                                           desc="self data: generating", **settings)]
+                                           desc=desc, **settings, **sampling)]
         answers.update(zip(missing, new))
         if path is not None:
-            _write_cache(path, answers, {"model": _model_name(model), "settings": settings})
-    return [[{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}] for p in prompts]
+            _write_cache(path, answers, {"model": _model_name(model), "settings": {**settings, **sampling}})
+    return answers

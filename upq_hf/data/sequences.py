@@ -4,10 +4,7 @@
 through the tokenizer's chat template, plain texts with EOS appended), concatenates them in a
 seed-shuffled order and cuts the stream into ``nsamples`` blocks of ``seqlen`` tokens (packing).
 With ``return_loss_mask=True`` it also returns a mask that is True on the tokens a model should
-learn to produce: plain text and assistant turns, not system/user turns nor chat headers. With
-``lead_token`` every block starts with that token (:func:`prompt_start_token`: the token the model's
-prompts start with) followed by ``seqlen - 1`` tokens of the stream, so that position 0, where a model
-keeps its attention sink, holds what it holds at inference rather than an arbitrary token of the text.
+learn to produce: plain text and assistant turns, not system/user turns nor chat headers.
 ``calibration_data`` composes :func:`upq_hf.data.sources.load_texts` and ``build_sequences``.
 """
 
@@ -83,23 +80,8 @@ def _tokenize(items: Sequence[Item], tokenizer) -> list[tuple[list[int], list[bo
     return out
 
 
-def prompt_start_token(tokenizer) -> int | None:
-    """The token a model's prompts start with: the first token of its chat template (``<|im_start|>`` for
-    ChatML models), else the BOS token its tokenizer adds to a text, else None (the tokenizer starts texts with
-    no special token: nothing to put first)."""
-    if getattr(tokenizer, "chat_template", None) is not None:
-        text = _render(tokenizer, [{"role": "user", "content": "x"}])
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids:
-            return int(ids[0])
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
-    return int(bos) if bos is not None and ids and ids[0] == bos else None
-
-
 def build_sequences(items: Sequence[Item], tokenizer, seqlen: int, nsamples: int, seed: int = 0,
-                    model_max_length: int | None = None, *, return_loss_mask: bool = False,
-                    lead_token: int | None = None):
+                    model_max_length: int | None = None, *, return_loss_mask: bool = False):
     """Pack ``items`` into a ``(nsamples, seqlen)`` LongTensor of token ids (and, with
     ``return_loss_mask``, a bool tensor of the same shape, True where the token is plain text or
     part of an assistant answer).
@@ -108,19 +90,15 @@ def build_sequences(items: Sequence[Item], tokenizer, seqlen: int, nsamples: int
     cut into consecutive blocks. Deterministic for a seed. When the items hold fewer than
     ``nsamples * seqlen`` tokens, further passes over the items (each in a new seeded order) are
     appended, with a warning. ``model_max_length`` (the model's ``max_position_embeddings``) bounds
-    ``seqlen``. ``lead_token``: every block is that token and ``seqlen - 1`` tokens of the stream (its mask
-    False: nothing predicts it).
+    ``seqlen``.
     """
     if seqlen <= 0 or nsamples <= 0:
         raise ValueError(f"seqlen and nsamples must be positive, got seqlen={seqlen}, nsamples={nsamples}")
     if model_max_length is not None and seqlen > model_max_length:
         raise ValueError(f"seqlen {seqlen} is longer than the model allows "
                          f"(max_position_embeddings {model_max_length})")
-    if lead_token is not None and seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2 to hold a lead token and a token of text, got {seqlen}")
     items = list(items)
-    body = seqlen - (lead_token is not None)
-    need = nsamples * body
+    need = nsamples * seqlen
     rng = random.Random(seed)
     tokenized: dict[int, tuple[list[int], list[bool]]] = {}
     ids: list[int] = []
@@ -144,16 +122,12 @@ def build_sequences(items: Sequence[Item], tokenizer, seqlen: int, nsamples: int
             if not ids:
                 raise ValueError(f"no tokens in the {len(items)} texts: nothing to build sequences from")
             warnings.warn(
-                f"the data holds {len(ids)} tokens in {len(items)} texts, fewer than the {nsamples} sequences "
-                f"need ({need}): repeating it ({-(-need // len(ids))} passes, each reshuffled). "
+                f"the data holds {len(ids)} tokens in {len(items)} texts, fewer than nsamples x seqlen = "
+                f"{nsamples} x {seqlen} = {need}: repeating it ({-(-need // len(ids))} passes, each reshuffled). "
                 "Use more texts, or fewer/shorter samples.", stacklevel=2)
-    input_ids = torch.tensor(ids[:need], dtype=torch.long).view(nsamples, body)
-    loss_mask = torch.tensor(mask[:need], dtype=torch.bool).view(nsamples, body)
-    if lead_token is not None:
-        input_ids = torch.cat([torch.full((nsamples, 1), int(lead_token), dtype=torch.long), input_ids], 1)
-        loss_mask = torch.cat([torch.zeros((nsamples, 1), dtype=torch.bool), loss_mask], 1)
+    input_ids = torch.tensor(ids[:need], dtype=torch.long).view(nsamples, seqlen)
     if return_loss_mask:
-        return input_ids, loss_mask
+        return input_ids, torch.tensor(mask[:need], dtype=torch.bool).view(nsamples, seqlen)
     return input_ids
 
 
@@ -163,12 +137,10 @@ def calibration_data(source, tokenizer, model=None, *, nsamples: int, seqlen: in
 
     ``model`` serves ``"self"`` and bounds ``seqlen`` by its ``max_position_embeddings`` (or pass
     ``model_max_length``); ``return_loss_mask=True`` returns ``(input_ids, loss_mask)``; other
-    keywords go to ``load_texts`` (``lead_token`` to ``build_sequences``). ``seqlen`` is checked before any
-    text is loaded or generated.
+    keywords go to ``load_texts``. ``seqlen`` is checked before any text is loaded or generated.
     """
     model_max_length = kw.pop("model_max_length", None)
     return_loss_mask = kw.pop("return_loss_mask", False)
-    lead_token = kw.pop("lead_token", None)
     if model_max_length is None and model is not None and not isinstance(model, str):
         model_max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if model_max_length is not None and seqlen > model_max_length:
@@ -176,4 +148,4 @@ def calibration_data(source, tokenizer, model=None, *, nsamples: int, seqlen: in
                          f"(max_position_embeddings {model_max_length})")
     items = load_texts(source, tokenizer=tokenizer, model=model, seed=seed, **kw)
     return build_sequences(items, tokenizer, seqlen, nsamples, seed=seed, model_max_length=model_max_length,
-                           return_loss_mask=return_loss_mask, lead_token=lead_token)
+                           return_loss_mask=return_loss_mask)
