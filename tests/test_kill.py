@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from upq_hf import cli
+from upq_hf import cli, resume
 
 HERE = Path(__file__).parent
 TEXTS = [f"Note {i}: the {w} of the {v} is {i * 7 % 13} units, and it keeps changing every day."
@@ -97,7 +97,9 @@ def test_sigkill_during_distill_qat_then_resume_matches_an_uninterrupted_run(mod
     out = tmp_path / "killed"
     trainer_dir = Path(f"{out}.work") / "trainer"
     process = start(quantize_argv(model_dir, out), UPQ_TEST_STEP_PAUSE=0.5)
-    wait_for(lambda: (trainer_dir / "checkpoint-2" / "trainer_state.json").is_file(), process)
+    # the state file written through, not merely opened: under load a kill between the two left checkpoint-2
+    # incomplete, and the resumed run (rightly) started over
+    wait_for(lambda: resume._complete(trainer_dir / "checkpoint-2", 2), process)
     kill9(process)  # in step 3: checkpoint-2 is complete, checkpoint-3 not begun
     assert not out.exists() and Path(f"{out}.work", "int4", "int4_stage.safetensors").is_file()
     assert not (trainer_dir / "checkpoint-3").exists()
