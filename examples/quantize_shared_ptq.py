@@ -19,15 +19,11 @@ CACHE = os.environ.get("UPQ_PTQ_CACHE", "/tmp/ptq-cache")
 _real = recipes._ptq
 
 
-def _data(config) -> dict:
-    return config.stages_dict()["data"]
-
-
 def _key(model, calibration, config, bits, group_size, ptq) -> str:
     weights = sum(float(p.double().sum()) for p in model.parameters())
     what = {"bits": bits, "group_size": group_size, "seed": config.seed, "rotation": config.rotation,
             "mix": config.mix, "module_bits": repr(config.module_bits), "ptq": dataclasses.asdict(ptq or config.ptq),
-            "data": _data(config), "scale_dtype": config.scale_dtype,
+            "data": config.stages_dict()["data"], "scale_dtype": config.scale_dtype,
             "calibration": [list(calibration.shape), int(calibration.long().sum())], "weights": repr(weights)}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from upq_hf import cli, resume
+from upq_hf import cli
+from upq_hf.resume import last_complete_checkpoint
 
 HERE = Path(__file__).parent
 TEXTS = [f"Note {i}: the {w} of the {v} is {i * 7 % 13} units, and it keeps changing every day."
@@ -99,7 +100,8 @@ def test_sigkill_during_distill_qat_then_resume_matches_an_uninterrupted_run(mod
     process = start(quantize_argv(model_dir, out), UPQ_TEST_STEP_PAUSE=0.5)
     # the state file written through, not merely opened: under load a kill between the two left checkpoint-2
     # incomplete, and the resumed run (rightly) started over
-    wait_for(lambda: resume._complete(trainer_dir / "checkpoint-2", 2), process)
+    checkpoint_2 = str(trainer_dir / "checkpoint-2")
+    wait_for(lambda: last_complete_checkpoint(trainer_dir, remove_incomplete=False) == checkpoint_2, process)
     kill9(process)  # in step 3: checkpoint-2 is complete, checkpoint-3 not begun
     assert not out.exists() and Path(f"{out}.work", "int4", "int4_stage.safetensors").is_file()
     assert not (trainer_dir / "checkpoint-3").exists()
@@ -153,8 +155,6 @@ def test_sigkill_while_replacing_out_puts_the_old_checkpoint_back(model_dir, tmp
 
 
 def test_last_complete_checkpoint_passes_over_a_half_written_one(tmp_path):
-    from upq_hf.resume import last_complete_checkpoint
-
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, state in [(2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "truncated")]:
         folder = tmp_path / f"checkpoint-{step}"

@@ -278,7 +278,7 @@ class UPQConfig(QuantizationConfigMixin):
         if self.e2e_qp.steps and "e2e_qp" not in self.stage_names:
             raise ValueError(f"UPQConfig: E2E-QP is a last stage of the 'upq' and 'ptq' recipes, not of "
                              f"{self.recipe!r}")
-        if self.distill.sampled_answers and not (isinstance(self.data.dataset, str) and self.data.dataset == "self"):
+        if self.distill.sampled_answers and self.data.dataset != "self":
             raise ValueError(f"UPQConfig: distill.sampled_answers samples the teacher's answers to the built-in "
                              f"prompts and needs data.dataset 'self', got {self.data.dataset!r}")
         if self.scale_dtype not in SCALE_DTYPES:
